@@ -1,0 +1,1 @@
+"""ctl: Complete The Look, scene-based complementary product recommendation."""

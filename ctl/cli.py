@@ -1,0 +1,257 @@
+"""The `ctl` command: one entry point, one subcommand per job.
+
+Subcommands import what they need when they run, so `ctl --help` is instant and the serving parts
+never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"CTL_{name}", default)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from style_model.data.synth import SynthConfig, generate
+    from style_model.progress import progress_bar
+
+    config = SynthConfig(scenes=args.scenes, seed=args.seed, domain=args.domain)
+    with progress_bar(config.scenes, "synth scenes", "scene") as bar:
+        counts = generate(Path(args.out), config, progress=bar.update)
+    print(json.dumps({"out": str(args.out), **counts}))
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from style_model.data.examples import build_examples
+    from style_model.data.stl import load_dataset
+
+    dataset = load_dataset(args.data, args.domain)
+    examples, report = build_examples(dataset, min_crop=args.min_crop, seed=args.seed)
+    images_needed = sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
+    have_images = dataset.images_dir.is_dir()
+    if not have_images:  # the plan without images: what would be built, what must be downloaded
+        examples, report = build_examples(dataset, min_crop=args.min_crop, seed=args.seed, check_images=False)
+        images_needed = sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
+    print(
+        f"dataset {dataset.root} domain {dataset.domain}: {len(dataset.pairs)} pairs, "
+        f"{len(dataset.categories)} categorised products, {len(dataset.bad_records)} malformed lines"
+    )
+    print(f"examples: {len(examples)}  by split: {dict(report.examples_by_split)}")
+    print(f"skipped: {dict(report.skipped_by_reason) or 'none'}")
+    print(f"{'category':<60} {'examples':>8}")
+    for category, n in report.examples_by_category.most_common():
+        print(f"{category:<60} {n:>8}")
+    crops = [e.crop for e in examples]
+    if crops:
+        import numpy as np
+
+        share = np.array([(c[2] - c[0]) * (c[3] - c[1]) for c in crops])
+        print(
+            f"crops: {len(crops)}; share of the scene kept: min {share.min():.2f} "
+            f"median {np.median(share):.2f} max {share.max():.2f}"
+        )
+    print(
+        f"images needed: {len(images_needed)} "
+        f"({'present: ' + str(dataset.images_dir) if have_images else 'no images/ folder yet'})"
+    )
+    if args.report:
+        report.write(Path(args.report))
+        print(f"report: {args.report}")
+    if args.needed:
+        Path(args.needed).write_text("".join(s + "\n" for s in images_needed))
+        print(f"list of needed image signatures: {args.needed}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from style_model.train import TrainConfig
+
+    return TrainConfig(
+        preset=args.preset,
+        backbone=args.backbone,
+        weights=args.weights,
+        input_size=args.input_size,
+        train_backbone=args.train_backbone,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        attention=args.attention,
+        grid=args.grid,
+        embed_dim=args.embed_dim,
+        augment=not args.no_augment,
+        min_crop=args.min_crop,
+        seed=args.seed,
+        domain=args.domain,
+        max_examples=args.max_examples,
+        cache_dir=args.cache_dir,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from style_model.train import train
+
+    summary = train(_train_config(args), args.data, args.out, fresh=args.fresh)
+    print(json.dumps({k: summary[k] for k in ("status", "best_val_fitb", "epochs_run", "train_seconds")}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from style_model.evaluate import evaluate, format_table
+
+    result = evaluate(
+        args.run,
+        args.data,
+        split=args.split,
+        domain=args.domain,
+        seed_variant=args.seed_variant,
+        max_examples=args.max_examples,
+    )
+    print(format_table(result))
+    print(f"written: {Path(args.run) / f'eval-{args.split}.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from style_model.export import export
+
+    info = export(args.run, args.out)
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """synthetic data -> train -> evaluate -> export, reusing whatever an earlier demo left."""
+    from style_model.data.synth import SynthConfig, generate
+    from style_model.evaluate import evaluate, format_table
+    from style_model.export import export
+    from style_model.progress import progress_bar
+    from style_model.train import TrainConfig, train
+
+    log = logging.getLogger("ctl.demo")
+    root = Path(args.out)
+    data, run, repo = root / "data", root / "run", root / "triton_repo"
+    if (data / "fashion.json").exists():
+        log.info("reusing the synthetic dataset in %s", data)
+    else:
+        log.info("step 1/4: synthetic dataset (%d scenes) -> %s", args.scenes, data)
+        with progress_bar(args.scenes, "synth scenes", "scene") as bar:
+            generate(data, SynthConfig(scenes=args.scenes), progress=bar.update)
+    log.info("step 2/4: train -> %s (resumes or reuses an earlier run)", run)
+    summary = train(TrainConfig(epochs=args.epochs, max_examples=args.max_examples), data, run)
+    log.info("step 3/4: evaluate on the test split")
+    result = evaluate(run, data, split="test", seed_variant=args.seed_variant)
+    log.info("step 4/4: export -> %s", repo)
+    exported = export(run, repo)
+    print(format_table(result))
+    print(f"\npreset: {summary['resolved']['preset']} ({summary['resolved']['reason']})")
+    print(f"run: {run}  (curves: {run / 'curves.png'}, evaluation: {run / 'eval-test.json'})")
+    print(f"exported encoders: {repo}  (model version {exported['model_version']})")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=_env("DATA"),
+        required=_env("DATA") is None,
+        help="dataset folder in STL layout (env CTL_DATA)",
+    )
+    p.add_argument("--domain", default=None, help="domain, when the folder has several (fashion, home)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctl", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="env CTL_LOG_LEVEL")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic outfit dataset in STL layout")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scenes", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--domain", default="fashion")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("examples", help="build Complete-The-Look examples and print what they need")
+    _add_data_args(p)
+    p.add_argument("--min-crop", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", type=Path, help="write the build report (skips and reasons) as JSON")
+    p.add_argument("--needed", type=Path, help="write the signatures of the images the examples need")
+    p.set_defaults(func=cmd_examples)
+
+    p = sub.add_parser("train", help="train the style embedding (resumable)")
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--preset", default="auto", choices=["auto", "paper", "offline"])
+    p.add_argument("--backbone", choices=["resnet50", "resnet18", "small", "colorhist"])
+    p.add_argument("--weights", help="torchvision ImageNet checkpoint FILE, 'imagenet' (download) or 'none'")
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--attention", default="paper", choices=["paper", "seed"])
+    p.add_argument("--grid", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--min-crop", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-examples", type=int, help="cap on training examples (quick runs)")
+    p.add_argument("--cache-dir", help="feature cache for frozen backbones (default RUN/feature-cache)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="FITB and HR@K of a run against the baselines")
+    _add_data_args(p)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument(
+        "--seed-variant",
+        action="store_true",
+        help="also train (if missing) and score the seed tutorial's attention variant",
+    )
+    p.add_argument("--max-examples", type=int)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the whole chain on generated data: synth, train, evaluate, export")
+    p.add_argument("--out", type=Path, default=Path(_env("DEMO_DIR", "runs/demo")), help="env CTL_DEMO_DIR")
+    p.add_argument("--scenes", type=int, default=6000)
+    p.add_argument("--epochs", type=int, help="default: the preset's")
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--seed-variant", action="store_true", help="also train and score the seed variant")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="TorchScript encoders and Triton configs")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("triton_repo"))
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    from style_model.errors import StyleModelError
+
+    try:
+        return args.func(args)
+    except StyleModelError as exc:
+        logging.getLogger("ctl").error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The one record that describes a model: architecture, input size and preprocessing.
+
+It is stored with every checkpoint and exported with the TorchScript encoders, so a served model
+always knows how it was built (timm's `_cfg`, torchvision's `Weights.meta`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Literal
+
+from style_model.errors import ConfigError
+
+BACKBONES = ("resnet50", "resnet18", "small", "colorhist")
+ATTENTIONS = ("paper", "seed")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+AttentionKind = Literal["paper", "seed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and preprocessing of a style model.
+
+    `attention` is "paper" (softmax of the negative squared distance, closer regions weigh more) or
+    "seed" (softmax of the positive distance, as the seed Keras tutorial does; kept as a baseline).
+    """
+
+    backbone: str = "small"
+    input_size: int = 96
+    grid: int = 4
+    embed_dim: int = 128
+    hidden_dim: int = 256
+    dropout: float = 0.1
+    attention: str = "paper"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone={self.backbone!r}: expected one of {', '.join(BACKBONES)}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention={self.attention!r}: expected one of {', '.join(ATTENTIONS)}")
+        if not 32 <= self.input_size <= 1024 or self.input_size % 16:
+            raise ConfigError(f"input_size={self.input_size}: expected a multiple of 16 in [32, 1024]")
+        if not 1 <= self.grid <= 16:
+            raise ConfigError(f"grid={self.grid}: expected 1..16")
+        if self.input_size // 16 < self.grid:
+            raise ConfigError(
+                f"grid={self.grid} needs a stage-4 map of at least {self.grid}x{self.grid}: "
+                f"input_size={self.input_size} gives {self.input_size // 16}x{self.input_size // 16}"
+            )
+        if not 2 <= self.embed_dim <= 4096:
+            raise ConfigError(f"embed_dim={self.embed_dim}: expected 2..4096")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout}: expected [0, 1)")
+
+    @property
+    def regions(self) -> int:
+        return self.grid * self.grid
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fixed)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

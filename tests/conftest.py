@@ -1,0 +1,29 @@
+"""Shared fixtures: the real STL metadata beside the checkout, and small generated datasets."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("CTL_OFFLINE", "1")  # nothing may be downloaded during tests
+os.environ.setdefault("CTL_PROGRESS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+STL = REPO.parent / "shared" / "data" / "stl"
+
+
+@pytest.fixture(scope="session")
+def stl_dir() -> Path:
+    if not (STL / "fashion.json").exists():
+        pytest.fail(f"the real STL metadata is expected at {STL} (../shared/data/stl beside the checkout)")
+    return STL
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small generated dataset (120 scenes), shared by the tests that only read it."""
+    from style_model.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, SynthConfig(scenes=120, seed=3))
+    return out
