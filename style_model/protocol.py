@@ -1,0 +1,74 @@
+"""The evaluation protocol (paper): FITB and HR@K over same-category candidates.
+
+FITB: the true product among it and 3 sampled same-category negatives; HR@K: the true product among
+100 same-category candidates (all of them, if the category has fewer). Negatives never appear in the
+example's scene. Candidates are sampled deterministically per example, so every method in a table is
+scored on exactly the same candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from style_model.data.examples import Example
+from style_model.data.stl import Dataset
+
+FITB_NEGATIVES = 3
+HR_CANDIDATES = 100
+HR_KS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Per example, product signatures with the true product first."""
+
+    examples: list[Example]
+    products: list[list[str]]
+
+
+def sample_candidates(
+    examples: list[Example],
+    dataset: Dataset,
+    negatives: int,
+    seed: int = 0,
+    tag: str = "fitb",
+    exclude: set[str] | None = None,
+) -> Candidates:
+    in_scene: dict[str, set[str]] = defaultdict(set)
+    for p in dataset.pairs:
+        in_scene[p.scene].add(p.product)
+    by_category: dict[str, list[str]] = defaultdict(list)
+    for product in sorted({p.product for p in dataset.pairs}):
+        if product in dataset.categories and (exclude is None or product not in exclude):
+            by_category[dataset.categories[product]].append(product)
+    lists = []
+    for e in examples:
+        pool = [p for p in by_category[e.category] if p not in in_scene[e.scene]]
+        rng = random.Random(hashlib.sha256(f"{seed}:{tag}:{e.scene}:{e.positive}".encode()).digest())
+        chosen = rng.sample(pool, min(negatives, len(pool)))
+        lists.append([e.positive, *chosen])
+    return Candidates(examples, lists)
+
+
+def ranks(distances: list[np.ndarray]) -> np.ndarray:
+    """1-based rank of the true product (index 0); ties count half, so a constant scorer is not rewarded."""
+    out = np.empty(len(distances))
+    for i, d in enumerate(distances):
+        better = np.sum(d[1:] < d[0])
+        ties = np.sum(d[1:] == d[0])
+        out[i] = 1 + better + 0.5 * ties
+    return out
+
+
+def fitb_accuracy(distances: list[np.ndarray]) -> float:
+    return float(np.mean(ranks(distances) == 1)) if distances else float("nan")
+
+
+def hit_rates(distances: list[np.ndarray], ks=HR_KS) -> dict[str, float]:
+    r = ranks(distances)
+    return {f"hr@{k}": float(np.mean(r <= k)) if len(r) else float("nan") for k in ks}

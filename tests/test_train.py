@@ -1,0 +1,202 @@
+"""Training end to end on a small generated dataset: presets, resume after a kill, feature cache,
+evaluation table and TorchScript export (real files, real processes)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from style_model.errors import ConfigError, RunError
+from style_model.train import TrainConfig, load_run, resolve, train
+
+TINY = dict(preset="offline", input_size=64, grid=2, embed_dim=32, batch_size=16, max_examples=96, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(**TINY), synth_dir, out)
+    return out
+
+
+def test_run_folder_has_everything(tiny_run):
+    info = json.loads((tiny_run / "run.json").read_text())
+    assert info["status"] == "done" and info["epochs_run"] == 2
+    assert info["resolved"]["preset"] == "offline" and info["resolved"]["train_backbone"] is True
+    rows = list(csv.DictReader((tiny_run / "metrics.csv").read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0.0 <= float(r["val_fitb"]) <= 1.0 for r in rows)
+    assert (tiny_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tiny_run / "examples-report.json").read_text())["pairs"] > 0
+    checkpoint = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
+    assert set(checkpoint) >= {"model", "optimizer", "lr_scheduler", "epoch", "args"}
+    model, _ = load_run(tiny_run)
+    assert model.config.input_size == 64 and model.config.grid == 2
+
+
+def test_auto_preset_falls_back_to_offline_and_says_why(monkeypatch):
+    monkeypatch.setenv("CTL_OFFLINE", "1")
+    resolved = resolve(TrainConfig())
+    assert resolved.preset == "offline"
+    assert resolved.model.backbone == "small" and resolved.train_backbone
+    assert "no ImageNet weights" in resolved.reason
+
+
+def test_auto_preset_takes_paper_with_a_weights_file(tmp_path):
+    from style_model.backbones import resnet50
+
+    path = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(resnet50().state_dict(), path)
+    resolved = resolve(TrainConfig(weights=str(path)))
+    assert resolved.preset == "paper"
+    assert resolved.model.backbone == "resnet50" and resolved.model.input_size == 224
+    assert not resolved.train_backbone and resolved.weights_file == str(path)
+
+
+def test_paper_preset_without_weights_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CTL_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="needs ImageNet weights"):
+        resolve(TrainConfig(preset="paper"))
+    with pytest.raises(ConfigError, match="preset='best'"):
+        resolve(TrainConfig(preset="best"))
+
+
+def test_frozen_backbone_caches_features(synth_dir, tmp_path, caplog):
+    """Frozen ResNet-18 with torchvision-layout weights: features computed once, then read from the cache."""
+    from style_model.backbones import resnet18
+
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), weights)
+    cache = tmp_path / "cache"
+    cfg = TrainConfig(
+        **{
+            **TINY,
+            "preset": "paper",
+            "backbone": "resnet18",
+            "weights": str(weights),
+            "epochs": 1,
+            "cache_dir": str(cache),
+        }
+    )
+    caplog.set_level("INFO")
+    train(cfg, synth_dir, tmp_path / "a")
+    assert len(list(cache.glob("features-*.npz"))) == 1
+    first = [r.message for r in caplog.records if r.message.startswith("features:")]
+    assert first and " 0 cached" in first[0]
+    caplog.clear()
+    train(cfg, synth_dir, tmp_path / "b")
+    second = [r.message for r in caplog.records if r.message.startswith("features:")]
+    assert ", 0 to compute" in second[0]
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert info["resolved"]["preset"] == "paper" and info["resolved"]["train_backbone"] is False
+
+
+def test_resume_after_kill(synth_dir, tmp_path):
+    """A real `ctl train` process is killed after its first epoch; the second run resumes there."""
+    out = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "ctl.cli",
+        "train",
+        "--data",
+        str(synth_dir),
+        "--out",
+        str(out),
+        "--preset",
+        "offline",
+        "--input-size",
+        "64",
+        "--grid",
+        "2",
+        "--embed-dim",
+        "32",
+        "--batch-size",
+        "16",
+        "--max-examples",
+        "96",
+        "--epochs",
+        "4",
+    ]
+    env = {**os.environ, "CTL_OFFLINE": "1", "CTL_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").exists():
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(csv.DictReader((out / "metrics.csv").read_text().splitlines())))
+    assert 1 <= done_before < 4, "the kill should land mid-run"
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {out} after epoch {done_before}" in result.stderr
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert json.loads((out / "run.json").read_text())["epochs_run"] == 4
+
+
+def test_resume_refuses_other_settings(tiny_run, synth_dir):
+    with pytest.raises(RunError, match="other settings \\(lr\\)"):
+        train(TrainConfig(**{**TINY, "lr": 0.5}), synth_dir, tiny_run)
+
+
+def test_evaluate_writes_the_table(tiny_run, synth_dir):
+    from style_model.evaluate import evaluate, format_table
+
+    result = evaluate(tiny_run, synth_dir, split="test", seed_variant=True)
+    written = json.loads((tiny_run / "eval-test.json").read_text())
+    assert written["fitb_accuracy"] == result["fitb_accuracy"]
+    for key in ("fitb_accuracy", "hr@1", "hr@5", "hr@10"):
+        assert 0.0 <= written[key] <= 1.0
+    assert written["hr@1"] <= written["hr@5"] <= written["hr@10"]
+    labels = set(written["rows"])
+    assert {
+        "random",
+        "model: global distance only",
+        "model: local distance only",
+        "raw backbone features (cosine)",
+        "colour histograms + heads",
+        "seed attention (softmax of +distance)",
+    } <= labels
+    assert (tiny_run / "baselines" / "colorhist" / "best.pt").exists()
+    seed_info = json.loads((tiny_run / "baselines" / "seed-attention" / "run.json").read_text())
+    assert seed_info["resolved"]["model"]["attention"] == "seed"
+    assert "FITB" in format_table(result)
+
+
+def test_export_matches_eager_model(tiny_run, tmp_path):
+    from style_model.data.images import preprocess
+    from style_model.export import export, load_encoder
+    from style_model.model import to_unit
+
+    info = export(tiny_run, tmp_path / "repo")
+    model, _ = load_run(tiny_run)
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    scene, meta = load_encoder(tmp_path / "repo" / "scene_encoder" / "1" / "model.pt")
+    product, meta_p = load_encoder(tmp_path / "repo" / "product_encoder" / "1" / "model.pt")
+    assert meta["model_version"] == meta_p["model_version"] == info["model_version"]
+    assert meta["config"]["input_size"] == 64
+    with torch.inference_mode():
+        eager_scene = model.encode_scene(to_unit(images))
+        eager_product = model.encode_product(to_unit(images))
+        for got, want in zip(scene(images), eager_scene):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for got, want in zip(product(images[:1]), eager_product):  # batch size other than the trace's
+            torch.testing.assert_close(got, want[:1], atol=1e-5, rtol=0)
+    assert preprocess  # the service decodes with this same function before calling the encoders
+    config = (tmp_path / "repo" / "scene_encoder" / "config.pbtxt").read_text()
+    assert 'platform: "pytorch_libtorch"' in config and "KIND_GPU" in config and "dynamic_batching" in config
+    assert "dims: [ 4, 32 ]" in config and "TYPE_UINT8" in config and info["model_version"] in config
+    again = export(tiny_run, tmp_path / "repo2")
+    assert again["model_version"] == info["model_version"]  # a content hash: same weights, same version
