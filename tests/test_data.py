@@ -177,3 +177,38 @@ def test_load_image_honours_exif_orientation(tmp_path):
     # displayed upright the image is 20 wide and 40 tall: red on top, letterboxed left and right
     assert tuple(out[20, 0]) == PAD_COLOUR
     assert out[5, 20, 0] > 200 and out[35, 20, 1] > 200
+
+
+def test_examples_command_plans_the_real_stl_folder(stl_dir, tmp_path, capsys):
+    from ctl.cli import main
+
+    needed = tmp_path / "needed.txt"
+    assert (
+        main(
+            [
+                "examples",
+                "--data",
+                str(stl_dir),
+                "--needed",
+                str(needed),
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "14320 pairs" in out and "no images/ folder yet" in out
+    assert "Apparel & Accessories|Shoes" in out and "crops:" in out
+    signatures = needed.read_text().split()
+    assert len(signatures) > 20000 and all(len(s) == 32 for s in signatures[:100])
+
+
+def test_synth_command(tmp_path, capsys):
+    from ctl.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "d"), "--scenes", "3"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["scenes"] == 3 and counts["pairs"] == len(
+        (tmp_path / "d" / "fashion.json").read_text().splitlines()
+    )
