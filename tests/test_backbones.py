@@ -136,4 +136,3 @@ def test_config_round_trips():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown"):
         ModelConfig.from_dict({**config.to_dict(), "colour": "red"})
-
