@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 def _baseline_run(run: Path, name: str, data: Path, overrides: dict) -> Path:
     """Train (or reuse) a baseline with the main run's settings and `overrides`."""
     info = json.loads((run / "run.json").read_text())
-    args = {**info["args"], **overrides}
+    resolved = info["resolved"]
+    same_way = {k: resolved[k] for k in ("epochs", "batch_size", "lr")}
+    same_way["input_size"] = resolved["model"]["input_size"]
+    args = {**info["args"], **same_way, **overrides}
     target = run / "baselines" / name
     done = target / "run.json"
     if not (done.exists() and json.loads(done.read_text()).get("status") == "done"):

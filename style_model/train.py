@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(
         backbone="resnet50", input_size=224, train_backbone=False, epochs=30, batch_size=128, lr=1e-3
     ),
-    "offline": dict(backbone="small", input_size=96, train_backbone=True, epochs=8, batch_size=64, lr=2e-3),
+    "offline": dict(backbone="small", input_size=96, train_backbone=True, epochs=7, batch_size=64, lr=2e-3),
 }
 
 
@@ -269,16 +269,20 @@ def triplet_loss(
     return loss, float((own == 0).float().mean())
 
 
+def make_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    """Shuffled batches of mixed categories (batches of one category each were tried: no better)."""
+    order = list(examples)
+    rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [order]
+
+
 def train_one_epoch(
     model, prep, optimizer, scheduler, epoch: int, resolved: Resolved, cfg: TrainConfig
 ) -> dict:
     model.train()
     if not resolved.train_backbone:
         model.backbone.eval()
-    order = list(prep.train)
-    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-    bs = resolved.batch_size
-    batches = [order[i : i + bs] for i in range(0, len(order) - bs + 1, bs)] or [order]
+    batches = make_batches(prep.train, resolved.batch_size, random.Random(cfg.seed * 1000 + epoch))
     aug = augment if resolved.train_backbone and cfg.augment else None
     total, satisfied = 0.0, 0.0
     with progress_bar(len(batches), f"epoch {epoch + 1}/{resolved.epochs}", "batch") as bar:
@@ -371,12 +375,19 @@ def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = Fal
                 f"{out} holds a run with other settings ({', '.join(changed)}); use --fresh or another --out"
             )
         log.info("resuming %s after epoch %d", out, checkpoint["epoch"] + 1)
-    resolved = resolve(cfg)
-    if checkpoint is not None:  # the decision is part of the run: never re-decide on resume
+    if checkpoint is None:
+        resolved = resolve(cfg)
+    else:  # the decision is part of the run: never re-decide on resume
         resolved = Resolved(
             **{**checkpoint["resolved"], "model": ModelConfig.from_dict(checkpoint["resolved"]["model"])}
         )
     log.info("preset %s (%s); %s", resolved.preset, resolved.reason, resolved.model)
+    finished = out / "run.json"
+    if checkpoint is not None and checkpoint["epoch"] + 1 >= resolved.epochs and finished.exists():
+        summary = json.loads(finished.read_text())
+        if summary.get("status") == "done":
+            log.info("%s is already trained (%d epochs): nothing to do", out, resolved.epochs)
+            return summary
     model = build_model(resolved)
     prep = prepare(cfg, resolved, model, data, out)
     params = [p for p in model.parameters() if p.requires_grad]

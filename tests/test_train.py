@@ -200,3 +200,31 @@ def test_export_matches_eager_model(tiny_run, tmp_path):
     assert "dims: [ 4, 32 ]" in config and "TYPE_UINT8" in config and info["model_version"] in config
     again = export(tiny_run, tmp_path / "repo2")
     assert again["model_version"] == info["model_version"]  # a content hash: same weights, same version
+
+
+def test_unreadable_images_are_reported_not_fatal(synth_dir, tmp_path):
+    import shutil
+
+    from style_model.data.stl import load_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    from style_model.data.examples import split_of
+
+    victim = next(p.scene for p in load_dataset(data).pairs if split_of(p.scene) == "train")
+    (data / "images" / f"{victim}.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    out = tmp_path / "run"
+    train(TrainConfig(**{**TINY, "epochs": 1, "max_examples": None}), data, out)
+    report = json.loads((out / "examples-report.json").read_text())
+    assert victim in report["missing_images"]
+    reasons = {s["reason"] for s in report["skipped"] if s["record"].startswith(victim)}
+    assert reasons == {"unreadable image"}
+
+
+def test_finished_run_is_reused(tiny_run, synth_dir, caplog):
+    caplog.set_level("INFO")
+    before = (tiny_run / "best.pt").stat().st_mtime_ns
+    summary = train(TrainConfig(**TINY), synth_dir, tiny_run)
+    assert summary["status"] == "done"
+    assert (tiny_run / "best.pt").stat().st_mtime_ns == before
+    assert any("already trained" in r.message for r in caplog.records)
