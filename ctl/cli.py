@@ -36,12 +36,12 @@ def cmd_examples(args: argparse.Namespace) -> int:
     from style_model.data.stl import load_dataset
 
     dataset = load_dataset(args.data, args.domain)
-    examples, report = build_examples(dataset, min_crop=args.min_crop, seed=args.seed)
-    images_needed = sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
+    # without an images/ folder this is a plan: what would be built, and which images to fetch
     have_images = dataset.images_dir.is_dir()
-    if not have_images:  # the plan without images: what would be built, what must be downloaded
-        examples, report = build_examples(dataset, min_crop=args.min_crop, seed=args.seed, check_images=False)
-        images_needed = sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
+    examples, report = build_examples(
+        dataset, min_crop=args.min_crop, seed=args.seed, check_images=have_images
+    )
+    images_needed = sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
     print(
         f"dataset {dataset.root} domain {dataset.domain}: {len(dataset.pairs)} pairs, "
         f"{len(dataset.categories)} categorised products, {len(dataset.bad_records)} malformed lines"

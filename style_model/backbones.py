@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from style_model.errors import ConfigError
@@ -171,9 +170,15 @@ class ColourHistogram(nn.Module):
         unit = (x * self.std + self.mean).clamp(0, 1)
         q = (unit * self.bins).long().clamp(max=self.bins - 1)
         index = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]  # [B, H, W]
-        onehot = F.one_hot(index, self.bins**3).permute(0, 3, 1, 2).float()
-        stage4 = F.avg_pool2d(onehot, 16)
-        return stage4, onehot.mean(dim=(2, 3))
+        b, h, w = index.shape
+        gh, gw, nbins = h // 16, w // 16, self.bins**3
+        cells = index[:, : gh * 16, : gw * 16].reshape(b, gh, 16, gw, 16).permute(0, 1, 3, 2, 4)
+        cells = cells.reshape(b * gh * gw, 256)
+        offsets = torch.arange(b * gh * gw, device=x.device).unsqueeze(1) * nbins
+        counts = torch.bincount((cells + offsets).flatten(), minlength=b * gh * gw * nbins)
+        hist = counts.view(b, gh * gw, nbins).float() / 256.0  # one histogram per 16x16 cell
+        stage4 = hist.transpose(1, 2).reshape(b, nbins, gh, gw)
+        return stage4, hist.mean(dim=1)
 
 
 def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int]) -> ResNet:

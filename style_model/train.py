@@ -38,7 +38,7 @@ from style_model.errors import ConfigError, RunError
 from style_model.model import StyleModel, hybrid_distance, hybrid_distance_matrix
 from style_model.progress import progress_bar
 from style_model.protocol import FITB_NEGATIVES, fitb_accuracy, sample_candidates
-from style_model.weights import load_backbone_weights, resolve_imagenet
+from style_model.weights import IMAGENET_URLS, load_backbone_weights, resolve_imagenet
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(
         backbone="resnet50", input_size=224, train_backbone=False, epochs=30, batch_size=128, lr=1e-3
     ),
-    "offline": dict(backbone="small", input_size=96, train_backbone=True, epochs=7, batch_size=64, lr=2e-3),
+    "offline": dict(backbone="small", input_size=96, train_backbone=True, epochs=8, batch_size=64, lr=2e-3),
 }
 
 
@@ -114,26 +114,14 @@ def resolve(cfg: TrainConfig) -> Resolved:
             log.warning("=" * 78)
     p = PRESETS[preset]
     backbone = cfg.backbone or p["backbone"]
-    if (
-        weights_file is None
-        and cfg.weights not in (None, "none")
-        and backbone not in ("small", *FIXED_BACKBONES)
-    ):
-        found, how = resolve_imagenet(backbone, cfg.weights)
+    # ImageNet weights: asked for with --weights, or implied by the paper preset
+    wanted = cfg.weights if cfg.weights is not None else ("imagenet" if preset == "paper" else "none")
+    if weights_file is None and wanted != "none":
+        if backbone not in IMAGENET_URLS:
+            raise ConfigError(f"--weights {wanted}: backbone {backbone!r} has no ImageNet checkpoint")
+        found, how = resolve_imagenet(backbone, wanted)
         if found is None:
-            raise ConfigError(f"--weights {cfg.weights}: {how}")
-        weights_file = str(found)
-    if (
-        preset == "paper"
-        and weights_file is None
-        and cfg.weights is None
-        and backbone in ("resnet50", "resnet18")
-    ):
-        found, how = resolve_imagenet(backbone, None)
-        if found is None:
-            raise ConfigError(
-                f"preset paper needs ImageNet weights for {backbone}: {how}; try --preset offline"
-            )
+            raise ConfigError(f"{backbone} needs ImageNet weights ({how}); try --preset offline")
         weights_file = str(found)
     train_backbone = p["train_backbone"] if cfg.train_backbone is None else cfg.train_backbone
     if backbone in FIXED_BACKBONES:
@@ -196,6 +184,7 @@ def prepare(cfg: TrainConfig, resolved: Resolved, model: StyleModel, data: Path,
         train = random.Random(cfg.seed).sample(train, min(cfg.max_examples, len(train)))
         val = val[: max(50, cfg.max_examples // 8)]
     if not train or not val:
+        report.write(out / "examples-report.json")
         raise RunError(
             f"{data}: {len(train)} training and {len(val)} validation examples; need both "
             f"(skipped: {dict(report.skipped_by_reason)}; see {out / 'examples-report.json'})"
@@ -296,7 +285,7 @@ def train_one_epoch(
             total += value
             satisfied += sat
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}")
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
     return {"train_loss": total / len(batches), "train_triplets_ok": satisfied / len(batches)}
 
 

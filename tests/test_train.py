@@ -62,8 +62,10 @@ def test_auto_preset_takes_paper_with_a_weights_file(tmp_path):
 
 def test_paper_preset_without_weights_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CTL_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="needs ImageNet weights"):
+    with pytest.raises(ConfigError, match="resnet50 needs ImageNet weights"):
         resolve(TrainConfig(preset="paper"))
+    with pytest.raises(ConfigError, match="'small' has no ImageNet checkpoint"):
+        resolve(TrainConfig(preset="offline", weights="imagenet"))
     with pytest.raises(ConfigError, match="preset='best'"):
         resolve(TrainConfig(preset="best"))
 
@@ -228,3 +230,28 @@ def test_finished_run_is_reused(tiny_run, synth_dir, caplog):
     assert summary["status"] == "done"
     assert (tiny_run / "best.pt").stat().st_mtime_ns == before
     assert any("already trained" in r.message for r in caplog.records)
+
+
+def test_demo_runs_the_whole_chain(tmp_path, capsys):
+    from ctl.cli import main
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--scenes", "40", "--epochs", "1", "--max-examples", "48"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "preset: offline" in printed and "colour histograms + heads" in printed
+    info = json.loads((out / "triton_repo" / "model_info.json").read_text())
+    assert info["preset"] == "offline" and info["config"]["backbone"] == "small"
+    assert (out / "triton_repo" / "scene_encoder" / "1" / "model.pt").exists()
+    assert json.loads((out / "run" / "eval-test.json").read_text())["examples"] > 0
+    # a second demo reuses the dataset and the trained run
+    assert main(args) == 0
+    assert "model version" in capsys.readouterr().out
+
+
+def test_training_on_stl_metadata_without_images_says_what_is_missing(stl_dir, tmp_path):
+    with pytest.raises(RunError, match="missing image") as info:
+        train(TrainConfig(**TINY), stl_dir, tmp_path / "run")
+    assert "examples-report.json" in str(info.value)
+    report = json.loads((tmp_path / "run" / "examples-report.json").read_text())
+    assert len(report["missing_images"]) > 10000
