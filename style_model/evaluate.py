@@ -17,8 +17,7 @@ import numpy as np
 from style_model.bank import ImageBank, compute_features
 from style_model.data.examples import build_examples
 from style_model.data.stl import load_dataset
-from style_model.distances import hybrid_distances, l2_normalize
-from style_model.embed import embed_products, embed_scenes
+from style_model.embed import score_candidates
 from style_model.errors import RunError
 from style_model.protocol import FITB_NEGATIVES, HR_CANDIDATES, fitb_accuracy, hit_rates, sample_candidates
 from style_model.train import TrainConfig, load_run, train
@@ -39,34 +38,6 @@ def _baseline_run(run: Path, name: str, data: Path, overrides: dict) -> Path:
         log.info("training baseline %s in %s (same settings as the run, with %s)", name, target, overrides)
         train(TrainConfig(**args), data, target)
     return target
-
-
-def _score(
-    model, bank, features, examples, candidates, bank_scene, bank_product
-) -> dict[str, list[np.ndarray]]:
-    """Distances of every example to its candidates under each of the model's scorers."""
-    scene_idx = [bank_scene[(e.scene, e.crop)] for e in examples]
-    products = sorted({p for c in candidates for p in c})
-    pidx = {p: i for i, p in enumerate(products)}
-    scenes = embed_scenes(model, bank, features, scene_idx)
-    prods = embed_products(model, bank, features, [bank_product[p] for p in products])
-    raw_s, raw_p = l2_normalize(scenes.pooled), l2_normalize(prods.pooled)
-    out: dict[str, list[np.ndarray]] = {"hybrid": [], "global": [], "local": [], "raw": []}
-    for i, cands in enumerate(candidates):
-        j = [pidx[p] for p in cands]
-        d = hybrid_distances(
-            scenes.global_[i],
-            scenes.local[i],
-            scenes.attention[i],
-            prods.style[j],
-            prods.keys[j],
-            model.config.attention,
-        )
-        out["hybrid"].append(d.hybrid)
-        out["global"].append(d.global_)
-        out["local"].append(d.local)
-        out["raw"].append(-(raw_p[j] @ raw_s[i]))
-    return out
 
 
 def _metrics(fitb: list[np.ndarray], hr: list[np.ndarray]) -> dict[str, float]:
@@ -93,26 +64,30 @@ def evaluate(
     fitb = sample_candidates(examples, dataset, FITB_NEGATIVES, seed, f"{split}-fitb").products
     hr = sample_candidates(examples, dataset, HR_CANDIDATES - 1, seed, f"{split}-hr").products
 
-    def bank_for(config) -> tuple[ImageBank, dict, dict]:
-        bank = ImageBank(dataset, config.input_size)
-        scenes = {(e.scene, e.crop): bank.add(e.scene, e.crop) for e in examples}
-        products = {p: bank.add(p) for c in fitb + hr for p in c}
-        bank.load()
-        return bank, scenes, products
+    banks: dict[int, ImageBank] = {}  # decoded once per input size, shared by the model and baselines
+
+    def scores_of(m, run_dir: Path, m_info: dict) -> tuple[dict, dict]:
+        size = m.config.input_size
+        if size not in banks:
+            bank = ImageBank(dataset, size)
+            for e in examples:
+                bank.add(e.scene, e.crop)
+            for p in {p for c in fitb + hr for p in c}:
+                bank.add(p)
+            bank.load()
+            if bank.unreadable:
+                sample = next(iter(bank.unreadable.values()))
+                raise RunError(f"{len(bank.unreadable)} unreadable images, e.g. {sample}")
+            banks[size] = bank
+        frozen = not m_info.get("resolved", {}).get("train_backbone", True)
+        features = compute_features(banks[size], m, run_dir / "feature-cache") if frozen else None
+        return (
+            score_candidates(m, banks[size], features, examples, fitb),
+            score_candidates(m, banks[size], features, examples, hr),
+        )
 
     rows: dict[str, dict[str, float]] = {}
-    bank, bank_scene, bank_product = bank_for(model.config)
-    if bank.unreadable:
-        raise RunError(
-            f"{len(bank.unreadable)} unreadable images, e.g. {next(iter(bank.unreadable.values()))}"
-        )
-    features = (
-        None
-        if info.get("resolved", {}).get("train_backbone", True)
-        else compute_features(bank, model, run / "feature-cache")
-    )
-    f_scores = _score(model, bank, features, examples, fitb, bank_scene, bank_product)
-    h_scores = _score(model, bank, features, examples, hr, bank_scene, bank_product)
+    f_scores, h_scores = scores_of(model, run, info)
     name = f"model ({model.config.backbone}, hybrid)"
     rows[name] = _metrics(f_scores["hybrid"], h_scores["hybrid"])
     rows["model: global distance only"] = _metrics(f_scores["global"], h_scores["global"])
@@ -132,18 +107,7 @@ def evaluate(
     for label, (folder, overrides) in baselines.items():
         base_dir = _baseline_run(run, folder, data, overrides)
         base_model, base_info = load_run(base_dir)
-        base_bank, bs, bp = (
-            bank_for(base_model.config)
-            if base_model.config.input_size != model.config.input_size
-            else (bank, bank_scene, bank_product)
-        )
-        base_features = (
-            None
-            if base_info["resolved"]["train_backbone"]
-            else compute_features(base_bank, base_model, base_dir / "feature-cache")
-        )
-        bf = _score(base_model, base_bank, base_features, examples, fitb, bs, bp)
-        bh = _score(base_model, base_bank, base_features, examples, hr, bs, bp)
+        bf, bh = scores_of(base_model, base_dir, base_info)
         rows[label] = _metrics(bf["hybrid"], bh["hybrid"])
 
     result = {

@@ -32,8 +32,7 @@ from style_model.bank import FeatureBank, ImageBank, compute_features
 from style_model.config import ModelConfig
 from style_model.data.examples import Example, build_examples
 from style_model.data.stl import Dataset, load_dataset
-from style_model.distances import hybrid_distances
-from style_model.embed import embed_products, embed_scenes, image_features
+from style_model.embed import image_features, score_candidates
 from style_model.errors import ConfigError, RunError
 from style_model.model import StyleModel, hybrid_distance, hybrid_distance_matrix
 from style_model.progress import progress_bar
@@ -290,25 +289,9 @@ def train_one_epoch(
 
 
 def validate(model, prep: Prepared) -> float:
-    """Validation FITB with the model's own distance."""
-    scene_idx = [prep.bank.index[(e.scene, e.crop)] for e in prep.val]
-    products = sorted({p for c in prep.val_candidates for p in c})
-    pidx = {p: i for i, p in enumerate(products)}
-    scenes = embed_scenes(model, prep.bank, prep.features, scene_idx)
-    prods = embed_products(model, prep.bank, prep.features, [prep.bank.index[(p, None)] for p in products])
-    dists = []
-    for i, cands in enumerate(prep.val_candidates):
-        j = [pidx[p] for p in cands]
-        d = hybrid_distances(
-            scenes.global_[i],
-            scenes.local[i],
-            scenes.attention[i],
-            prods.style[j],
-            prods.keys[j],
-            model.config.attention,
-        )
-        dists.append(d.hybrid)
-    return fitb_accuracy(dists)
+    """Validation FITB with the model's own (hybrid) distance."""
+    scores = score_candidates(model, prep.bank, prep.features, prep.val, prep.val_candidates)
+    return fitb_accuracy(scores["hybrid"])
 
 
 def _plot(history: list[dict], path: Path) -> None:
