@@ -70,7 +70,8 @@ class ImageBank:
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of a module's parameters and buffers: the cache key part that says 'these weights'."""
+    """A hash of a module's parameters and buffers: says 'these weights' in feature-cache keys and in
+    the exported model version."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from style_model.bank import weights_fingerprint
 from style_model.model import StyleModel, to_unit
 from style_model.train import load_run
 
@@ -49,11 +50,8 @@ class ProductEncoder(nn.Module):
 
 def model_version(model: StyleModel) -> str:
     """Content hash of weights and config: the same trained model always gets the same version."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    content = f"{model.config.fingerprint()}:{weights_fingerprint(model)}"
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 def _trace(module: nn.Module, size: int) -> torch.jit.ScriptModule:
