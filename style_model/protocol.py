@@ -8,14 +8,11 @@ scored on exactly the same candidates.
 
 from __future__ import annotations
 
-import hashlib
-import random
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-from style_model.data.examples import Example
+from style_model.data.examples import Example, seeded_rng
 from style_model.data.stl import Dataset
 
 FITB_NEGATIVES = 3
@@ -37,19 +34,12 @@ def sample_candidates(
     negatives: int,
     seed: int = 0,
     tag: str = "fitb",
-    exclude: set[str] | None = None,
 ) -> Candidates:
-    in_scene: dict[str, set[str]] = defaultdict(set)
-    for p in dataset.pairs:
-        in_scene[p.scene].add(p.product)
-    by_category: dict[str, list[str]] = defaultdict(list)
-    for product in sorted({p.product for p in dataset.pairs}):
-        if product in dataset.categories and (exclude is None or product not in exclude):
-            by_category[dataset.categories[product]].append(product)
+    in_scene = dataset.products_in_scene
     lists = []
     for e in examples:
-        pool = [p for p in by_category[e.category] if p not in in_scene[e.scene]]
-        rng = random.Random(hashlib.sha256(f"{seed}:{tag}:{e.scene}:{e.positive}".encode()).digest())
+        pool = [p for p in dataset.products_by_category[e.category] if p not in in_scene[e.scene]]
+        rng = seeded_rng(seed, tag, e.scene, e.positive)
         chosen = rng.sample(pool, min(negatives, len(pool)))
         lists.append([e.positive, *chosen])
     return Candidates(examples, lists)

@@ -19,7 +19,6 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +170,6 @@ class Prepared:
     train: list[Example]
     val: list[Example]
     val_candidates: list[list[str]]
-    in_scene: dict[str, set[str]]
 
 
 def prepare(cfg: TrainConfig, resolved: Resolved, model: StyleModel, data: Path, out: Path) -> Prepared:
@@ -217,10 +215,7 @@ def prepare(cfg: TrainConfig, resolved: Resolved, model: StyleModel, data: Path,
     if not resolved.train_backbone:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "feature-cache"
         features = compute_features(bank, model, cache)
-    in_scene: dict[str, set[str]] = defaultdict(set)
-    for p in dataset.pairs:
-        in_scene[p.scene].add(p.product)
-    return Prepared(dataset, bank, features, train, val, val_candidates, in_scene)
+    return Prepared(dataset, bank, features, train, val, val_candidates)
 
 
 def triplet_loss(
@@ -245,7 +240,9 @@ def triplet_loss(
     mask = torch.tensor(
         [
             [
-                cats[j] == e.category and sigs[j] != e.positive and sigs[j] not in prep.in_scene[e.scene]
+                cats[j] == e.category
+                and sigs[j] != e.positive
+                and sigs[j] not in prep.dataset.products_in_scene[e.scene]
                 for j in range(2 * b)
             ]
             for e in batch

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,7 +82,9 @@ def split_of(scene: str, fractions: tuple[float, float] = (0.8, 0.1)) -> str:
     return "val" if u < fractions[0] + fractions[1] else "test"
 
 
-def _rng_for(seed: int, *parts: str) -> random.Random:
+def seeded_rng(seed: int, *parts: str) -> random.Random:
+    """A generator fixed by the seed and the parts (scene, product...): draws do not shift when records are
+    added elsewhere."""
     return random.Random(hashlib.sha256(":".join((str(seed), *parts)).encode()).digest())
 
 
@@ -97,13 +99,7 @@ def build_examples(
     report = BuildReport(
         pairs=len(dataset.pairs), bad_records=[(b.line, b.reason) for b in dataset.bad_records]
     )
-    in_scene: dict[str, set[str]] = defaultdict(set)
-    for p in dataset.pairs:
-        in_scene[p.scene].add(p.product)
-    by_category: dict[str, list[str]] = defaultdict(list)
-    for product in sorted({p.product for p in dataset.pairs}):
-        if product in dataset.categories:
-            by_category[dataset.categories[product]].append(product)
+    in_scene, by_category = dataset.products_in_scene, dataset.products_by_category
 
     present: dict[str, bool] = {}
 
@@ -127,7 +123,7 @@ def build_examples(
             report.skipped.append((record, f"crop too small: {share:.2f} of the scene < min_crop {min_crop}"))
             continue
         pool = by_category[category]
-        rng = _rng_for(seed, p.scene, p.product)
+        rng = seeded_rng(seed, p.scene, p.product)
         negative = None
         for _ in range(20):  # rejection sampling: scenes hold few products, so this ends fast
             candidate = pool[rng.randrange(len(pool))]

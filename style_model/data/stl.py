@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from style_model.errors import DatasetError
@@ -43,6 +45,23 @@ class Dataset:
 
     def image_path(self, signature: str) -> Path:
         return self.images_dir / f"{signature}.jpg"
+
+    @cached_property
+    def products_in_scene(self) -> dict[str, set[str]]:
+        """scene signature -> the products paired with it (never negatives for that scene)."""
+        out: dict[str, set[str]] = defaultdict(set)
+        for p in self.pairs:
+            out[p.scene].add(p.product)
+        return out
+
+    @cached_property
+    def products_by_category(self) -> dict[str, list[str]]:
+        """category -> the categorised products that appear in pairs (they have images), sorted."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for product in sorted({p.product for p in self.pairs}):
+            if product in self.categories:
+                out[self.categories[product]].append(product)
+        return out
 
 
 def domains(root: Path) -> list[str]:
