@@ -18,7 +18,6 @@ from pathlib import Path
 
 from style_model.data.stl import Dataset
 
-SPLITS = ("train", "val", "test")
 Box = tuple[float, float, float, float]
 
 
