@@ -1,0 +1,227 @@
+"""What both gRPC servers share: server construction, health, reflection, metrics, errors, shutdown.
+
+Each service builds its servicer and calls `build_server`; `serve_forever` runs it until SIGTERM/SIGINT,
+then turns health to NOT_SERVING, lets in-flight calls finish (`grace`) and closes the service's
+resources. Metrics are Prometheus, one registry per server (so several servers can share a process,
+as they do in tests and in `ctl demo`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+
+ErrorTable = Mapping[type[BaseException], grpc.StatusCode]
+
+
+class Metrics:
+    """The Prometheus metrics of one server; services add their own to `registry`."""
+
+    def __init__(self, service: str):
+        self.registry = CollectorRegistry()
+        self.service = service
+        self.requests = Counter(
+            "ctl_grpc_requests",
+            "gRPC calls handled, by method and status code",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ctl_grpc_request_seconds",
+            "gRPC call latency, by method and status code",
+            ["service", "method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def histogram(self, name: str, doc: str, labels: Iterable[str] = (), buckets=SIZE_BUCKETS) -> Histogram:
+        return Histogram(name, doc, list(labels), buckets=buckets, registry=self.registry)
+
+    def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+        return Counter(name, doc, list(labels), registry=self.registry)
+
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.requests.labels(self.service, method, code.name).inc()
+        self.latency.labels(self.service, method, code.name).observe(seconds)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Starts the /metrics endpoint on a daemon thread; returns the bound port (port 0 picks one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+
+class _MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call of the service's own methods (not health/reflection)."""
+
+    def __init__(self, metrics: Metrics, prefix: str):
+        self._metrics = metrics
+        self._prefix = prefix
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        name = handler_call_details.method
+        if handler is None or not name.startswith(self._prefix):
+            return handler
+        method = name.rsplit("/", 1)[-1]
+        metrics = self._metrics
+
+        def wrap(behaviour):
+            async def timed(request_or_iterator, context):
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    return await behaviour(request_or_iterator, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    if not isinstance(code, grpc.StatusCode):
+                        code = grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    metrics.observe(method, code, time.perf_counter() - start)
+
+            return timed
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kwargs)
+        return handler  # streaming responses: not used by ctl
+
+
+def error_mapper(table: ErrorTable) -> Callable:
+    """Decorator for servicer methods: a domain exception becomes `context.abort(status, message)`.
+
+    `table` maps exception classes to status codes (first match in order wins). Anything else is a bug:
+    logged with its traceback and answered INTERNAL, and the server keeps serving.
+    """
+
+    def decorate(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def mapped(self, request, context: grpc.aio.ServicerContext):
+            try:
+                return await method(self, request, context)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                for kind, code in table.items():
+                    if isinstance(exc, kind):
+                        await context.abort(code, str(exc))
+                log.exception("%s failed", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+        mapped.__name__ = method.__name__
+        mapped.__doc__ = method.__doc__
+        return mapped
+
+    return decorate
+
+
+@dataclass
+class Server:
+    """A built (not yet started) server: the grpc.aio server, its port, health and metrics."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    service_names: tuple[str, ...]
+    metrics: Metrics
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in (*self.service_names, ""):
+            await self.health.set(name, status)
+
+
+def build_server(
+    *,
+    service_names: tuple[str, ...],
+    add_servicers: Callable[[grpc.aio.Server], None],
+    address: str,
+    metrics: Metrics,
+    max_message_bytes: int,
+    max_concurrent_rpcs: int | None = None,
+) -> Server:
+    """A grpc.aio server with the service(s), health (NOT_SERVING until told) and reflection, bound to
+    `address` ("host:port"; port 0 picks a free one, read back from `Server.port`)."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    prefix = "/" + service_names[0].rsplit(".", 1)[0] + "."
+    server = grpc.aio.server(
+        interceptors=[_MetricsInterceptor(metrics, prefix)],
+        options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+    add_servicers(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return Server(server, port, health, service_names, metrics)
+
+
+async def serve_forever(
+    server: Server,
+    *,
+    grace: float,
+    on_start: Callable[[], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Starts the server, runs `on_start` (which turns health SERVING once dependencies answer), waits for
+    SIGTERM/SIGINT (or `stop`), then drains: NOT_SERVING, in-flight calls get `grace` seconds, `on_stop`."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await server.grpc_server.start()
+    log.info("%s listening on port %d", ", ".join(server.service_names), server.port)
+    try:
+        if on_start is not None:
+            await on_start()
+        await stop.wait()
+        log.info("shutting down: NOT_SERVING, %.1f s for in-flight calls", grace)
+    finally:
+        await server.set_serving(False)
+        await server.grpc_server.stop(grace)
+        if on_stop is not None:
+            await on_stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        log.info("stopped")

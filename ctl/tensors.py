@@ -1,0 +1,82 @@
+"""numpy arrays <-> ctl.v1 messages (Tensor, SceneEmbedding, ProductEmbedding), with shape checks.
+
+Both services and the clients use these, so an embedding means the same thing everywhere. Shape
+errors raise `TensorError` naming the field, the expected and the actual shape.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ctl.v1 import embeddings_pb2
+
+F32 = NDArray[np.float32]
+
+
+class TensorError(ValueError):
+    """A Tensor message is malformed or does not have the expected shape."""
+
+
+class Scene(NamedTuple):
+    """A scene's embeddings: global [D], local [R, D], attention [R, D]."""
+
+    global_: F32
+    local: F32
+    attention: F32
+
+
+def to_tensor(array: NDArray) -> embeddings_pb2.Tensor:
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return embeddings_pb2.Tensor(shape=list(a.shape), values=a.ravel().tolist())
+
+
+def from_tensor(tensor: embeddings_pb2.Tensor, name: str, shape: tuple[int | None, ...]) -> F32:
+    """The array of `tensor`; `shape` may hold None for a free dimension. Rejects NaN/inf."""
+    dims = tuple(tensor.shape)
+    values = np.asarray(tensor.values, dtype=np.float32)
+    if not dims:
+        raise TensorError(f"{name}: the tensor has no shape (expected {_fmt(shape)})")
+    if int(np.prod(dims)) != values.size:
+        raise TensorError(f"{name}: shape {list(dims)} needs {int(np.prod(dims))} values, got {values.size}")
+    if len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims)):
+        raise TensorError(f"{name}: expected shape {_fmt(shape)}, got {list(dims)}")
+    if not np.isfinite(values).all():
+        raise TensorError(f"{name}: holds NaN or infinite values")
+    return values.reshape(dims)
+
+
+def _fmt(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def scene_to_proto(scene: Scene, model_version: str) -> embeddings_pb2.SceneEmbedding:
+    return embeddings_pb2.SceneEmbedding(
+        model_version=model_version,
+        **{"global": to_tensor(scene.global_)},
+        local=to_tensor(scene.local),
+        attention=to_tensor(scene.attention),
+    )
+
+
+def scene_from_proto(msg: embeddings_pb2.SceneEmbedding, regions: int, dim: int) -> Scene:
+    return Scene(
+        from_tensor(getattr(msg, "global"), "scene_embedding.global", (dim,)),
+        from_tensor(msg.local, "scene_embedding.local", (regions, dim)),
+        from_tensor(msg.attention, "scene_embedding.attention", (regions, dim)),
+    )
+
+
+def product_to_proto(style: NDArray, key: NDArray, model_version: str) -> embeddings_pb2.ProductEmbedding:
+    return embeddings_pb2.ProductEmbedding(
+        style=to_tensor(style), attention_key=to_tensor(key), model_version=model_version
+    )
+
+
+def product_from_proto(msg: embeddings_pb2.ProductEmbedding, dim: int) -> tuple[F32, F32]:
+    return (
+        from_tensor(msg.style, "embedding.style", (dim,)),
+        from_tensor(msg.attention_key, "embedding.attention_key", (dim,)),
+    )

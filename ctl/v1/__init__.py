@@ -1,0 +1,1 @@
+"""Generated from protos/ctl/v1 by `python -m ctl.codegen`; do not edit."""
