@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--out", type=Path, default=Path("triton_repo"))
     p.set_defaults(func=cmd_export)
+
+    from encoder_service.cli import add_parser as add_encoder
+    from ranker_service.cli import add_parser as add_ranker
+
+    add_encoder(sub)
+    add_ranker(sub)
     return parser
 
 

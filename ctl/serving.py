@@ -43,6 +43,7 @@ class Metrics:
             ["service", "method", "code"],
             registry=self.registry,
         )
+        self._http: Any = None
         self.latency = Histogram(
             "ctl_grpc_request_seconds",
             "gRPC call latency, by method and status code",
@@ -63,8 +64,20 @@ class Metrics:
 
     def serve_http(self, host: str, port: int) -> int:
         """Starts the /metrics endpoint on a daemon thread; returns the bound port (port 0 picks one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    @property
+    def http_port(self) -> int | None:
+        """The /metrics port while the endpoint runs (to find an ephemeral one)."""
+        return None if self._http is None else self._http.server_port
+
+    def stop_http(self) -> None:
+        """Closes the /metrics endpoint, if started (so a stopped server frees its port)."""
+        http, self._http = self._http, None
+        if http is not None:
+            http.shutdown()
+            http.server_close()
 
 
 class _MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -206,6 +219,8 @@ async def serve_forever(
     SIGTERM/SIGINT (or `stop`), then drains: NOT_SERVING, in-flight calls get `grace` seconds, `on_stop`."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # grpc's health servicer starts with "" SERVING: say NOT_SERVING until on_start has succeeded
+    await server.set_serving(False)
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -218,6 +233,7 @@ async def serve_forever(
         log.info("shutting down: NOT_SERVING, %.1f s for in-flight calls", grace)
     finally:
         await server.set_serving(False)
+        await server.health.enter_graceful_shutdown()  # a health probe may no longer turn it SERVING
         await server.grpc_server.stop(grace)
         if on_stop is not None:
             await on_stop()

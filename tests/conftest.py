@@ -27,3 +27,22 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate(out, SynthConfig(scenes=120, seed=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def exported_repo(synth_dir, tmp_path_factory) -> Path:
+    """A tiny trained model (64 px, 2×2 regions, 32-d), exported as the services load it."""
+    from style_model.export import export
+    from style_model.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("served-run")
+    train(
+        TrainConfig(
+            preset="offline", input_size=64, grid=2, embed_dim=32, batch_size=16, max_examples=96, epochs=2
+        ),
+        synth_dir,
+        run,
+    )
+    repo = tmp_path_factory.mktemp("served-repo")
+    export(run, repo)
+    return repo

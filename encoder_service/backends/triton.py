@@ -1,0 +1,254 @@
+"""The Triton backend: the same exported encoders, served by a Triton Inference Server (GPU) over gRPC.
+
+The contract is the model config `ctl export` writes (DESIGN.md §2): `pytorch_libtorch` models
+"scene_encoder" and "product_encoder", `INPUT__0` UINT8 [S, S, 3] -> `OUTPUT__0..` FP32, batch first, and
+the model version in the config's `parameters`. Input size, regions and embedding size are read from that
+config, so the service needs no local copy of the model. One `tritonclient.grpc.aio` client per backend
+(one backend per process), reused, with `client_timeout` on every call; tritonclient's errors become
+BackendUnavailable with the cause kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from encoder_service.backends.base import (
+    EncoderBackend,
+    ModelInfoData,
+    ProductOutputs,
+    SceneOutputs,
+    check_images,
+    check_outputs,
+    in_chunks,
+)
+from encoder_service.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+SCENE, PRODUCT = "scene_encoder", "product_encoder"
+INPUT = "INPUT__0"
+SCENE_OUTPUTS = ("OUTPUT__0", "OUTPUT__1", "OUTPUT__2")
+PRODUCT_OUTPUTS = ("OUTPUT__0", "OUTPUT__1")
+
+
+class TritonBackend(EncoderBackend):
+    """Both encoders on a Triton server at `url` ("host:8001"); `timeout_s` bounds every call.
+
+    `model_repo`, when it holds the exported `model_info.json` of the same model version, supplies the
+    model's full config for GetModelInfo (Triton's config carries only the version)."""
+
+    name = "triton"
+
+    def __init__(self, url: str, timeout_s: float, model_repo: Path | str | None = None):
+        self.url = url
+        self.timeout_s = timeout_s
+        self.model_repo = Path(model_repo) if model_repo is not None else None
+        self._client: Any = None
+        self._info: ModelInfoData | None = None
+        self._max_batch = 0
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """tritonclient (and grpc) errors -> BackendUnavailable naming the server and the step."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            yield
+        except InferenceServerException as exc:
+            raise BackendUnavailable(f"Triton at {self.url}: {what}: {exc}") from exc
+        except (grpc.RpcError, grpc.aio.UsageError) as exc:  # raised past tritonclient (closed channel)
+            raise BackendUnavailable(f"Triton at {self.url}: {what}: {type(exc).__name__}: {exc}") from exc
+
+    async def start(self) -> None:
+        try:
+            from tritonclient.grpc import aio as triton_aio
+        except ImportError as exc:
+            raise BackendUnavailable(
+                "backend triton needs tritonclient[grpc]: pip install 'ctl[triton]'"
+            ) from exc
+        if self._client is None:
+            # created here, inside the running event loop that will use it
+            self._client = triton_aio.InferenceServerClient(url=self.url)
+        configs = {}
+        for model in (SCENE, PRODUCT):
+            with self._errors(f"is model {model} ready"):
+                ready = await self._client.is_model_ready(model, client_timeout=self.timeout_s)
+            if not ready:
+                raise BackendUnavailable(f"Triton at {self.url}: model {model} is not loaded or not ready")
+            with self._errors(f"get the config of {model}"):
+                configs[model] = (
+                    await self._client.get_model_config(model, client_timeout=self.timeout_s)
+                ).config
+        self._info, self._max_batch = self._read_configs(configs[SCENE], configs[PRODUCT])
+        log.info(
+            "Triton at %s serves model version %s: %d px, %d regions, %d-d, max batch %d",
+            self.url,
+            self._info.model_version,
+            self._info.input_size,
+            self._info.regions,
+            self._info.embedding_dim,
+            self._max_batch,
+        )
+
+    def _read_configs(self, scene: Any, product: Any) -> tuple[ModelInfoData, int]:
+        """ModelInfoData and the max batch from the two model configs (model_config_pb2.ModelConfig)."""
+        versions = {m: _parameter(c, "model_version") for m, c in ((SCENE, scene), (PRODUCT, product))}
+        if not versions[SCENE] or versions[SCENE] != versions[PRODUCT]:
+            raise BackendUnavailable(
+                f"Triton at {self.url}: model versions {versions} (config parameter model_version) are "
+                "missing or differ; load both encoders from one `ctl export`"
+            )
+        size = _input_size(scene, SCENE)
+        if _input_size(product, PRODUCT) != size:
+            raise BackendUnavailable(
+                f"Triton at {self.url}: {SCENE} and {PRODUCT} take different input sizes"
+            )
+        outputs = _output_dims(scene, SCENE, SCENE_OUTPUTS)
+        product_dims = _output_dims(product, PRODUCT, PRODUCT_OUTPUTS)
+        dim = outputs["OUTPUT__0"][0] if len(outputs["OUTPUT__0"]) == 1 else 0
+        regions = outputs["OUTPUT__1"][0] if len(outputs["OUTPUT__1"]) == 2 else 0
+        grid = math.isqrt(regions)
+        expected = {"OUTPUT__0": [dim], "OUTPUT__1": [regions, dim], "OUTPUT__2": [regions, dim]}
+        if not dim or grid * grid != regions or outputs != expected:
+            raise BackendUnavailable(
+                f"Triton at {self.url}: {SCENE} outputs {outputs} do not match {expected}"
+            )
+        if product_dims != {"OUTPUT__0": [dim], "OUTPUT__1": [dim]}:
+            raise BackendUnavailable(
+                f"Triton at {self.url}: {PRODUCT} outputs {product_dims} are not [{dim}]"
+            )
+        max_batch = min(int(scene.max_batch_size), int(product.max_batch_size))
+        if max_batch < 1:
+            raise BackendUnavailable(f"Triton at {self.url}: the encoders need max_batch_size > 0 (batching)")
+        config = _parameter(scene, "model_config")
+        model_config = json.loads(config) if config else self._local_model_config(versions[SCENE])
+        info = ModelInfoData(
+            model_version=versions[SCENE],
+            input_size=size,
+            grid=grid,
+            regions=regions,
+            embedding_dim=dim,
+            backend=self.name,
+            model_config=model_config,
+        )
+        return info, max_batch
+
+    def _local_model_config(self, version: str) -> dict[str, Any]:
+        path = self.model_repo / "model_info.json" if self.model_repo is not None else None
+        if path is None or not path.is_file():
+            return {}
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s: %s", path, exc)
+            return {}
+        if summary.get("model_version") != version:
+            log.warning(
+                "%s is model version %s, Triton serves %s", path, summary.get("model_version"), version
+            )
+            return {}
+        return dict(summary.get("config") or {})
+
+    @property
+    def info(self) -> ModelInfoData:
+        if self._info is None:
+            raise BackendUnavailable(f"Triton at {self.url}: not connected yet")
+        return self._info
+
+    async def _infer(
+        self, model: str, outputs: tuple[str, ...], images: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+
+        if self._client is None:
+            raise BackendUnavailable(f"Triton at {self.url}: the client is closed")
+        with self._errors(f"infer {model}"):
+            tensor = InferInput(INPUT, list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images)
+            result = await self._client.infer(
+                model,
+                [tensor],
+                outputs=[InferRequestedOutput(name) for name in outputs],
+                client_timeout=self.timeout_s,
+            )
+        return tuple(result.as_numpy(name) for name in outputs)
+
+    async def encode_scenes(self, images: np.ndarray) -> SceneOutputs:
+        info = self.info
+        images = check_images(images, info.input_size)
+        r, d = info.regions, info.embedding_dim
+
+        async def forward(chunk: np.ndarray) -> tuple[np.ndarray, ...]:
+            arrays = await self._infer(SCENE, SCENE_OUTPUTS, chunk)
+            return check_outputs(arrays, ((d,), (r, d), (r, d)), len(chunk), f"Triton {SCENE}")
+
+        return await in_chunks(images, self._max_batch, forward)  # type: ignore[return-value]
+
+    async def encode_products(self, images: np.ndarray) -> ProductOutputs:
+        info = self.info
+        images = check_images(images, info.input_size)
+        d = info.embedding_dim
+
+        async def forward(chunk: np.ndarray) -> tuple[np.ndarray, ...]:
+            arrays = await self._infer(PRODUCT, PRODUCT_OUTPUTS, chunk)
+            return check_outputs(arrays, ((d,), (d,)), len(chunk), f"Triton {PRODUCT}")
+
+        return await in_chunks(images, self._max_batch, forward)  # type: ignore[return-value]
+
+    async def ready(self) -> bool:
+        if self._client is None or self._info is None:
+            return False
+        try:
+            with self._errors("readiness"):
+                for model in (SCENE, PRODUCT):
+                    if not await self._client.is_model_ready(model, client_timeout=self.timeout_s):
+                        return False
+        except BackendUnavailable as exc:
+            log.warning("%s", exc)
+            return False
+        return True
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+def _parameter(config: Any, key: str) -> str:
+    return config.parameters[key].string_value if key in config.parameters else ""
+
+
+def _input_size(config: Any, model: str) -> int:
+    from tritonclient.grpc import model_config_pb2
+
+    inputs = {i.name: i for i in config.input}
+    spec = inputs.get(INPUT)
+    dims = list(spec.dims) if spec is not None else []
+    if spec is None or spec.data_type != model_config_pb2.TYPE_UINT8 or len(dims) != 3 or dims[2] != 3:
+        raise BackendUnavailable(
+            f"Triton {model}: expected input {INPUT} UINT8 [S, S, 3], got {list(inputs)}"
+        )
+    if dims[0] != dims[1] or dims[0] < 1:
+        raise BackendUnavailable(f"Triton {model}: input {INPUT} dims {dims} are not a square image")
+    return int(dims[0])
+
+
+def _output_dims(config: Any, model: str, names: tuple[str, ...]) -> dict[str, list[int]]:
+    from tritonclient.grpc import model_config_pb2
+
+    found = {o.name: o for o in config.output}
+    missing = [n for n in names if n not in found or found[n].data_type != model_config_pb2.TYPE_FP32]
+    if missing:
+        raise BackendUnavailable(
+            f"Triton {model}: expected FP32 outputs {list(names)}, missing or not FP32 {missing}"
+        )
+    return {n: [int(d) for d in found[n].dims] for n in names}

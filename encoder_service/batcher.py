@@ -1,0 +1,211 @@
+"""Micro-batching: concurrent requests share one forward pass.
+
+A model costs far less per image in a batch than one image at a time (DESIGN.md §2: ResNet-50 on this CPU
+is fastest at batch 8; a GPU wants more). Each request (1..n images) joins a queue; one worker takes as
+many requests as fit in `max_batch` images, waiting at most `max_wait` after the first arrived, runs one
+forward pass and hands every request its slice of the outputs, in order. The queue is bounded in images:
+a request that would overflow it is refused at once (Overloaded), before it waits for anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from encoder_service.errors import BackendUnavailable, Overloaded
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, ...]]]
+
+
+@dataclass
+class _Request:
+    images: np.ndarray
+    future: asyncio.Future[tuple[np.ndarray, ...]]
+    arrived: float
+
+
+class MicroBatcher:
+    """Merges concurrent `submit` calls into forward passes of at most `max_batch` images.
+
+    `pending_images` counts images admitted and not yet in a running forward pass; over `max_queue`,
+    `submit` raises Overloaded. `forward_passes` counts passes run (also exported as a Prometheus counter
+    with the batch sizes in a histogram, when given).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        forward: Forward,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        batch_images: Histogram | None = None,
+        passes: Counter | None = None,
+        rejected: Counter | None = None,
+    ):
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}, max_wait_s={max_wait_s}")
+        self.name = name
+        self._forward = forward
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._batch_images = batch_images
+        self._passes = passes
+        self._rejected = rejected
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self.pending_images = 0
+        self.forward_passes = 0
+
+    def start(self) -> None:
+        """Starts the worker task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._work(), name=f"batcher-{self.name}")
+            self._task.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        """A worker that died of a bug must not leave callers waiting forever."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the %s batcher stopped", self.name, exc_info=task.exception())
+            _fail(list(self._queue), BackendUnavailable(f"the {self.name} encoder stopped: see the log"))
+            self._queue.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closed
+
+    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The forward outputs for `images` [n, ...] (n >= 1), each [n, ...]. Requests larger than
+        `max_batch` are split into several queue entries (and possibly several passes)."""
+        n = len(images)
+        if n < 1:
+            raise ValueError("submit needs at least one image")
+        if not self.running:
+            raise BackendUnavailable(f"the {self.name} encoder is not running")
+        if self.pending_images + n > self.max_queue:
+            if self._rejected is not None:
+                self._rejected.inc(n)
+            raise Overloaded(
+                f"the {self.name} encoder is overloaded: {self.pending_images} images are waiting and "
+                f"{n} more would pass the limit of {self.max_queue}; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, n, self.max_batch):
+            future: asyncio.Future[tuple[np.ndarray, ...]] = loop.create_future()
+            self._queue.append(_Request(images[start : start + self.max_batch], future, loop.time()))
+            futures.append(future)
+        self.pending_images += n
+        self._arrived.set()
+        # return_exceptions: if one part fails, the others' outcomes are still collected (no
+        # "exception was never retrieved"); cancelling this call cancels the parts not yet started.
+        parts = await asyncio.gather(*futures, return_exceptions=True)
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+        if len(parts) == 1:
+            return parts[0]  # type: ignore[return-value]
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts))  # type: ignore[arg-type]
+
+    def _take(self) -> _Request | None:
+        """The next queued request whose caller still waits; dropped ones leave the count."""
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                return request
+            self.pending_images -= len(request.images)
+        return None
+
+    async def _next_batch(self, batch: list[_Request]) -> None:
+        """Fills `batch` (the caller's, so that a cancellation can fail what it already holds)."""
+        loop = asyncio.get_running_loop()
+        first = self._take()
+        while first is None:
+            self._arrived.clear()
+            await self._arrived.wait()
+            first = self._take()
+        batch.append(first)
+        size = len(first.images)
+        deadline = first.arrived + self.max_wait_s
+        while size < self.max_batch:
+            if self._queue:
+                if self._queue[0].future.done():
+                    self._take()  # drops it
+                    continue
+                if size + len(self._queue[0].images) > self.max_batch:
+                    break
+                request = self._queue.popleft()
+                batch.append(request)
+                size += len(request.images)
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+
+    async def _work(self) -> None:
+        batch: list[_Request] = []
+        try:
+            while True:
+                batch = []
+                await self._next_batch(batch)
+                self.pending_images -= sum(len(r.images) for r in batch)
+                live = [r for r in batch if not r.future.done()]  # callers cancelled while it formed
+                if live:
+                    await self._run(live)
+        except asyncio.CancelledError:
+            _fail(batch, BackendUnavailable(f"the {self.name} encoder is shutting down"))
+            raise
+
+    async def _run(self, batch: list[_Request]) -> None:
+        images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
+        self.forward_passes += 1
+        if self._passes is not None:
+            self._passes.inc()
+        if self._batch_images is not None:
+            self._batch_images.observe(len(images))
+        try:
+            outputs = await self._forward(images)
+        except Exception as exc:  # the backend's error is every request's error
+            _fail(batch, exc)
+            return
+        offset = 0
+        for request in batch:
+            n = len(request.images)
+            if not request.future.done():
+                request.future.set_result(tuple(o[offset : offset + n] for o in outputs))
+            offset += n
+
+    async def close(self) -> None:
+        """Stops the worker; requests still queued (or in the pass being cancelled) get BackendUnavailable."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        _fail(list(self._queue), BackendUnavailable(f"the {self.name} encoder is shutting down"))
+        self._queue.clear()
+        self.pending_images = 0
+
+
+def _fail(batch: list[_Request], exc: BaseException) -> None:
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(exc)

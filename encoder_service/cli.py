@@ -1,0 +1,43 @@
+"""`ctl serve-encoder`: the encoder gRPC service, configured by flags or CTL_ENCODER_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from encoder_service.config import add_arguments, from_args
+from encoder_service.errors import ConfigError, EncoderError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds `serve-encoder` (its flags from EncoderConfig) to the `ctl` subcommands; sets func=main."""
+    parser = subparsers.add_parser(
+        "serve-encoder",
+        help="serve the style encoders over gRPC (ctl.v1.EncoderService)",
+        description="Serves ctl.v1.EncoderService: image bytes in, style embeddings out. Every flag also "
+        "reads a CTL_ENCODER_* environment variable; a flag given wins.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the service until SIGTERM/SIGINT; 0 after a clean stop, 2 for a bad setting, 1 if the model
+    cannot be served or a port cannot be bound. Logging is set up by the caller (`ctl`)."""
+    from encoder_service.server import run
+
+    try:
+        config = from_args(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        asyncio.run(run(config))
+    except (EncoderError, OSError) as exc:  # OSError: a port already taken
+        log.error("encoder service stopped: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,80 @@
+"""The ranker's settings: one dataclass, built from flags and CTL_RANKER_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50052
+    metrics_port: int = 9465  # 0: any free port, -1: off
+    encoder: str = "localhost:50051"
+    encoder_timeout_s: float = 10.0
+    # Embedded store (qdrant-edge): a directory; {model_version} is replaced (one store per model).
+    store_path: str = "ctl-store/{model_version}"
+    # A Qdrant server/cluster instead (qdrant-client): URL, collection ({model_version} replaced), API key.
+    qdrant_url: str = ""
+    collection: str = "ctl_products_{model_version}"
+    qdrant_api_key: str = ""
+    qdrant_timeout_s: float = 10.0
+    max_message_bytes: int = 64 * MiB
+    max_limit: int = 1000
+    max_categories: int = 32
+    max_pool: int = 10_000
+    upsert_batch: int = 32  # images per EncodeProducts call, points per store upsert
+    upsert_concurrency: int = 2  # encoder calls in flight per stream
+    probe_interval_s: float = 5.0  # how often health re-checks the encoder
+    startup_timeout_s: float = 120.0  # how long to wait for the encoder at start-up (0: forever)
+    grace_s: float = 10.0
+
+    def store_location(self, model_version: str) -> str:
+        if self.qdrant_url:
+            return self.collection.replace("{model_version}", model_version)
+        return self.store_path.replace("{model_version}", model_version)
+
+
+_HELP = {
+    "host": "address to listen on",
+    "port": "gRPC port (0: any free port)",
+    "metrics_port": "Prometheus /metrics port (0: any free port, -1: off)",
+    "encoder": "the encoder service, host:port",
+    "encoder_timeout_s": "deadline of every encoder call (a caller's shorter deadline wins)",
+    "store_path": "embedded store directory; {model_version} is replaced",
+    "qdrant_url": "use a Qdrant server/cluster at this URL instead of the embedded store",
+    "collection": "Qdrant collection (with --qdrant-url); {model_version} is replaced",
+    "qdrant_api_key": "Qdrant API key (prefer the environment variable)",
+    "qdrant_timeout_s": "Qdrant request timeout",
+    "max_message_bytes": "largest gRPC message received or sent",
+    "max_limit": "largest Recommend limit",
+    "max_categories": "most categories in one Recommend",
+    "max_pool": "most candidates scored per category in pooled mode",
+    "upsert_batch": "images per encoder call and points per store write during UpsertProducts",
+    "upsert_concurrency": "encoder calls in flight per UpsertProducts stream",
+    "probe_interval_s": "seconds between encoder health probes",
+    "startup_timeout_s": "seconds to wait for the encoder at start-up (0: forever)",
+    "grace_s": "seconds in-flight calls get at shutdown",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; its default comes from CTL_RANKER_<NAME>, else the dataclass default."""
+    for f in fields(RankerConfig):
+        env = "CTL_RANKER_" + f.name.upper()
+        default = os.environ.get(env, f.default)
+        shown = "" if "key" in f.name else "; default %(default)s"  # never print secrets
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=type(f.default)(default),
+            help=f"{_HELP[f.name]} (env {env}{shown})",
+        )
+
+
+def from_args(args: argparse.Namespace) -> RankerConfig:
+    return RankerConfig(**{f.name: getattr(args, f.name) for f in fields(RankerConfig)})

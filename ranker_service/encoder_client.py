@@ -1,0 +1,149 @@
+"""The ranker's client of the encoder service: one channel, deadlines on every call, errors translated.
+
+UNAVAILABLE / DEADLINE_EXCEEDED from the encoder become EncoderUnavailable (the ranker answers
+UNAVAILABLE); INVALID_ARGUMENT about an image becomes InvalidRequest with the encoder's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto
+from ctl.v1 import encoder_pb2, encoder_pb2_grpc
+from ranker_service.errors import EncoderUnavailable, InvalidRequest, RankerError
+
+_UNAVAILABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_version: str
+    input_size: int
+    grid: int
+    regions: int
+    dim: int
+    backend: str
+    max_batch_images: int
+
+
+@dataclass(frozen=True)
+class ProductResult:
+    """One image's outcome: vectors, or the gRPC status name and message of its failure."""
+
+    style: np.ndarray | None = None
+    key: np.ndarray | None = None
+    code: str = ""
+    message: str = ""
+
+
+class EncoderClient:
+    """Async client of ctl.v1.EncoderService; `timeout` caps every call (a caller's deadline may lower it)."""
+
+    def __init__(self, address: str, timeout: float, max_message_bytes: int):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = encoder_pb2_grpc.EncoderServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.info: ModelInfo | None = None
+
+    def _deadline(self, remaining: float | None) -> float:
+        return self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
+
+    def _error(self, exc: grpc.aio.AioRpcError, what: str) -> RankerError:
+        code, details = exc.code(), exc.details()
+        if code in _UNAVAILABLE:
+            return EncoderUnavailable(f"encoder at {self.address} {what}: {code.name}: {details}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidRequest(details)
+        return EncoderUnavailable(f"encoder at {self.address} failed to {what}: {code.name}: {details}")
+
+    async def model_info(self, remaining: float | None = None) -> ModelInfo:
+        try:
+            msg = await self._stub.GetModelInfo(
+                encoder_pb2.GetModelInfoRequest(), timeout=self._deadline(remaining)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "did not give its model info") from exc
+        self.info = ModelInfo(
+            model_version=msg.model_version,
+            input_size=msg.input_size,
+            grid=msg.grid,
+            regions=msg.regions,
+            dim=msg.embedding_dim,
+            backend=msg.backend,
+            max_batch_images=msg.max_batch_images or 32,
+        )
+        return self.info
+
+    async def serving(self, timeout: float = 1.0) -> bool:
+        """The encoder's own health check says SERVING."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def encode_scene(self, image: bytes, remaining: float | None = None) -> tuple[Scene, str]:
+        try:
+            reply = await self._stub.EncodeScene(
+                encoder_pb2.EncodeSceneRequest(image=image), timeout=self._deadline(remaining)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "could not encode the scene") from exc
+        info = self._require_info()
+        try:
+            scene = scene_from_proto(reply.embedding, info.regions, info.dim)
+        except TensorError as exc:
+            raise EncoderUnavailable(
+                f"encoder at {self.address} answered a malformed embedding: {exc}"
+            ) from exc
+        return scene, reply.embedding.model_version
+
+    async def encode_products(
+        self, images: Sequence[bytes], remaining: float | None = None
+    ) -> tuple[list[ProductResult], str]:
+        try:
+            reply = await self._stub.EncodeProducts(
+                encoder_pb2.EncodeProductsRequest(images=list(images)), timeout=self._deadline(remaining)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "could not encode products") from exc
+        info = self._require_info()
+        results = []
+        for r in reply.results:
+            if r.WhichOneof("result") == "embedding":
+                style, key = product_from_proto(r.embedding, info.dim)
+                results.append(ProductResult(style=style, key=key))
+            else:
+                results.append(
+                    ProductResult(code=r.error.code or "INVALID_ARGUMENT", message=r.error.message)
+                )
+        if len(results) != len(images):
+            raise EncoderUnavailable(
+                f"encoder at {self.address} answered {len(results)} results for {len(images)}"
+            )
+        return results, reply.model_version
+
+    def _require_info(self) -> ModelInfo:
+        if self.info is None:
+            raise EncoderUnavailable(f"encoder at {self.address} has not given its model info yet")
+        return self.info
+
+    async def close(self) -> None:
+        await self._channel.close()

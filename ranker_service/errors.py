@@ -1,0 +1,33 @@
+"""Errors of the ranker service: one base class, a shallow tree; servicers map them to gRPC statuses."""
+
+
+class RankerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidRequest(RankerError, ValueError):
+    """The request is malformed (missing scene, bad limit, wrong embedding shape): INVALID_ARGUMENT."""
+
+
+class VersionMismatch(RankerError):
+    """Embeddings or a store were made by another model version than the serving one: FAILED_PRECONDITION."""
+
+
+class UnknownCategory(RankerError):
+    """No product of the requested category is in the catalog: NOT_FOUND."""
+
+
+class StoreError(RankerError):
+    """The vector store failed or cannot be reached: UNAVAILABLE."""
+
+
+class StoreClosed(StoreError):
+    """An operation was attempted on a store after `close()`."""
+
+
+class StoreLocked(StoreError):
+    """The embedded store's directory is already opened by another process."""
+
+
+class EncoderUnavailable(RankerError):
+    """The encoder service cannot be reached or did not answer in time: UNAVAILABLE."""

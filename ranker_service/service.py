@@ -1,0 +1,403 @@
+"""The ranker: Recommend, UpsertProducts, DeleteProducts, GetCatalogStats.
+
+`RankerApp` holds the logic (request checks, encoder calls, store, retrieval) as plain async methods;
+`RankerServicer` is the thin gRPC layer over it. Errors are domain exceptions mapped to statuses by
+ERROR_CODES; one bad record of an UpsertProducts stream fails alone and is listed in the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from ctl.serving import Metrics, error_mapper
+from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto
+from ctl.v1 import embeddings_pb2, ranker_pb2, ranker_pb2_grpc
+from ranker_service.config import RankerConfig
+from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.errors import (
+    EncoderUnavailable,
+    InvalidRequest,
+    StoreError,
+    UnknownCategory,
+    VersionMismatch,
+)
+from ranker_service.retrieval import Ask, Mode, Result, Retriever
+from ranker_service.store import Condition, ProductPoint, ProductStore, Query
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "ctl.v1.RankerService"
+ERROR_CODES = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
+    VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownCategory: grpc.StatusCode.NOT_FOUND,
+    EncoderUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StoreError: grpc.StatusCode.UNAVAILABLE,
+}
+MODES = {
+    ranker_pb2.RETRIEVAL_MODE_UNSPECIFIED: Mode.POOLED,
+    ranker_pb2.RETRIEVAL_MODE_POOLED: Mode.POOLED,
+    ranker_pb2.RETRIEVAL_MODE_EXHAUSTIVE: Mode.EXHAUSTIVE,
+    ranker_pb2.RETRIEVAL_MODE_CERTIFY: Mode.CERTIFY,
+}
+MODE_PROTO = {Mode.POOLED: ranker_pb2.RETRIEVAL_MODE_POOLED, **{v: k for k, v in MODES.items() if k > 1}}
+DEFAULT_LIMIT = 10
+MAX_ID_BYTES = 512
+MAX_DELETE = 10_000
+UNIT_TOLERANCE = 1e-3
+
+
+@dataclass
+class _Ready:
+    """What exists once the encoder has answered and the store is open."""
+
+    info: ModelInfo
+    store: ProductStore
+    retriever: Retriever
+
+
+def _check_unit(name: str, *arrays: np.ndarray) -> None:
+    for a in arrays:
+        norms = np.linalg.norm(a, axis=-1)
+        if np.any(np.abs(norms - 1.0) > UNIT_TOLERANCE):
+            raise InvalidRequest(
+                f"{name}: vectors must be unit length (norms {np.round(norms, 4).tolist()[:4]})"
+            )
+
+
+def _text(value: str, name: str, limit: int = MAX_ID_BYTES) -> str:
+    if not value:
+        raise InvalidRequest(f"{name} is empty")
+    if len(value.encode()) > limit:
+        raise InvalidRequest(f"{name} is longer than {limit} bytes")
+    return value
+
+
+class RankerApp:
+    """The ranker's state and logic, usable without gRPC (a caller passes its remaining deadline)."""
+
+    def __init__(self, config: RankerConfig, encoder: EncoderClient, metrics: Metrics):
+        self.config = config
+        self.encoder = encoder
+        self._ready: _Ready | None = None
+        self.candidates = metrics.histogram(
+            "ctl_ranker_candidates_scored", "products scored exactly per category of a Recommend", ["mode"]
+        )
+        self.certify_rounds = metrics.histogram(
+            "ctl_ranker_certify_rounds",
+            "bound-query rounds until certified",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+        )
+        self.upsert_batch = metrics.histogram(
+            "ctl_ranker_upsert_batch_size", "points written per store upsert"
+        )
+        self.records = metrics.counter(
+            "ctl_ranker_upsert_records", "UpsertProducts records, by outcome", ["outcome"]
+        )
+
+    def attach(self, info: ModelInfo, store: ProductStore) -> None:
+        self._ready = _Ready(info, store, Retriever(store, max_pool=self.config.max_pool))
+
+    @property
+    def ready(self) -> _Ready:
+        if self._ready is None:
+            raise EncoderUnavailable("the ranker is starting: waiting for the encoder and the store")
+        return self._ready
+
+    # --- Recommend -------------------------------------------------------------------------------------
+
+    async def recommend(
+        self, req: ranker_pb2.RecommendRequest, remaining: float | None
+    ) -> ranker_pb2.RecommendResponse:
+        ready = self.ready
+        asks = self._asks(req)
+        scene = await self._scene(req, ready.info, remaining)
+        results = await asyncio.gather(*(ready.retriever.recommend(scene, ask) for ask in asks))
+        for r in results:
+            self.candidates.labels(r.mode.value).observe(r.candidates_scored)
+            if r.mode is Mode.CERTIFY:
+                self.certify_rounds.observe(r.rounds)
+        return ranker_pb2.RecommendResponse(
+            results=[_category_proto(r, req.explain) for r in results],
+            model_version=ready.info.model_version,
+            grid=ready.info.grid,
+        )
+
+    def _asks(self, req: ranker_pb2.RecommendRequest) -> list[Ask]:
+        cfg = self.config
+        if not req.categories:
+            raise InvalidRequest("categories: give at least one category")
+        if len(req.categories) > cfg.max_categories:
+            raise InvalidRequest(
+                f"categories: at most {cfg.max_categories} per call, got {len(req.categories)}"
+            )
+        if len(set(req.categories)) != len(req.categories):
+            raise InvalidRequest("categories: each category at most once")
+        for c in req.categories:
+            _text(c, "category")
+        limit = req.limit or DEFAULT_LIMIT
+        if limit > cfg.max_limit:
+            raise InvalidRequest(f"limit: must be 1..{cfg.max_limit}, got {limit}")
+        if req.pool_size > cfg.max_pool:
+            raise InvalidRequest(f"pool_size: must be at most {cfg.max_pool}, got {req.pool_size}")
+        if req.pool_size and req.pool_size < limit:
+            raise InvalidRequest(f"pool_size: must be at least limit ({limit}), got {req.pool_size}")
+        if req.mode not in MODES:
+            raise InvalidRequest(f"mode: unknown value {req.mode}")
+        conditions = []
+        for i, f in enumerate(req.filters):
+            _text(f.key, f"filters[{i}].key")
+            if not f.any_of and not f.none_of:
+                raise InvalidRequest(f"filters[{i}] ({f.key!r}): give any_of or none_of values")
+            conditions.append(Condition(f.key, tuple(f.any_of), tuple(f.none_of)))
+        exclude = tuple(_text(p, "exclude_product_ids[]") for p in req.exclude_product_ids)
+        return [
+            Ask(Query(c, tuple(conditions), exclude), limit, MODES[req.mode], req.pool_size)
+            for c in req.categories
+        ]
+
+    async def _scene(
+        self, req: ranker_pb2.RecommendRequest, info: ModelInfo, remaining: float | None
+    ) -> Scene:
+        which = req.WhichOneof("scene")
+        if which is None:
+            raise InvalidRequest("give the scene: scene_image (encoded image bytes) or scene_embedding")
+        if which == "scene_image":
+            if not req.scene_image:
+                raise InvalidRequest("scene_image is empty")
+            scene, version = await self.encoder.encode_scene(req.scene_image, remaining)
+            if version != info.model_version:
+                raise VersionMismatch(
+                    f"the encoder now serves model {version} but the catalog holds {info.model_version}; "
+                    "restart the ranker on a store for the new model and re-ingest"
+                )
+            return scene
+        emb = req.scene_embedding
+        if not emb.model_version:
+            raise InvalidRequest("scene_embedding.model_version is empty: say which model made it")
+        if emb.model_version != info.model_version:
+            raise VersionMismatch(
+                f"scene_embedding was made by model {emb.model_version}; "
+                f"this ranker serves {info.model_version}"
+            )
+        scene = scene_from_proto(emb, info.regions, info.dim)
+        _check_unit("scene_embedding", scene.global_, scene.local, scene.attention)
+        return scene
+
+    # --- UpsertProducts --------------------------------------------------------------------------------
+
+    async def upsert(
+        self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining: float | None
+    ) -> ranker_pb2.UpsertProductsResponse:
+        ready = self.ready
+        reply = ranker_pb2.UpsertProductsResponse(model_version=ready.info.model_version)
+        gate = asyncio.Semaphore(self.config.upsert_concurrency)
+        tasks: list[asyncio.Task] = []
+        batch: list[tuple[int, ranker_pb2.Product]] = []
+
+        async def flush(items):
+            async with gate:
+                await self._write(items, reply, ready, remaining)
+
+        try:
+            async for request in requests:
+                index = reply.received
+                reply.received += 1
+                problem = _record_problem(request.product)
+                if problem:
+                    _fail(reply, index, request.product.product_id, "INVALID_ARGUMENT", problem)
+                    continue
+                batch.append((index, request.product))
+                if len(batch) >= self.config.upsert_batch:
+                    await gate.acquire()  # back-pressure: stop reading while the encoder is busy
+                    gate.release()
+                    tasks.append(asyncio.create_task(flush(batch)))
+                    batch = []
+                    for t in tasks:
+                        if t.done() and t.exception() is not None:
+                            raise t.exception()
+            if batch:
+                tasks.append(asyncio.create_task(flush(batch)))
+            await asyncio.gather(*tasks)
+        except BaseException as exc:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(exc, EncoderUnavailable | StoreError):
+                raise type(exc)(
+                    f"{exc} — {reply.upserted} of {reply.received} products were stored before this; "
+                    "send the stream again (upserts are idempotent)"
+                ) from exc
+            raise
+        reply.failures.sort(key=lambda f: f.index)
+        self.records.labels("failed").inc(len(reply.failures))
+        log.info(
+            "upsert: %d received, %d stored, %d failed", reply.received, reply.upserted, len(reply.failures)
+        )
+        return reply
+
+    async def _write(self, items, reply, ready: _Ready, remaining: float | None) -> None:
+        """Encode what needs encoding, check precomputed embeddings, write the good points in one upsert."""
+        info = ready.info
+        points: list[ProductPoint] = []
+        images = [(i, p) for i, p in items if p.WhichOneof("content") == "image"]
+        for index, product in items:
+            if product.WhichOneof("content") != "embedding":
+                continue
+            try:
+                points.append(_point(product, *_embedding(product.embedding, info), info.model_version))
+            except (InvalidRequest, TensorError) as exc:
+                _fail(reply, index, product.product_id, "INVALID_ARGUMENT", str(exc))
+            except VersionMismatch as exc:
+                _fail(reply, index, product.product_id, "FAILED_PRECONDITION", str(exc))
+        if images:
+            results, version = await self.encoder.encode_products([p.image for _, p in images], remaining)
+            if version != info.model_version:
+                raise VersionMismatch(
+                    f"the encoder now serves model {version} but the catalog holds {info.model_version}"
+                )
+            for (index, product), r in zip(images, results):
+                if r.style is None:
+                    _fail(reply, index, product.product_id, r.code, f"image: {r.message}")
+                else:
+                    points.append(_point(product, r.style, r.key, info.model_version))
+        if points:
+            await ready.store.upsert(points)
+            ready.retriever.forget({p.category for p in points})
+            reply.upserted += len(points)
+            self.upsert_batch.observe(len(points))
+            self.records.labels("stored").inc(len(points))
+
+    # --- DeleteProducts, GetCatalogStats ---------------------------------------------------------------
+
+    async def delete(self, req: ranker_pb2.DeleteProductsRequest) -> ranker_pb2.DeleteProductsResponse:
+        ready = self.ready
+        if not req.product_ids:
+            raise InvalidRequest("product_ids: give at least one id")
+        if len(req.product_ids) > MAX_DELETE:
+            raise InvalidRequest(f"product_ids: at most {MAX_DELETE} per call, got {len(req.product_ids)}")
+        ids = list(dict.fromkeys(_text(p, "product_ids[]") for p in req.product_ids))
+        found = await ready.store.retrieve(ids)
+        await ready.store.delete([p.product_id for p in found])
+        ready.retriever.forget({p.category for p in found})
+        present = {p.product_id for p in found}
+        return ranker_pb2.DeleteProductsResponse(
+            deleted=len(present), not_found=[p for p in ids if p not in present]
+        )
+
+    async def stats(self) -> ranker_pb2.CatalogStats:
+        ready = self.ready
+        counts = await ready.store.counts_by_category()
+        return ranker_pb2.CatalogStats(
+            total_products=sum(counts.values()),
+            products_by_category=counts,
+            model_version=ready.info.model_version,
+            store=ready.store.description,
+        )
+
+
+def _record_problem(product: ranker_pb2.Product) -> str:
+    """Why a record cannot be stored, before any encoding ("" if it can)."""
+    try:
+        _text(product.product_id, "product_id")
+        _text(product.category, "category")
+        for key in product.metadata:
+            _text(key, "metadata key", 256)
+    except InvalidRequest as exc:
+        return str(exc)
+    content = product.WhichOneof("content")
+    if content is None:
+        return "give the product's image or its embedding"
+    if content == "image" and not product.image:
+        return "image is empty"
+    return ""
+
+
+def _embedding(emb: embeddings_pb2.ProductEmbedding, info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
+    if not emb.model_version:
+        raise InvalidRequest("embedding.model_version is empty: say which model made it")
+    if emb.model_version != info.model_version:
+        raise VersionMismatch(
+            f"embedding made by model {emb.model_version}; this catalog holds {info.model_version}"
+        )
+    style, key = product_from_proto(emb, info.dim)
+    _check_unit("embedding", style, key)
+    return style, key
+
+
+def _point(product: ranker_pb2.Product, style, key, version: str) -> ProductPoint:
+    return ProductPoint(
+        product_id=product.product_id,
+        category=product.category,
+        style=np.asarray(style, dtype=np.float32),
+        attention=np.asarray(key, dtype=np.float32),
+        metadata=dict(product.metadata),
+        model_version=version,
+    )
+
+
+def _fail(reply, index: int, product_id: str, code: str, message: str) -> None:
+    reply.failures.add(
+        index=index, product_id=product_id, error=embeddings_pb2.RecordError(code=code, message=message)
+    )
+
+
+def _category_proto(r: Result, explain: bool) -> ranker_pb2.CategoryRecommendations:
+    products = []
+    for i, p in enumerate(r.products):
+        rec = ranker_pb2.Recommendation(
+            product_id=p.product_id,
+            category=p.category,
+            distance=float(r.ranked.distance[i]),
+            metadata=p.metadata,
+        )
+        if explain:
+            rec.global_distance = float(r.ranked.global_[i])
+            rec.local_distance = float(r.ranked.local[i])
+            rec.attention.extend(r.ranked.attention[i].tolist())
+        products.append(rec)
+    return ranker_pb2.CategoryRecommendations(
+        category=r.category,
+        products=products,
+        candidates_scored=r.candidates_scored,
+        category_size=r.category_size,
+        certified=r.certified,
+        mode=MODE_PROTO[r.mode],
+    )
+
+
+def _remaining(context: grpc.aio.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
+    """Thin gRPC layer: proto in, one RankerApp call, proto out; errors mapped by ERROR_CODES."""
+
+    def __init__(self, app: RankerApp):
+        self.app = app
+
+    @error_mapper(ERROR_CODES)
+    async def Recommend(self, request, context):
+        return await self.app.recommend(request, _remaining(context))
+
+    @error_mapper(ERROR_CODES)
+    async def UpsertProducts(self, request_iterator, context):
+        return await self.app.upsert(request_iterator, _remaining(context))
+
+    @error_mapper(ERROR_CODES)
+    async def DeleteProducts(self, request, context):
+        return await self.app.delete(request)
+
+    @error_mapper(ERROR_CODES)
+    async def GetCatalogStats(self, request, context):
+        return await self.app.stats()
+
+
+__all__ = ["ERROR_CODES", "SERVICE_NAME", "RankerApp", "RankerServicer"]

@@ -1,0 +1,122 @@
+"""The product store interface: what the ranker needs from Qdrant, and nothing more (DESIGN.md §2).
+
+One point per product. Point id = uuid5(PRODUCT_NAMESPACE, product_id), so upserting a product again
+replaces it. Named vectors: `style` (f_p, HNSW-indexed, dot product) and `attention` (c_p, stored, not
+indexed). Payload: `product_id`, `category` (keyword index), `metadata` (dict of str -> str) and
+`model_version`. Adapters: `EdgeStore` (qdrant-edge-py, embedded, the default) and `QdrantClientStore`
+(qdrant-client: a server/cluster by URL, or its local mode in tests). Both pass tests/test_store.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+PRODUCT_NAMESPACE = uuid.UUID("5f1d3c1e-8a1b-4a0e-9d3a-6c7b1e2f4a10")
+STYLE = "style"
+ATTENTION = "attention"
+
+
+def point_id(product_id: str) -> str:
+    """The Qdrant point id of a product: stable across processes and adapters (idempotent upserts)."""
+    return str(uuid.uuid5(PRODUCT_NAMESPACE, product_id))
+
+
+@dataclass(frozen=True)
+class ProductPoint:
+    """One product as stored: its two unit vectors [D] (float32) and its payload."""
+
+    product_id: str
+    category: str
+    style: NDArray[np.float32]
+    attention: NDArray[np.float32]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A metadata filter: metadata[key] must be one of `any_of` (if given) and none of `none_of`."""
+
+    key: str
+    any_of: tuple[str, ...] = ()
+    none_of: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Query:
+    """Where to look: one category, optional metadata conditions (all must hold), ids to leave out."""
+
+    category: str
+    conditions: tuple[Condition, ...] = ()
+    exclude_ids: tuple[str, ...] = ()  # product ids
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A product returned by a vector query: `score` is the dot product of the query with `style`."""
+
+    score: float
+    point: ProductPoint
+
+
+class ProductStore(ABC):
+    """Async interface; adapters run blocking engine calls off the event loop where that helps.
+
+    A store is opened for one model version and dimension (`model_version`, `dim`). It records them
+    when it is created; opening an existing store made by another version raises VersionMismatch
+    (a new model means a new collection / directory, DESIGN.md §2).
+    """
+
+    model_version: str
+    dim: int
+    description: str  # for logs and GetCatalogStats, e.g. "embedded qdrant-edge at /var/lib/ctl/store"
+
+    @abstractmethod
+    async def upsert(self, points: Sequence[ProductPoint]) -> None:
+        """Insert or replace products (by product id); durable when it returns."""
+
+    @abstractmethod
+    async def search(
+        self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
+    ) -> list[list[Hit]]:
+        """Top `limit` products by dot(vector, style) for each row of `vectors` [Q, D], best first.
+
+        One batched call. `exact=True` asks the engine for brute force (no HNSW) so that the returned
+        scores are the true top `limit` (used to certify answers). Hits carry both vectors.
+        """
+
+    @abstractmethod
+    async def scroll(
+        self, query: Query, limit: int, offset: str | None = None
+    ) -> tuple[list[ProductPoint], str | None]:
+        """A page of the products matching `query` (with vectors), and the offset of the next page or None."""
+
+    @abstractmethod
+    async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
+        """The stored products among `product_ids` (missing ones are left out), with vectors."""
+
+    @abstractmethod
+    async def delete(self, product_ids: Sequence[str]) -> None:
+        """Remove these products; unknown ids are ignored."""
+
+    @abstractmethod
+    async def count(self, category: str | None = None) -> int:
+        """Exact number of products, in one category or in all."""
+
+    @abstractmethod
+    async def counts_by_category(self) -> dict[str, int]:
+        """Exact number of products per category."""
+
+    @abstractmethod
+    async def optimize(self) -> None:
+        """Build indexes after a bulk load (HNSW); a no-op where the engine does it by itself."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush and release the store; later calls raise StoreClosed. Calling it twice is fine."""

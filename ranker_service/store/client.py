@@ -1,0 +1,406 @@
+"""The product store on a Qdrant server or cluster, through qdrant-client's async API (DESIGN.md §2).
+
+This is how the catalog scales past one machine (sharding, replication, API key, TLS). The same adapter runs
+against qdrant-client's local mode (`location=":memory:"` or `path=`), which the conformance tests use;
+local mode is brute force in Python, so it is never the serving default.
+
+The model version and dimension are recorded in the collection's own `metadata` (Qdrant 1.16+, also kept by
+local mode): no marker point pollutes counts, facets or search results. A collection without them was not
+made by this adapter (or by a server too old to keep collection metadata) and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from qdrant_client import AsyncQdrantClient
+from qdrant_client import models as qm
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from ranker_service.errors import (
+    InvalidRequest,
+    RankerError,
+    StoreClosed,
+    StoreError,
+    StoreLocked,
+    VersionMismatch,
+)
+from ranker_service.store.base import ATTENTION, STYLE, Hit, ProductPoint, ProductStore, Query, point_id
+
+_FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
+
+
+@contextmanager
+def _map_errors(action: str, where: str) -> Iterator[None]:
+    """Translate qdrant-client, httpx, grpc and local-mode errors into StoreError subclasses (cause kept)."""
+    try:
+        yield
+    except RankerError:
+        raise
+    except ResponseHandlingException as exc:  # the request never got an answer: refused, DNS, timeout, TLS
+        raise StoreError(f"cannot reach Qdrant at {where} ({action}): {exc.source!r}") from exc
+    except UnexpectedResponse as exc:
+        raise StoreError(
+            f"Qdrant at {where} answered {exc.status_code} {exc.reason_phrase} to {action}: "
+            f"{exc.content[:200]!r}"
+        ) from exc
+    except Exception as exc:
+        message = str(exc)
+        if "already accessed by another instance" in message:  # local mode's portalocker on its folder
+            raise StoreLocked(
+                f"the qdrant-client local store at {where} is already open in another process or "
+                "store instance; close that one first, or use another path"
+            ) from exc
+        if "instance is closed" in message:
+            raise StoreClosed(f"the store at {where} is closed ({action})") from exc
+        raise StoreError(f"Qdrant at {where} failed to {action}: {exc!r}") from exc
+
+
+def _vector(values: Any, dim: int, what: str) -> list[float]:
+    """A float32 copy of one vector as a list (the caller's array is never modified)."""
+    array = np.asarray(values, dtype=np.float32)
+    if array.shape != (dim,):
+        raise InvalidRequest(f"{what} has shape {array.shape}, expected ({dim},)")
+    if not np.isfinite(array).all():
+        raise InvalidRequest(f"{what} has non-finite values")
+    return array.tolist()
+
+
+def _metadata_path(key: str) -> str:
+    """The JSON path of metadata[key], quoted so that dots and brackets in keys stay literal.
+
+    Quotes and backslashes are refused as in the embedded store (qdrant-edge cannot parse them).
+    """
+    if '"' in key or "\\" in key:
+        raise InvalidRequest(f"metadata key {key!r} cannot be filtered on (it contains a quote or backslash)")
+    return f'metadata."{key}"'
+
+
+def _filter(query: Query) -> qm.Filter:
+    """Category must match; each condition's any_of must hold, none_of must not (a missing key passes)."""
+    must: list[qm.Condition] = [qm.FieldCondition(key="category", match=qm.MatchValue(value=query.category))]
+    must_not: list[qm.Condition] = []
+    for condition in query.conditions:
+        path = _metadata_path(condition.key)
+        if condition.any_of:
+            must.append(qm.FieldCondition(key=path, match=qm.MatchAny(any=list(condition.any_of))))
+        if condition.none_of:
+            # must_not + MatchAny rather than MatchExcept: MatchExcept also rejects points lacking the key.
+            must_not.append(qm.FieldCondition(key=path, match=qm.MatchAny(any=list(condition.none_of))))
+    if query.exclude_ids:
+        ids: list[qm.ExtendedPointId] = [point_id(product_id) for product_id in query.exclude_ids]
+        must_not.append(qm.HasIdCondition(has_id=ids))
+    return qm.Filter(must=must, must_not=must_not or None)
+
+
+def _product(vectors: Any, payload: Mapping[str, Any] | None) -> ProductPoint:
+    """A stored point (named vectors and payload) back as a ProductPoint."""
+    if not isinstance(vectors, Mapping) or payload is None:
+        raise StoreError("Qdrant returned a point without its named vectors or payload")
+    return ProductPoint(
+        product_id=payload["product_id"],
+        category=payload["category"],
+        style=np.asarray(vectors[STYLE], dtype=np.float32),
+        attention=np.asarray(vectors[ATTENTION], dtype=np.float32),
+        metadata=dict(payload.get("metadata") or {}),
+        model_version=payload.get("model_version", ""),
+    )
+
+
+class QdrantClientStore(ProductStore):
+    """Products in one Qdrant collection, reached with qdrant-client's AsyncQdrantClient.
+
+    Open it with `open_client_store`. Writes wait for the server to apply them (`wait=True`), so an
+    upsert is durable (per the server's WAL) when it returns. `optimize()` is a no-op: the server indexes
+    by itself once a segment passes its indexing threshold.
+    """
+
+    def __init__(
+        self,
+        client: AsyncQdrantClient,
+        collection: str,
+        where: str,
+        model_version: str,
+        dim: int,
+        *,
+        local: bool,
+    ) -> None:
+        self._client: AsyncQdrantClient | None = client
+        self.collection = collection
+        self._where = where
+        self._local = local
+        self.model_version = model_version
+        self.dim = dim
+        self.description = f"qdrant collection {collection!r} at {where}"
+
+    def _live(self) -> AsyncQdrantClient:
+        """The open client; StoreClosed once `close()` was called."""
+        if self._client is None:
+            raise StoreClosed(f"the store on collection {self.collection!r} at {self._where} is closed")
+        return self._client
+
+    async def upsert(self, points: Sequence[ProductPoint]) -> None:
+        """One request for the whole batch; a product listed twice keeps its last version."""
+        client = self._live()
+        latest = {point_id(p.product_id): p for p in points}
+        structs = [self._point_struct(pid, p) for pid, p in latest.items()]
+        if not structs:
+            return
+        with _map_errors("upsert points", self._where):
+            await client.upsert(self.collection, structs, wait=True)
+
+    def _point_struct(self, pid: str, point: ProductPoint) -> qm.PointStruct:
+        if point.model_version and point.model_version != self.model_version:
+            raise VersionMismatch(
+                f"product {point.product_id!r} was encoded by model {point.model_version!r}, "
+                f"but this store holds model {self.model_version!r}"
+            )
+        vectors: dict[str, Any] = {
+            STYLE: _vector(point.style, self.dim, f"style vector of {point.product_id!r}"),
+            ATTENTION: _vector(point.attention, self.dim, f"attention vector of {point.product_id!r}"),
+        }
+        payload = {
+            "product_id": point.product_id,
+            "category": point.category,
+            "metadata": {str(k): str(v) for k, v in point.metadata.items()},
+            "model_version": self.model_version,
+        }
+        return qm.PointStruct(id=pid, vector=vectors, payload=payload)
+
+    async def search(
+        self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
+    ) -> list[list[Hit]]:
+        """All rows in one `query_batch_points` request."""
+        client = self._live()
+        rows = np.asarray(vectors, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise InvalidRequest(f"query vectors have shape {rows.shape}, expected (Q, {self.dim})")
+        if limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, got {limit}")
+        if not np.isfinite(rows).all():
+            raise InvalidRequest("query vectors have non-finite values")
+        if len(rows) == 0:
+            return []
+        flt = _filter(query)
+        # Local mode is always brute force and warns about search params it ignores, so none are sent there.
+        params = qm.SearchParams(exact=True) if exact and not self._local else None
+        requests = [
+            qm.QueryRequest(
+                query=row.tolist(),
+                using=STYLE,
+                filter=flt,
+                params=params,
+                limit=limit,
+                with_vector=True,
+                with_payload=True,
+            )
+            for row in rows
+        ]
+        with _map_errors("search", self._where):
+            responses = await client.query_batch_points(self.collection, requests)
+        return [
+            [Hit(score=float(p.score), point=_product(p.vector, p.payload)) for p in response.points]
+            for response in responses
+        ]
+
+    async def scroll(
+        self, query: Query, limit: int, offset: str | None = None
+    ) -> tuple[list[ProductPoint], str | None]:
+        """Pages in point-id order; the offset is the first point id of the next page, as a string."""
+        client = self._live()
+        if limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, got {limit}")
+        start = None if offset is None else _parse_offset(offset)
+        with _map_errors("scroll", self._where):
+            records, next_offset = await client.scroll(
+                self.collection,
+                scroll_filter=_filter(query),
+                limit=limit,
+                offset=start,
+                with_payload=True,
+                with_vectors=True,
+            )
+        points = [_product(r.vector, r.payload) for r in records]
+        return points, None if next_offset is None else str(next_offset)
+
+    async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
+        """In the order asked, each product once; unknown ids are left out."""
+        client = self._live()
+        ids = list(dict.fromkeys(point_id(p) for p in product_ids))
+        if not ids:
+            return []
+        with _map_errors("retrieve points", self._where):
+            records = await client.retrieve(self.collection, ids, with_payload=True, with_vectors=True)
+        found = {str(r.id): _product(r.vector, r.payload) for r in records}
+        return [found[i] for i in ids if i in found]
+
+    async def delete(self, product_ids: Sequence[str]) -> None:
+        client = self._live()
+        ids: list[qm.ExtendedPointId] = list(dict.fromkeys(point_id(p) for p in product_ids))
+        if not ids:
+            return
+        with _map_errors("delete points", self._where):
+            await client.delete(self.collection, qm.PointIdsList(points=ids), wait=True)
+
+    async def count(self, category: str | None = None) -> int:
+        client = self._live()
+        flt = None if category is None else _filter(Query(category))
+        with _map_errors("count points", self._where):
+            result = await client.count(self.collection, count_filter=flt, exact=True)
+        return int(result.count)
+
+    async def counts_by_category(self) -> dict[str, int]:
+        """An exact facet on `category`; asks again with a larger limit while the answer is full."""
+        client = self._live()
+        limit = _FACET_START
+        while True:
+            with _map_errors("count categories", self._where):
+                response = await client.facet(self.collection, "category", limit=limit, exact=True)
+            if len(response.hits) < limit:
+                return {str(h.value): int(h.count) for h in response.hits if h.count > 0}
+            limit *= 2
+
+    async def optimize(self) -> None:
+        """Nothing to do: a Qdrant server builds HNSW by itself, and local mode has no index."""
+        self._live()
+
+    async def close(self) -> None:
+        """Close the connection (local mode: release the folder's lock); a second call does nothing."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        with _map_errors("close", self._where):
+            await client.close()
+
+
+def _parse_offset(offset: str) -> str:
+    """Offsets are point ids (UUID strings) handed out by `scroll`; anything else is a caller's mistake."""
+    try:
+        return str(uuid.UUID(offset))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise InvalidRequest(f"not a scroll offset from this store: {offset!r}") from exc
+
+
+async def _ensure_collection(
+    client: AsyncQdrantClient, collection: str, where: str, model_version: str, dim: int, *, local: bool
+) -> None:
+    """Create the collection if missing (the embedded store's schema), then check its version and dim."""
+    with _map_errors(f"look up collection {collection!r}", where):
+        exists = await client.collection_exists(collection)
+    if not exists:
+        unindexed = qm.HnswConfigDiff(m=0)  # attention is only stored: no graph links for it
+        try:
+            with _map_errors(f"create collection {collection!r}", where):
+                await client.create_collection(
+                    collection,
+                    vectors_config={
+                        STYLE: qm.VectorParams(size=dim, distance=qm.Distance.DOT),
+                        ATTENTION: qm.VectorParams(size=dim, distance=qm.Distance.DOT, hnsw_config=unindexed),
+                    },
+                    metadata={"model_version": model_version, "dim": dim},
+                )
+        except StoreError:
+            # Another process may have created it meanwhile: then check that one, else report the failure.
+            with _map_errors(f"look up collection {collection!r}", where):
+                if not await client.collection_exists(collection):
+                    raise
+    with _map_errors(f"read collection {collection!r}", where):
+        info = await client.get_collection(collection)
+    metadata = info.config.metadata or {}
+    if "model_version" not in metadata or "dim" not in metadata:
+        raise VersionMismatch(
+            f"collection {collection!r} at {where} records no model version (it was not made by this "
+            "adapter, or the server is older than Qdrant 1.16, which keeps collection metadata); "
+            "use another collection name, or delete it and re-ingest"
+        )
+    found_version, found_dim = str(metadata["model_version"]), int(metadata["dim"])
+    if found_version != model_version:
+        raise VersionMismatch(
+            f"collection {collection!r} at {where} holds vectors of model {found_version!r}, not "
+            f"{model_version!r}; a new model needs its own collection (switch an alias to it once "
+            "ingested), or delete this one and re-ingest the catalog"
+        )
+    params = info.config.params.vectors
+    sizes = {name: v.size for name, v in params.items()} if isinstance(params, Mapping) else {}
+    if found_dim != dim or sizes.get(STYLE) != dim or sizes.get(ATTENTION) != dim:
+        raise VersionMismatch(
+            f"collection {collection!r} at {where} holds {found_dim}-d vectors (named vectors: {sizes}), "
+            f"but model {model_version!r} makes {dim}-d {STYLE!r} and {ATTENTION!r} vectors; "
+            "use another collection, or delete it and re-ingest the catalog"
+        )
+    # Also when the collection exists: its creator may have stopped before making the index.
+    # Local mode has no payload indexes (it warns that they have no effect), so none is asked for there.
+    if not local and "category" not in (info.payload_schema or {}):
+        with _map_errors("create the category index", where):
+            await client.create_payload_index(
+                collection, "category", field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
+            )
+
+
+async def open_client_store(
+    url: str | None,
+    model_version: str,
+    dim: int,
+    *,
+    collection: str = "ctl_products",
+    api_key: str | None = None,
+    https: bool | None = None,
+    verify: bool | str | None = None,
+    prefer_grpc: bool = False,
+    timeout: float = 10,
+    location: str | None = None,
+    path: str | Path | None = None,
+) -> QdrantClientStore:
+    """Open the store on collection `collection` of the Qdrant at `url`, creating the collection if missing.
+
+    Exactly one of `url` (a server: "http://host:6333"), `location=":memory:"` or `path=` (qdrant-client's
+    local mode, for tests) is given. `api_key`, `https` and `prefer_grpc` are qdrant-client's; `verify` is
+    passed to httpx (False, or a CA bundle path) for self-signed TLS. `timeout` (seconds) bounds each
+    request, so an unreachable server fails fast with StoreError naming the URL.
+    Raises VersionMismatch when the collection was made for another model version or dimension, and
+    StoreLocked when a local-mode `path` is already open elsewhere.
+    """
+    if sum(x is not None for x in (url, location, path)) != 1:
+        raise ValueError(
+            "give exactly one of url (a Qdrant server), location=':memory:' or path= (local mode)"
+        )
+    if location is not None and location != ":memory:":
+        raise ValueError(
+            f"location must be ':memory:' (use url= for a server, path= for a folder), not {location!r}"
+        )
+    if not model_version:
+        raise ValueError("model_version must be a non-empty string")
+    if dim < 1:
+        raise ValueError(f"dim must be positive, got {dim}")
+    local = url is None
+    where = (
+        url if url is not None else ("local mode in memory" if path is None else f"local mode path {path}")
+    )
+    with _map_errors("connect", where):
+        if local:
+            client = AsyncQdrantClient(location=location, path=None if path is None else str(path))
+        else:
+            extra: dict[str, Any] = {} if verify is None else {"verify": verify}
+            # No background version probe: the collection lookup below already fails fast when unreachable.
+            client = AsyncQdrantClient(
+                url=url,
+                api_key=api_key,
+                https=https,
+                prefer_grpc=prefer_grpc,
+                timeout=math.ceil(timeout),  # qdrant-client takes whole seconds
+                check_compatibility=False,
+                **extra,
+            )
+    try:
+        await _ensure_collection(client, collection, where, model_version, dim, local=local)
+    except BaseException:
+        await client.close()
+        raise
+    return QdrantClientStore(client, collection, where, model_version, dim, local=local)

@@ -1,0 +1,366 @@
+"""The embedded product store: Qdrant's own engine in-process through qdrant-edge-py (DESIGN.md §2).
+
+One shard directory per model version. Beside the engine's files it holds `ctl_store.json`
+({"model_version", "dim"}), written atomically before the shard is created, so that a directory made by
+another model is refused (VersionMismatch) before any of its data is touched.
+
+Facts about qdrant-edge-py 0.9.0 that shape this module (checked against the installed wheel):
+- it raises bare `Exception`s whose message carries the cause: a directory already open elsewhere fails at
+  load with "failed to open WAL ...: Can't init WAL: Kind(WouldBlock)" (the WAL holds an exclusive lock,
+  also across processes), and a call on a closed shard with "Shard is not initialized";
+- `query`, `query_batch`, `count`, `update`, `flush` and `optimize` hold the GIL for the whole call, so a
+  worker thread would not free the event loop: calls are made inline, and kept few and batched instead;
+- `facet(exact=True)` gives exact counts (checked against a reference after deletes, upserts and optimize);
+- `optimize()` builds HNSW only for segments above the indexing threshold (10 MB of vectors by default);
+- point ids come back as `uuid.UUID`, vectors as lists of Python floats (float32 values, exact).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import qdrant_edge as qe
+from numpy.typing import NDArray
+
+from ranker_service.errors import (
+    InvalidRequest,
+    RankerError,
+    StoreClosed,
+    StoreError,
+    StoreLocked,
+    VersionMismatch,
+)
+from ranker_service.store.base import ATTENTION, STYLE, Hit, ProductPoint, ProductStore, Query, point_id
+
+META_FILE = "ctl_store.json"
+_ENGINE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge when it creates a shard
+_FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
+
+
+@contextmanager
+def _map_errors(action: str, path: Path) -> Iterator[None]:
+    """Translate qdrant-edge's bare exceptions into StoreError subclasses, keeping the cause."""
+    try:
+        yield
+    except RankerError:
+        raise
+    except Exception as exc:
+        message = str(exc)
+        if "Shard is not initialized" in message:
+            raise StoreClosed(f"the embedded store at {path} is closed ({action})") from exc
+        if "WouldBlock" in message or "Can't init WAL" in message:
+            raise StoreLocked(
+                f"the embedded store at {path} is already open in another process or store instance "
+                "(qdrant-edge's write-ahead log locks the directory); close that one first, "
+                "or point this one at another directory"
+            ) from exc
+        raise StoreError(f"qdrant-edge failed to {action} at {path}: {message}") from exc
+
+
+def _write_meta(path: Path, model_version: str, dim: int) -> None:
+    """Record the model version and dimension atomically (tmp + os.replace): never a half-written file."""
+    tmp = path / f".{META_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # unique: two openers never clash
+    try:
+        with tmp.open("w") as f:
+            json.dump({"model_version": model_version, "dim": dim}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / META_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_meta(path: Path, model_version: str, dim: int) -> bool:
+    """Whether the directory already records this store; raise VersionMismatch if it records another."""
+    meta_path = path / META_FILE
+    if not meta_path.exists():
+        if (path / _ENGINE_CONFIG_FILE).exists():
+            raise VersionMismatch(
+                f"{path} holds a qdrant-edge shard without {META_FILE}, so its model version is unknown; "
+                f"open another directory for model {model_version!r}, or delete this one and re-ingest"
+            )
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+        found_version, found_dim = str(meta["model_version"]), int(meta["dim"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"cannot read {meta_path}: {exc}") from exc
+    if found_version != model_version:
+        raise VersionMismatch(
+            f"the embedded store at {path} holds vectors of model {found_version!r}, not {model_version!r}; "
+            "a new model needs its own store: use another directory (store_path with {model_version}), "
+            "or delete this one and re-ingest the catalog"
+        )
+    if found_dim != dim:
+        raise VersionMismatch(
+            f"the embedded store at {path} holds {found_dim}-d vectors, but model {model_version!r} "
+            f"makes {dim}-d ones; use another directory, or delete this one and re-ingest the catalog"
+        )
+    return True
+
+
+def _engine_config(dim: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig:
+    """`style` is HNSW-indexed; `attention` is only stored (m=0: no graph links are built for it)."""
+    unindexed = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
+    optimizers = (
+        None
+        if indexing_threshold_kb is None
+        else qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb)
+    )
+    return qe.EdgeConfig(
+        vectors={
+            STYLE: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot),
+            ATTENTION: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot, hnsw_config=unindexed),
+        },
+        optimizers=optimizers,
+    )
+
+
+def _vector(values: Any, dim: int, what: str) -> list[float]:
+    """A float32 copy of one vector as a list (the caller's array is never modified)."""
+    array = np.asarray(values, dtype=np.float32)
+    if array.shape != (dim,):
+        raise InvalidRequest(f"{what} has shape {array.shape}, expected ({dim},)")
+    if not np.isfinite(array).all():
+        raise InvalidRequest(f"{what} has non-finite values")
+    return array.tolist()
+
+
+def _metadata_path(key: str) -> str:
+    """The JSON path of metadata[key], quoted so that dots and brackets in keys stay literal."""
+    if '"' in key or "\\" in key:
+        raise InvalidRequest(f"metadata key {key!r} cannot be filtered on (it contains a quote or backslash)")
+    return f'metadata."{key}"'
+
+
+def _filter(query: Query) -> qe.Filter:
+    """Category must match; each condition's any_of must hold, none_of must not (a missing key passes)."""
+    must: list[Any] = [qe.FieldCondition(key="category", match=qe.MatchValue(query.category))]
+    must_not: list[Any] = []
+    for condition in query.conditions:
+        path = _metadata_path(condition.key)
+        if condition.any_of:
+            must.append(qe.FieldCondition(key=path, match=qe.MatchAny(list(condition.any_of))))
+        if condition.none_of:
+            # must_not + MatchAny rather than MatchExcept: MatchExcept also rejects points lacking the key.
+            must_not.append(qe.FieldCondition(key=path, match=qe.MatchAny(list(condition.none_of))))
+    if query.exclude_ids:
+        must_not.append(qe.HasIdCondition({point_id(product_id) for product_id in query.exclude_ids}))
+    return qe.Filter(must=must, must_not=must_not or None)
+
+
+def _product(vectors: Mapping[str, Any] | None, payload: Mapping[str, Any] | None) -> ProductPoint:
+    """A stored point (vectors and payload) back as a ProductPoint."""
+    if vectors is None or payload is None:
+        raise StoreError("qdrant-edge returned a point without its vectors or payload")
+    return ProductPoint(
+        product_id=payload["product_id"],
+        category=payload["category"],
+        style=np.asarray(vectors[STYLE], dtype=np.float32),
+        attention=np.asarray(vectors[ATTENTION], dtype=np.float32),
+        metadata=dict(payload.get("metadata") or {}),
+        model_version=payload.get("model_version", ""),
+    )
+
+
+class EdgeStore(ProductStore):
+    """Products in an embedded qdrant-edge shard: the default store, one directory per model version.
+
+    Open it with `open_edge_store`. The shard's write-ahead log makes each upsert durable when it returns
+    and locks the directory, so one process (one store instance) owns it at a time.
+    """
+
+    def __init__(self, shard: qe.EdgeShard, path: Path, model_version: str, dim: int) -> None:
+        self._shard: qe.EdgeShard | None = shard
+        self.path = path
+        self.model_version = model_version
+        self.dim = dim
+        self.description = f"embedded qdrant-edge at {path}"
+
+    def _live(self) -> qe.EdgeShard:
+        """The open shard; StoreClosed once `close()` was called."""
+        if self._shard is None:
+            raise StoreClosed(f"the embedded store at {self.path} is closed")
+        return self._shard
+
+    async def upsert(self, points: Sequence[ProductPoint]) -> None:
+        """One engine update for the whole batch; a product listed twice keeps its last version."""
+        shard = self._live()
+        latest = {point_id(p.product_id): p for p in points}
+        engine_points = [self._engine_point(pid, p) for pid, p in latest.items()]
+        if not engine_points:
+            return
+        with _map_errors("upsert points", self.path):
+            shard.update(qe.UpdateOperation.upsert_points(engine_points))
+
+    def _engine_point(self, pid: str, point: ProductPoint) -> qe.Point:
+        if point.model_version and point.model_version != self.model_version:
+            raise VersionMismatch(
+                f"product {point.product_id!r} was encoded by model {point.model_version!r}, "
+                f"but this store holds model {self.model_version!r}"
+            )
+        vectors = {
+            STYLE: _vector(point.style, self.dim, f"style vector of {point.product_id!r}"),
+            ATTENTION: _vector(point.attention, self.dim, f"attention vector of {point.product_id!r}"),
+        }
+        payload = {
+            "product_id": point.product_id,
+            "category": point.category,
+            "metadata": {str(k): str(v) for k, v in point.metadata.items()},
+            "model_version": self.model_version,
+        }
+        return qe.Point(id=pid, vector=vectors, payload=payload)
+
+    async def search(
+        self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
+    ) -> list[list[Hit]]:
+        """All rows in one `query_batch` call (the engine plans them together and holds the GIL once)."""
+        shard = self._live()
+        rows = np.asarray(vectors, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise InvalidRequest(f"query vectors have shape {rows.shape}, expected (Q, {self.dim})")
+        if limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, got {limit}")
+        if not np.isfinite(rows).all():
+            raise InvalidRequest("query vectors have non-finite values")
+        if len(rows) == 0:
+            return []
+        flt = _filter(query)
+        params = qe.SearchParams(exact=True) if exact else None
+        requests = [
+            qe.QueryRequest(
+                limit=limit,
+                query=qe.Query.Nearest(row.tolist(), using=STYLE),
+                filter=flt,
+                params=params,
+                with_vector=True,
+                with_payload=True,
+            )
+            for row in rows
+        ]
+        with _map_errors("search", self.path):
+            batches = shard.query_batch(qe.QueryBatchRequest(requests))
+        return [
+            [Hit(score=float(p.score), point=_product(p.vector, p.payload)) for p in hits] for hits in batches
+        ]
+
+    async def scroll(
+        self, query: Query, limit: int, offset: str | None = None
+    ) -> tuple[list[ProductPoint], str | None]:
+        """Pages in point-id order; the offset is the first point id of the next page, as a string."""
+        shard = self._live()
+        if limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, got {limit}")
+        start = None if offset is None else _parse_offset(offset)
+        request = qe.ScrollRequest(
+            offset=start, limit=limit, filter=_filter(query), with_payload=True, with_vector=True
+        )
+        with _map_errors("scroll", self.path):
+            records, next_offset = shard.scroll(request)
+        points = [_product(r.vector, r.payload) for r in records]
+        return points, None if next_offset is None else str(next_offset)
+
+    async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
+        """In the order asked, each product once; unknown ids are left out."""
+        shard = self._live()
+        ids = list(dict.fromkeys(point_id(p) for p in product_ids))
+        if not ids:
+            return []
+        with _map_errors("retrieve points", self.path):
+            records = shard.retrieve(ids, with_payload=True, with_vector=True)
+        found = {str(r.id): _product(r.vector, r.payload) for r in records}
+        return [found[i] for i in ids if i in found]
+
+    async def delete(self, product_ids: Sequence[str]) -> None:
+        shard = self._live()
+        ids = list(dict.fromkeys(point_id(p) for p in product_ids))
+        if not ids:
+            return
+        with _map_errors("delete points", self.path):
+            shard.update(qe.UpdateOperation.delete_points(ids))
+
+    async def count(self, category: str | None = None) -> int:
+        shard = self._live()
+        flt = None if category is None else _filter(Query(category))
+        with _map_errors("count points", self.path):
+            return int(shard.count(qe.CountRequest(exact=True, filter=flt)))
+
+    async def counts_by_category(self) -> dict[str, int]:
+        """An exact facet on `category`; asks again with a larger limit while the answer is full."""
+        shard = self._live()
+        limit = _FACET_START
+        while True:
+            with _map_errors("count categories", self.path):
+                hits = list(shard.facet(qe.FacetRequest(key="category", limit=limit, exact=True)))
+            if len(hits) < limit:
+                return {str(h.value): int(h.count) for h in hits if h.count > 0}
+            limit *= 2
+
+    async def optimize(self) -> None:
+        """Run the engine's optimizers (HNSW for `style` on large segments); blocks, ~4 s per 10k points."""
+        shard = self._live()
+        with _map_errors("optimize", self.path):
+            shard.optimize()
+
+    async def close(self) -> None:
+        """Flush, then release the directory's lock; a second call does nothing."""
+        shard, self._shard = self._shard, None
+        if shard is None:
+            return
+        with _map_errors("close", self.path):
+            try:
+                shard.flush()
+            finally:
+                shard.close()
+
+
+def _parse_offset(offset: str) -> str:
+    """Offsets are point ids (UUID strings) handed out by `scroll`; anything else is a caller's mistake."""
+    try:
+        return str(uuid.UUID(offset))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise InvalidRequest(f"not a scroll offset from this store: {offset!r}") from exc
+
+
+async def open_edge_store(
+    path: str | Path, model_version: str, dim: int, *, indexing_threshold_kb: int | None = None
+) -> EdgeStore:
+    """Open the embedded store at `path`, creating it (directory, shard, `category` index) if missing.
+
+    Raises VersionMismatch when the directory was made for another model version or dimension, and
+    StoreLocked when another process or store instance has it open. `indexing_threshold_kb`: segments
+    with more vector data than this get an HNSW index on `optimize()` (None keeps the shard's setting;
+    qdrant's default is 10 000 KB, below which brute force is as fast).
+    """
+    if not model_version:
+        raise ValueError("model_version must be a non-empty string")
+    if dim < 1:
+        raise ValueError(f"dim must be positive, got {dim}")
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"the embedded store path {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    known = _check_meta(root, model_version, dim)
+    if not known:
+        _write_meta(root, model_version, dim)
+    config = _engine_config(dim, indexing_threshold_kb)
+    with _map_errors("open the shard", root):
+        if (root / _ENGINE_CONFIG_FILE).exists():
+            shard = qe.EdgeShard.load(str(root), config)  # with a config, the engine checks compatibility
+        else:
+            shard = qe.EdgeShard.create(str(root), config)
+    try:
+        with _map_errors("create the category index", root):
+            if "category" not in shard.info().payload_schema:
+                shard.update(qe.UpdateOperation.create_field_index("category", qe.PayloadSchemaType.Keyword))
+    except BaseException:
+        shard.close()
+        raise
+    return EdgeStore(shard, root, model_version, dim)

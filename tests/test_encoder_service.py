@@ -1,0 +1,551 @@
+"""The encoder service: image decoding, micro-batching and config as plain functions, then real servers
+on loopback (port 0) with a real channel.
+
+pytest-asyncio is not installed: servers run on an event loop in a background thread, the tests call them
+through a plain synchronous grpc channel, and both are closed in teardown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import struct
+import time
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
+
+from ctl.tensors import product_from_proto, scene_from_proto
+from ctl.v1 import encoder_pb2, encoder_pb2_grpc
+from encoder_service import (
+    SERVICE_NAME,
+    BackendUnavailable,
+    ConfigError,
+    EncoderConfig,
+    ImageError,
+    ImageTooLarge,
+    MicroBatcher,
+    build,
+    decode_image,
+    from_args,
+    serve,
+)
+from encoder_service.cli import add_parser, main
+from style_model.data.images import PAD_COLOUR, load_image
+from style_model.export import load_encoder
+from tests.servers import LoopThread
+
+SIZE, REGIONS, DIM = 64, 4, 32  # the exported_repo fixture's model
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# ---------------------------------------------------------------- images
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _photo(seed: int, size: tuple[int, int] = (80, 56), fmt: str = "PNG") -> bytes:
+    """A smooth random picture (distinct per seed), encoded."""
+    small = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return _encode(Image.fromarray(small).resize(size, Image.Resampling.BILINEAR), fmt)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR claiming width × height, with a tiny IDAT: a decompression bomb's
+    header. Decoding it would allocate width × height × 3 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _decode(data: bytes, max_bytes: int = 10**7, max_pixels: int = 10**7) -> np.ndarray:
+    return decode_image(data, SIZE, max_bytes, max_pixels)
+
+
+# ---------------------------------------------------------------- decode_image
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "colour", "expected", "tolerance"),
+    [
+        ("RGB", "PNG", (200, 30, 60), (200, 30, 60), 0),
+        ("RGBA", "PNG", (10, 200, 30, 0), (10, 200, 30), 0),  # alpha dropped, colour kept
+        ("L", "PNG", 100, (100, 100, 100), 0),
+        ("P", "PNG", 5, None, 0),
+        ("CMYK", "JPEG", (0, 255, 255, 0), (255, 0, 0), 8),
+        ("RGB", "JPEG", (200, 30, 60), (200, 30, 60), 8),
+        ("RGB", "WEBP", (200, 30, 60), (200, 30, 60), 8),
+        ("RGB", "GIF", (200, 30, 60), (200, 30, 60), 0),
+        ("RGB", "BMP", (200, 30, 60), (200, 30, 60), 0),
+        ("RGB", "TIFF", (200, 30, 60), (200, 30, 60), 0),
+    ],
+)
+def test_decode_modes_and_formats(mode, fmt, colour, expected, tolerance):
+    image = Image.new(mode, (40, 40), colour)
+    if mode == "P":
+        image.putpalette([0, 0, 0] * 5 + [20, 40, 250] + [0, 0, 0] * 250)
+        expected = (20, 40, 250)
+    pixels = _decode(_encode(image, fmt))
+    assert pixels.shape == (SIZE, SIZE, 3)
+    assert pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - expected).max() <= tolerance
+
+
+def test_decode_one_pixel_and_letterbox():
+    assert (_decode(_encode(Image.new("RGB", (1, 1), (5, 6, 7)))) == (5, 6, 7)).all()
+    wide = _decode(_encode(Image.new("RGB", (64, 32), (250, 0, 0))))
+    assert (wide[2, SIZE // 2] == PAD_COLOUR).all()  # padded above and below
+    assert (wide[SIZE // 2, 2] == (250, 0, 0)).all()
+
+
+def test_decode_applies_exif_orientation():
+    # stored 60×30, left half red, right half blue; orientation 6 = shown rotated 90° clockwise,
+    # so the red half is on top and the blue half at the bottom
+    stored = Image.new("RGB", (60, 30), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = _decode(_encode(stored, "JPEG", exif=exif, quality=95)).astype(int)
+    top, bottom = pixels[SIZE // 4, SIZE // 2], pixels[3 * SIZE // 4, SIZE // 2]
+    assert top[0] > 200 and top[2] < 50, top
+    assert bottom[2] > 200 and bottom[0] < 50, bottom
+
+
+def test_decode_animated_takes_first_frame():
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert (_decode(data) == (255, 0, 0)).all()
+
+
+def test_decode_gives_the_training_pixels(synth_dir):
+    path = sorted((synth_dir / "images").iterdir())[0]
+    assert np.array_equal(_decode(path.read_bytes()), load_image(path, SIZE))
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        pytest.param(b"", ImageError, "empty image", id="empty"),
+        pytest.param(np.random.default_rng(0).bytes(999), ImageError, "supported format", id="random-bytes"),
+        pytest.param(
+            _photo(1, (300, 200), "JPEG")[:1500], ImageError, "cannot decode image", id="truncated-jpeg"
+        ),
+        pytest.param(_encode(Image.new("RGB", (8, 8)), "PPM"), ImageError, "supported format", id="ppm"),
+        pytest.param(
+            bytes(10**7 + 1), ImageTooLarge, "10000001 bytes, over the limit of 10000000", id="bytes"
+        ),
+        pytest.param(
+            _encode(Image.new("RGB", (4000, 3000))), ImageTooLarge, "4000x3000 = 12000000", id="pixels"
+        ),
+        pytest.param(_png_header_only(50000, 50000), ImageTooLarge, "2500000000 pixels", id="bomb-header"),
+    ],
+)
+def test_decode_rejects(data, error, message):
+    start = time.perf_counter()
+    with pytest.raises(error, match=message):
+        _decode(data, max_pixels=10**7)
+    assert time.perf_counter() - start < 1.0  # nothing was decoded at full size
+
+
+def test_decode_checks_pixels_before_decoding():
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    # 8000 × 8000 is under Pillow's own limit, over ours: refused from the header, no 192 MB allocation
+    with pytest.raises(ImageTooLarge, match="8000x8000 = 64000000 pixels, over the limit of 40000000"):
+        _decode(_png_header_only(8000, 8000), max_pixels=40_000_000)
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS  # Pillow's global is left alone
+
+
+# ---------------------------------------------------------------- MicroBatcher (no gRPC, no model)
+
+
+def test_batcher_splits_merges_and_drops_cancelled_requests():
+    async def scenario() -> None:
+        sizes: list[int] = []
+
+        async def forward(images: np.ndarray) -> tuple[np.ndarray, ...]:
+            sizes.append(len(images))
+            return (images[:, 0] * 10,)
+
+        batcher = MicroBatcher("t", forward, max_batch=8, max_wait_s=0.2, max_queue=64)
+        batcher.start()
+        abandoned = asyncio.create_task(batcher.submit(np.ones((2, 1))))
+        await asyncio.sleep(0.02)  # taken into the forming batch, not started
+        abandoned.cancel()
+        rows = np.arange(20, dtype=float)[:, None]
+        kept, big = await asyncio.gather(batcher.submit(np.full((3, 1), 7.0)), batcher.submit(rows))
+        assert sizes == [3, 8, 8, 4]  # the cancelled request's 2 images never ran
+        assert np.array_equal(kept[0], [70.0] * 3)
+        assert np.array_equal(big[0], np.arange(20) * 10.0)  # split over passes, joined in order
+        assert batcher.pending_images == 0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_batcher_gives_a_backend_error_to_every_request_of_the_batch():
+    async def scenario() -> None:
+        async def forward(images: np.ndarray) -> tuple[np.ndarray, ...]:
+            raise BackendUnavailable("the model went away")
+
+        batcher = MicroBatcher("t", forward, max_batch=8, max_wait_s=0.1, max_queue=64)
+        batcher.start()
+        outcomes = await asyncio.gather(
+            *(batcher.submit(np.ones((n, 1))) for n in (1, 2, 3)), return_exceptions=True
+        )
+        assert all(isinstance(o, BackendUnavailable) for o in outcomes), outcomes
+        assert batcher.forward_passes == 1
+        waiting = asyncio.create_task(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.01)
+        await batcher.close()  # what is still queued is failed, not left hanging
+        with pytest.raises(BackendUnavailable, match="shutting down"):
+            await waiting
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- config and CLI
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ctl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve-encoder", *argv])
+
+
+def test_config_flag_beats_environment_beats_default():
+    args = _cli(["--port", "7000", "--max-batch", "4", "--model-repo", "/models"])
+    env = {"CTL_ENCODER_PORT": "7001", "CTL_ENCODER_MAX_QUEUE": "9", "CTL_ENCODER_BACKEND": "triton"}
+    config = from_args(args, env)
+    assert (config.port, config.max_batch, config.max_queue, config.backend) == (7000, 4, 9, "triton")
+    assert config.model_repo == Path("/models")
+    assert (config.metrics_port, config.grace_s, config.max_image_bytes) == (9464, 10.0, 20 * 1024 * 1024)
+    assert config.max_images_per_call == 16
+    assert args.func is main
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ConfigError, match="CTL_ENCODER_PORT='http'"):
+        from_args(_cli([]), {"CTL_ENCODER_PORT": "http"})
+    with pytest.raises(ConfigError, match="backend='onnx'"):
+        from_args(_cli([]), {"CTL_ENCODER_BACKEND": "onnx"})
+    with pytest.raises(ConfigError, match="max_batch=0"):
+        EncoderConfig(max_batch=0)
+    with pytest.raises(SystemExit):
+        _cli(["--backend", "onnx"])
+
+
+def test_cli_fails_cleanly_without_a_model(tmp_path, caplog):
+    args = _cli(["--model-repo", str(tmp_path), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"])
+    assert main(args) == 1
+    assert "no exported scene_encoder" in caplog.text
+
+
+# ---------------------------------------------------------------- servers on loopback
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+class Encoder:
+    """A running encoder server (build + serve on the loop thread) and a channel to it."""
+
+    def __init__(self, loop: LoopThread, config: EncoderConfig, health_poll_s: float = 5.0):
+        self.loop = loop
+        self.server, self.app = loop.call(build(config))
+        self._stop = loop.call(_new_event())
+        self.task = loop.submit(serve(self.server, self.app, stop=self._stop, health_poll_s=health_poll_s))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def status(self, service: str = "") -> int:
+        """The health status, once the server answers at all."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+            except grpc.RpcError:
+                if time.monotonic() > deadline or self.task.done():
+                    raise
+                time.sleep(0.01)
+
+    def wait_serving(self) -> Encoder:
+        _wait_until(lambda: self.task.done() or self.status() == SERVING, timeout=20)
+        if self.task.done():
+            self.task.result()  # raises why it did not start
+        return self
+
+    def request_stop(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self._stop.set)
+
+    def close(self) -> None:
+        if not self.task.done():
+            self.request_stop()
+        try:
+            self.task.result(30)
+        except BackendUnavailable:
+            pass  # a test expected it
+        self.channel.close()
+
+
+def _config(repo: Path, **overrides: Any) -> EncoderConfig:
+    settings: dict[str, Any] = {"model_repo": repo, "host": "127.0.0.1", "port": 0, "metrics_port": -1}
+    return EncoderConfig(**{**settings, **overrides})
+
+
+def _error(call: Callable[[], Any]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def encoder(loop, exported_repo) -> Iterator[Encoder]:
+    """The shared server: small batches and limits so that the tests can reach them."""
+    config = _config(exported_repo, metrics_port=0, max_batch=8, max_wait_ms=20, max_image_bytes=200_000)
+    server = Encoder(loop, config)
+    try:
+        yield server.wait_serving()
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def start_encoder(loop, exported_repo) -> Iterator[Callable[..., Encoder]]:
+    """Starts servers with other settings; all are stopped in teardown."""
+    started: list[Encoder] = []
+
+    def start(health_poll_s: float = 5.0, **overrides: Any) -> Encoder:
+        started.append(Encoder(loop, _config(exported_repo, **overrides), health_poll_s))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def modules(exported_repo) -> dict[str, Any]:
+    """The exported TorchScript encoders, loaded directly (the reference for the served embeddings)."""
+    scene, meta = load_encoder(exported_repo / "scene_encoder" / "1" / "model.pt")
+    product, _ = load_encoder(exported_repo / "product_encoder" / "1" / "model.pt")
+    return {"scene": scene, "product": product, "version": meta["model_version"]}
+
+
+def _direct(module: torch.jit.ScriptModule, data: bytes) -> tuple[np.ndarray, ...]:
+    pixels = _decode(data)
+    with torch.inference_mode():
+        return tuple(t[0].numpy() for t in module(torch.from_numpy(pixels.copy())[None]))
+
+
+def _products(stub, images: list[bytes]) -> encoder_pb2.EncodeProductsResponse:
+    return stub.EncodeProducts(encoder_pb2.EncodeProductsRequest(images=images), timeout=30)
+
+
+def _scene(stub, image: bytes) -> encoder_pb2.EncodeSceneResponse:
+    return stub.EncodeScene(encoder_pb2.EncodeSceneRequest(image=image), timeout=30)
+
+
+def test_health_and_reflection(encoder):
+    assert encoder.status("") == SERVING
+    assert encoder.status(SERVICE_NAME) == SERVING
+    database = ProtoReflectionDescriptorDatabase(encoder.channel)
+    services = set(database.get_services())
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
+    service = descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE_NAME)
+    assert {m.name for m in service.methods} == {"EncodeScene", "EncodeProducts", "GetModelInfo"}
+
+
+def test_model_info(encoder, exported_repo):
+    info = encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10)
+    summary = json.loads((exported_repo / "model_info.json").read_text())
+    assert info.model_version == summary["model_version"]
+    assert (info.input_size, info.grid, info.regions, info.embedding_dim) == (SIZE, 2, REGIONS, DIM)
+    assert info.backend == "torchscript"
+    assert (info.max_batch_images, info.max_image_bytes, info.max_image_pixels) == (32, 200_000, 40_000_000)
+    assert json.loads(info.model_config_json) == summary["config"]
+
+
+def test_encode_scene_equals_the_torchscript_module(encoder, modules):
+    data = _photo(1, (90, 60), "JPEG")
+    embedding = _scene(encoder.stub, data).embedding
+    scene = scene_from_proto(embedding, REGIONS, DIM)  # checks shapes [D], [R, D], [R, D]
+    assert scene.global_.shape == (DIM,) and scene.local.shape == scene.attention.shape == (REGIONS, DIM)
+    for served, direct in zip(scene, _direct(modules["scene"], data)):
+        np.testing.assert_allclose(served, direct, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(served, axis=-1), 1.0, atol=1e-5)
+    assert embedding.model_version == modules["version"]
+
+
+def test_encode_products_equals_single_calls(encoder, modules):
+    images = [_photo(10 + i) for i in range(20)]  # more than max_batch (8): several forward passes
+    batch = _products(encoder.stub, images)
+    assert batch.model_version == modules["version"]
+    assert len(batch.results) == len(images)
+    for result, data in zip(batch.results, images):
+        single = _products(encoder.stub, [data]).results[0]
+        style, key = product_from_proto(result.embedding, DIM)
+        np.testing.assert_allclose(style, product_from_proto(single.embedding, DIM)[0], atol=1e-5)
+        np.testing.assert_allclose(key, product_from_proto(single.embedding, DIM)[1], atol=1e-5)
+        assert result.embedding.model_version == modules["version"]
+    direct_style, direct_key = _direct(modules["product"], images[0])
+    np.testing.assert_allclose(
+        product_from_proto(batch.results[0].embedding, DIM)[0], direct_style, atol=1e-5
+    )
+    np.testing.assert_allclose(product_from_proto(batch.results[0].embedding, DIM)[1], direct_key, atol=1e-5)
+
+
+def test_a_bad_image_fails_only_its_own_result(encoder, modules):
+    images = [_photo(30), _photo(31), b"not an image at all", _photo(32), _photo(33)]
+    reply = _products(encoder.stub, images)
+    assert [r.WhichOneof("result") for r in reply.results] == ["embedding"] * 2 + ["error"] + [
+        "embedding"
+    ] * 2
+    assert reply.results[2].error.code == "INVALID_ARGUMENT"
+    assert "cannot decode image" in reply.results[2].error.message
+    style, _ = product_from_proto(reply.results[3].embedding, DIM)
+    np.testing.assert_allclose(style, _direct(modules["product"], images[3])[0], atol=1e-5)
+
+
+def test_concurrent_calls_share_forward_passes(encoder):
+    registry = encoder.server.metrics.registry
+
+    def batches() -> tuple[float, float]:
+        labels = {"encoder": "scene"}
+        return (
+            registry.get_sample_value("ctl_encoder_batch_images_count", labels) or 0.0,
+            registry.get_sample_value("ctl_encoder_batch_images_sum", labels) or 0.0,
+        )
+
+    passes_before, (count_before, sum_before) = encoder.app.scenes.forward_passes, batches()
+    request = encoder_pb2.EncodeSceneRequest(image=_photo(40))
+    calls = [encoder.stub.EncodeScene.future(request, timeout=30) for _ in range(16)]
+    versions = {call.result().embedding.model_version for call in calls}
+    assert len(versions) == 1
+    passes = encoder.app.scenes.forward_passes - passes_before
+    assert 1 <= passes < 16, f"{passes} forward passes for 16 concurrent calls"
+    count_after, sum_after = batches()
+    assert (count_after - count_before, sum_after - sum_before) == (passes, 16)
+
+
+def test_metrics_endpoint(encoder):
+    _scene(encoder.stub, _photo(41))
+    port = encoder.server.metrics.http_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'ctl_encoder_forward_passes_total{encoder="scene"}' in text
+    assert "ctl_encoder_batch_images_bucket" in text
+    calls = [line for line in text.splitlines() if line.startswith("ctl_grpc_requests_total{")]
+    assert any('method="EncodeScene"' in line and 'code="OK"' in line for line in calls), calls
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(b"", "empty image", id="empty"),
+        pytest.param(np.random.default_rng(1).bytes(5000), "supported format", id="random-bytes"),
+        pytest.param(_photo(2, (300, 200), "JPEG")[:1500], "cannot decode image", id="truncated-jpeg"),
+        pytest.param(
+            b"\xff\xd8" + bytes(200_000), "200002 bytes, over the limit of 200000 bytes", id="too-many-bytes"
+        ),
+        pytest.param(
+            _png_header_only(50000, 50000), "2500000000 pixels, over the limit of", id="bomb-header"
+        ),
+    ],
+)
+def test_bad_scene_image_is_invalid_argument(encoder, data, message):
+    start = time.perf_counter()
+    error = _error(lambda: _scene(encoder.stub, data))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+    assert time.perf_counter() - start < 2.0
+    assert _scene(encoder.stub, _photo(3)).embedding.model_version  # the server is fine
+
+
+def test_too_many_images_is_invalid_argument(encoder):
+    image = _photo(4, (16, 16))
+    error = _error(lambda: _products(encoder.stub, [image] * 33))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "33 images" in error.details() and "at most 32" in error.details()
+    assert len(_products(encoder.stub, [image] * 32).results) == 32
+
+
+def test_full_queue_is_resource_exhausted_at_once(start_encoder):
+    server = start_encoder(max_batch=32, max_wait_ms=600, max_queue=4).wait_serving()
+    images = [_photo(50 + i) for i in range(3)]
+    first = server.stub.EncodeProducts.future(encoder_pb2.EncodeProductsRequest(images=images), timeout=30)
+    _wait_until(lambda: server.app.products.pending_images == 3)  # waiting for more images to batch
+    start = time.perf_counter()
+    error = _error(lambda: _products(server.stub, images[:2]))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit of 4" in error.details()
+    assert time.perf_counter() - start < 0.4  # refused at once, not after the batch wait
+    assert [r.WhichOneof("result") for r in first.result().results] == ["embedding"] * 3
+
+
+def test_graceful_shutdown_finishes_the_call_in_flight(start_encoder):
+    server = start_encoder(max_wait_ms=500, grace_s=10).wait_serving()
+    call = server.stub.EncodeScene.future(encoder_pb2.EncodeSceneRequest(image=_photo(60)), timeout=30)
+    _wait_until(lambda: server.app.scenes.pending_images == 1)  # in flight, waiting in the batcher
+    server.request_stop()
+    assert call.result().embedding.model_version  # completed OK during the drain
+    server.task.result(timeout=30)  # serve returned cleanly
+    error = _error(lambda: server.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=2))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_not_serving_until_the_backend_answers(start_encoder):
+    from tritonclient.utils import InferenceServerException
+
+    # a "Triton" that accepts TCP connections and never answers: the backend's start waits on it
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"127.0.0.1:{silent.getsockname()[1]}"
+        server = start_encoder(backend="triton", triton_url=url, triton_timeout_s=1.5)
+        assert server.status("") == NOT_SERVING
+        assert server.status(SERVICE_NAME) == NOT_SERVING
+        error = _error(lambda: server.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=2))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not loaded yet" in error.details()
+        with pytest.raises(BackendUnavailable, match=f"Triton at {url}") as failure:
+            server.task.result(timeout=20)
+        assert isinstance(failure.value.__cause__, InferenceServerException)

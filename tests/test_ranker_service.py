@@ -1,0 +1,583 @@
+"""The ranker end to end: a real encoder process, a real ranker (gRPC on loopback) on a real embedded
+Qdrant, products ingested from generated images through UpsertProducts, rankings checked against a
+brute-force exact hybrid ranking computed here from the encoder's own outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from ctl.tensors import product_from_proto, scene_from_proto, to_tensor
+from ctl.v1 import embeddings_pb2, encoder_pb2, encoder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
+from ranker_service.config import RankerConfig
+from ranker_service.server import Ranker
+from ranker_service.store import open_edge_store
+from style_model.distances import hybrid_distances
+from tests.servers import LoopThread, Process, health, wait_serving
+
+CERTIFY = ranker_pb2.RETRIEVAL_MODE_CERTIFY
+EXHAUSTIVE = ranker_pb2.RETRIEVAL_MODE_EXHAUSTIVE
+POOLED = ranker_pb2.RETRIEVAL_MODE_POOLED
+MAX_IMAGE_BYTES = 300_000
+
+
+def start_encoder(repo: Path, *extra: str) -> Process:
+    return Process(
+        "serve-encoder",
+        "--model-repo",
+        str(repo),
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--max-image-bytes",
+        str(MAX_IMAGE_BYTES),
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def encoder(exported_repo):
+    proc = start_encoder(exported_repo)
+    wait_serving(proc.address)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+def ranker_config(encoder_address: str, store: Path, **kw) -> RankerConfig:
+    return RankerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        encoder=encoder_address,
+        store_path=str(store / "{model_version}"),
+        probe_interval_s=0.5,
+        startup_timeout_s=20,
+        **kw,
+    )
+
+
+def start_ranker(loop: LoopThread, config: RankerConfig) -> Ranker:
+    async def start():
+        ranker = Ranker(config)
+        await ranker.start()
+        return ranker
+
+    return loop.call(start())
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def ranker(loop, encoder, store_dir):
+    r = start_ranker(loop, ranker_config(encoder.address, store_dir))
+    yield r
+    loop.call(r.stop(grace=1))
+
+
+@pytest.fixture(scope="module")
+def channel(ranker):
+    with grpc.insecure_channel(f"127.0.0.1:{ranker.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return ranker_pb2_grpc.RankerServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def encoder_stub(encoder):
+    with grpc.insecure_channel(encoder.address) as ch:
+        yield encoder_pb2_grpc.EncoderServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def catalog(synth_dir):
+    """Every product of the generated set: id, category, image bytes, and a metadata field to filter on."""
+    categories = json.loads((synth_dir / "fashion-cat.json").read_text())
+    products = []
+    for i, (sig, cat) in enumerate(sorted(categories.items())):
+        data = (synth_dir / "images" / f"{sig}.jpg").read_bytes()
+        products.append(
+            ranker_pb2.Product(
+                product_id=sig, category=cat, metadata={"parity": "even" if i % 2 == 0 else "odd"}, image=data
+            )
+        )
+    return products
+
+
+@pytest.fixture(scope="module")
+def scenes(synth_dir) -> list[bytes]:
+    pairs = [json.loads(line) for line in (synth_dir / "fashion.json").read_text().splitlines()]
+    sigs = sorted({p["scene"] for p in pairs})[:5]
+    return [(synth_dir / "images" / f"{s}.jpg").read_bytes() for s in sigs]
+
+
+def stream(products):
+    for p in products:
+        yield ranker_pb2.UpsertProductsRequest(product=p)
+
+
+@pytest.fixture(scope="module")
+def ingested(stub, catalog):
+    """The catalog ingested once, with two bad records in the middle of the stream."""
+    bad = [
+        ranker_pb2.Product(product_id="corrupt", category="Shoes", image=b"\xff\xd8\xff not a jpeg"),
+        ranker_pb2.Product(product_id="no-category", image=catalog[0].image),
+    ]
+    records = [*catalog[:100], bad[0], *catalog[100:200], bad[1], *catalog[200:]]
+    reply = stub.UpsertProducts(stream(records), timeout=300)
+    return reply
+
+
+@pytest.fixture(scope="module")
+def brute_force(encoder_stub, catalog, scenes, ingested):
+    """Exact rankings computed here: EncodeProducts/EncodeScene outputs and the numpy hybrid distance."""
+    info = encoder_stub.GetModelInfo(encoder_pb2.GetModelInfoRequest())
+    styles, keys = [], []
+    for start in range(0, len(catalog), 32):
+        reply = encoder_stub.EncodeProducts(
+            encoder_pb2.EncodeProductsRequest(images=[p.image for p in catalog[start : start + 32]])
+        )
+        for r in reply.results:
+            s, k = product_from_proto(r.embedding, info.embedding_dim)
+            styles.append(s)
+            keys.append(k)
+    styles, keys = np.stack(styles), np.stack(keys)
+    scene_embs = [encoder_stub.EncodeScene(encoder_pb2.EncodeSceneRequest(image=s)).embedding for s in scenes]
+
+    def ranking(scene_index: int, category: str, exclude=(), parity=None):
+        scene = scene_from_proto(scene_embs[scene_index], info.regions, info.embedding_dim)
+        idx = [
+            i
+            for i, p in enumerate(catalog)
+            if p.category == category
+            and p.product_id not in exclude
+            and (parity is None or p.metadata["parity"] == parity)
+        ]
+        d = hybrid_distances(scene.global_, scene.local, scene.attention, styles[idx], keys[idx]).hybrid
+        order = np.argsort(d, kind="stable")
+        return [catalog[idx[i]].product_id for i in order], d[order]
+
+    return info, scene_embs, ranking
+
+
+def categories_of(catalog) -> list[str]:
+    return sorted({p.category for p in catalog})
+
+
+def test_ingestion_stores_good_records_and_lists_bad_ones(stub, ingested, catalog):
+    assert ingested.received == len(catalog) + 2
+    assert ingested.upserted == len(catalog)
+    failures = {f.product_id: f for f in ingested.failures}
+    assert set(failures) == {"corrupt", "no-category"}
+    assert failures["corrupt"].index == 100 and failures["corrupt"].error.code == "INVALID_ARGUMENT"
+    assert "decode" in failures["corrupt"].error.message
+    assert failures["no-category"].index == 201 and "category" in failures["no-category"].error.message
+    stats = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest())
+    expected = defaultdict(int)
+    for p in catalog:
+        expected[p.category] += 1
+    assert dict(stats.products_by_category) == expected
+    assert stats.total_products == len(catalog)
+    assert stats.model_version == ingested.model_version != ""
+    assert "qdrant-edge" in stats.store
+
+
+@pytest.mark.parametrize("mode", [CERTIFY, EXHAUSTIVE])
+def test_certify_and_exhaustive_equal_the_brute_force_ranking(stub, scenes, catalog, brute_force, mode):
+    _, _, ranking = brute_force
+    scored, sizes = 0, 0
+    for s, scene in enumerate(scenes[:4]):
+        # a small first width, so that certify has to prove its answer rather than score everything
+        reply = stub.Recommend(
+            ranker_pb2.RecommendRequest(
+                scene_image=scene,
+                categories=categories_of(catalog),
+                limit=10,
+                mode=mode,
+                explain=True,
+                pool_size=12 if mode == CERTIFY else 0,
+            ),
+            timeout=30,
+        )
+        assert [r.category for r in reply.results] == categories_of(catalog)
+        for result in reply.results:
+            ids, dist = ranking(s, result.category)
+            got = [p.product_id for p in result.products]
+            assert got == ids[:10], (s, result.category)
+            np.testing.assert_allclose([p.distance for p in result.products], dist[:10], atol=1e-5)
+            assert all(p.category == result.category for p in result.products)
+            assert result.certified, (s, result.category, mode)
+            assert result.category_size == len(ids)
+            if mode == EXHAUSTIVE:
+                assert result.candidates_scored == len(ids)
+            scored += result.candidates_scored
+            sizes += len(ids)
+            for p in result.products:
+                assert len(p.attention) == 4 and abs(sum(p.attention) - 1) < 1e-5
+                assert abs((p.global_distance + p.local_distance) / 2 - p.distance) < 1e-5
+    if mode == CERTIFY:
+        print(f"certify scored {scored} of {sizes} products")
+        assert scored < sizes
+
+
+def test_default_mode_recall_against_the_exact_ranking(stub, scenes, catalog, brute_force):
+    """The pooled query with a small pool (so that it does not simply score the whole category)."""
+    _, _, ranking = brute_force
+    recalls = []
+    for s, scene in enumerate(scenes):
+        reply = stub.Recommend(
+            ranker_pb2.RecommendRequest(
+                scene_image=scene, categories=categories_of(catalog), limit=10, pool_size=25
+            )
+        )
+        for result in reply.results:
+            ids, dist = ranking(s, result.category)
+            got = [p.product_id for p in result.products]
+            recalls.append(len(set(got) & set(ids[:10])) / 10)
+            assert result.candidates_scored == 25 and result.mode == POOLED and not result.certified
+            # whatever it returns is ranked by the exact distance
+            exact = dict(zip(ids, dist))
+            np.testing.assert_allclose(
+                [p.distance for p in result.products], [exact[i] for i in got], atol=1e-5
+            )
+            assert [p.distance for p in result.products] == sorted(p.distance for p in result.products)
+    assert np.mean(recalls) >= 0.9, recalls
+
+
+def test_scene_embedding_gives_the_same_answer_as_the_image(stub, scenes, catalog, brute_force):
+    _, scene_embs, _ = brute_force
+    cats = categories_of(catalog)[:2]
+    by_image = stub.Recommend(
+        ranker_pb2.RecommendRequest(scene_image=scenes[1], categories=cats, mode=CERTIFY)
+    )
+    by_embedding = stub.Recommend(
+        ranker_pb2.RecommendRequest(scene_embedding=scene_embs[1], categories=cats, mode=CERTIFY)
+    )
+    for a, b in zip(by_image.results, by_embedding.results):
+        assert [p.product_id for p in a.products] == [p.product_id for p in b.products]
+
+
+def test_exclusions_and_metadata_filters(stub, scenes, catalog, brute_force):
+    _, _, ranking = brute_force
+    category = categories_of(catalog)[0]
+    top, _ = ranking(0, category)
+    exclude = top[:3]
+    reply = stub.Recommend(
+        ranker_pb2.RecommendRequest(
+            scene_image=scenes[0],
+            categories=[category],
+            limit=5,
+            mode=CERTIFY,
+            exclude_product_ids=exclude,
+            filters=[ranker_pb2.MetadataCondition(key="parity", any_of=["odd"])],
+        )
+    )
+    got = [p.product_id for p in reply.results[0].products]
+    ids, _ = ranking(0, category, exclude=set(exclude), parity="odd")
+    assert got == ids[:5]
+    assert not set(got) & set(exclude)
+    assert all(p.metadata["parity"] == "odd" for p in reply.results[0].products)
+
+
+def test_reingesting_changes_nothing(stub, catalog, scenes):
+    request = ranker_pb2.RecommendRequest(
+        scene_image=scenes[2], categories=categories_of(catalog), mode=CERTIFY
+    )
+    before = stub.Recommend(request)
+    stats = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest())
+    reply = stub.UpsertProducts(stream(catalog[:150]), timeout=120)
+    assert reply.upserted == 150 and not reply.failures
+    assert stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest()) == stats
+    after = stub.Recommend(request)
+    for a, b in zip(before.results, after.results):
+        assert [p.product_id for p in a.products] == [p.product_id for p in b.products]
+        np.testing.assert_allclose(
+            [p.distance for p in a.products], [p.distance for p in b.products], atol=1e-6
+        )
+
+
+def test_precomputed_embeddings_are_ingested_as_given(stub, encoder_stub, catalog, brute_force, scenes):
+    info, _, _ = brute_force
+    product = catalog[7]
+    emb = encoder_stub.EncodeProducts(encoder_pb2.EncodeProductsRequest(images=[product.image])).results[0]
+    twin = ranker_pb2.Product(
+        product_id="twin-of-" + product.product_id,
+        category="Twins",
+        embedding=emb.embedding,
+        metadata={"a": "b"},
+    )
+    wrong_version = ranker_pb2.Product(product_id="old", category="Twins")
+    wrong_version.embedding.CopyFrom(emb.embedding)
+    wrong_version.embedding.model_version = "0000"
+    wrong_shape = ranker_pb2.Product(
+        product_id="short",
+        category="Twins",
+        embedding=embeddings_pb2.ProductEmbedding(
+            style=to_tensor(np.ones(3) / np.sqrt(3)),
+            attention_key=emb.embedding.attention_key,
+            model_version=info.model_version,
+        ),
+    )
+    reply = stub.UpsertProducts(stream([twin, wrong_version, wrong_shape]))
+    assert reply.upserted == 1
+    codes = {f.product_id: f.error.code for f in reply.failures}
+    assert codes == {"old": "FAILED_PRECONDITION", "short": "INVALID_ARGUMENT"}
+    got = stub.Recommend(
+        ranker_pb2.RecommendRequest(scene_image=scenes[0], categories=["Twins"], explain=True)
+    )
+    (twin_result,) = got.results[0].products
+    assert twin_result.product_id == twin.product_id and dict(twin_result.metadata) == {"a": "b"}
+    deleted = stub.DeleteProducts(
+        ranker_pb2.DeleteProductsRequest(product_ids=[twin.product_id, "never-was"])
+    )
+    assert deleted.deleted == 1 and list(deleted.not_found) == ["never-was"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Recommend(ranker_pb2.RecommendRequest(scene_image=scenes[0], categories=["Twins"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_delete_removes_products_from_results_and_stats(stub, scenes, catalog, brute_force):
+    _, _, ranking = brute_force
+    category = categories_of(catalog)[1]
+    top, _ = ranking(3, category)
+    before = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest())
+    reply = stub.DeleteProducts(ranker_pb2.DeleteProductsRequest(product_ids=top[:2]))
+    assert reply.deleted == 2
+    after = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest())
+    assert after.products_by_category[category] == before.products_by_category[category] - 2
+    got = stub.Recommend(
+        ranker_pb2.RecommendRequest(scene_image=scenes[3], categories=[category], mode=CERTIFY)
+    )
+    assert [p.product_id for p in got.results[0].products] == top[2:12]
+    # put them back for the other tests
+    back = stub.UpsertProducts(stream([p for p in catalog if p.product_id in top[:2]]))
+    assert back.upserted == 2
+
+
+def bad_requests(scenes, scene_emb, version):
+    good = dict(categories=["Apparel & Accessories|Shoes"])
+    wrong_shape = embeddings_pb2.SceneEmbedding()
+    wrong_shape.CopyFrom(scene_emb)
+    del wrong_shape.local.values[-5:]
+    other_version = embeddings_pb2.SceneEmbedding()
+    other_version.CopyFrom(scene_emb)
+    other_version.model_version = "not-" + version
+    truncated = scenes[0][: len(scenes[0]) // 3]
+    return {
+        "missing scene": (ranker_pb2.RecommendRequest(**good), grpc.StatusCode.INVALID_ARGUMENT, "scene"),
+        "empty image": (
+            ranker_pb2.RecommendRequest(scene_image=b"", **good),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "scene",
+        ),
+        "corrupt image": (
+            ranker_pb2.RecommendRequest(scene_image=b"GIF89a garbage", **good),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "image",
+        ),
+        "truncated image": (
+            ranker_pb2.RecommendRequest(scene_image=truncated, **good),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "image",
+        ),
+        "oversized image": (
+            ranker_pb2.RecommendRequest(scene_image=b"\x89PNG" + bytes(MAX_IMAGE_BYTES), **good),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            str(MAX_IMAGE_BYTES),
+        ),
+        "unknown category": (
+            ranker_pb2.RecommendRequest(scene_image=scenes[0], categories=["Spaceships"]),
+            grpc.StatusCode.NOT_FOUND,
+            "Spaceships",
+        ),
+        "no category": (
+            ranker_pb2.RecommendRequest(scene_image=scenes[0]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "categor",
+        ),
+        "limit too large": (
+            ranker_pb2.RecommendRequest(scene_image=scenes[0], limit=5000, **good),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "limit",
+        ),
+        "embedding of the wrong shape": (
+            ranker_pb2.RecommendRequest(scene_embedding=wrong_shape, **good),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "local",
+        ),
+        "embedding of another model": (
+            ranker_pb2.RecommendRequest(scene_embedding=other_version, **good),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "not-" + version,
+        ),
+        "repeated category": (
+            ranker_pb2.RecommendRequest(scene_image=scenes[0], categories=["a", "a"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "once",
+        ),
+        "empty filter": (
+            ranker_pb2.RecommendRequest(
+                scene_image=scenes[0], filters=[ranker_pb2.MetadataCondition(key="parity")], **good
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "parity",
+        ),
+    }
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(stub, scenes, brute_force, catalog):
+    info, scene_embs, _ = brute_force
+    cases = bad_requests(scenes, scene_embs[0], info.model_version)
+    good = ranker_pb2.RecommendRequest(scene_image=scenes[0], categories=categories_of(catalog)[:1], limit=3)
+    for name, (request, code, words) in cases.items():
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Recommend(request, timeout=10)
+        assert err.value.code() == code, (name, err.value.details())
+        assert words in err.value.details(), (name, err.value.details())
+        assert len(stub.Recommend(good, timeout=10).results[0].products) == 3, name
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeleteProducts(ranker_pb2.DeleteProductsRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_health_reflection_and_metrics(channel, ranker, encoder):
+    assert health(f"127.0.0.1:{ranker.port}") == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health(f"127.0.0.1:{ranker.port}", "ctl.v1.RankerService") == health_pb2.HealthCheckResponse.SERVING
+    )
+    names = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"ctl.v1.RankerService", "grpc.health.v1.Health"} <= names
+    with grpc.insecure_channel(encoder.address) as ch:
+        assert "ctl.v1.EncoderService" in set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    from prometheus_client import generate_latest
+
+    text = generate_latest(ranker.metrics.registry).decode()
+    assert 'ctl_grpc_requests_total{code="OK",method="Recommend",service="ctl.v1.RankerService"}' in text
+    assert 'code="NOT_FOUND",method="Recommend"' in text
+    assert 'ctl_ranker_candidates_scored_count{mode="certify"}' in text
+
+
+def test_restart_on_the_same_store_keeps_the_catalog(loop, encoder, store_dir, tmp_path, ranker, stub):
+    """A second ranker on the same directory is refused while the first holds it; after the first stops,
+    a new one serves the same catalog. (Runs last among the tests that use the module's ranker.)"""
+    before = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest())
+    with pytest.raises(Exception, match=r"(?i)lock|in use|already"):
+        start_ranker(loop, ranker_config(encoder.address, store_dir))
+    loop.call(ranker.stop(grace=1))
+    again = start_ranker(loop, ranker_config(encoder.address, store_dir))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{again.port}") as ch:
+            after = ranker_pb2_grpc.RankerServiceStub(ch).GetCatalogStats(ranker_pb2.GetCatalogStatsRequest())
+        assert after == before and after.total_products > 0
+    finally:
+        loop.call(again.stop(grace=1))
+
+
+def test_encoder_down_gives_unavailable_quickly_and_recovers(loop, exported_repo, tmp_path, scenes):
+    enc = start_encoder(exported_repo)
+    wait_serving(enc.address)
+    port = enc.port
+    r = start_ranker(loop, ranker_config(enc.address, tmp_path))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{r.port}") as ch:
+            stub = ranker_pb2_grpc.RankerServiceStub(ch)
+            stub.UpsertProducts(stream([ranker_pb2.Product(product_id="p", category="c", image=scenes[0])]))
+            request = ranker_pb2.RecommendRequest(scene_image=scenes[1], categories=["c"])
+            assert stub.Recommend(request).results[0].products[0].product_id == "p"
+            enc.stop(kill=True)
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Recommend(request, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - start < 5
+            deadline = time.monotonic() + 10
+            while health(f"127.0.0.1:{r.port}") != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health did not turn NOT_SERVING"
+                time.sleep(0.1)
+            enc = start_encoder(exported_repo, "--port", str(port))
+            wait_serving(f"127.0.0.1:{r.port}", timeout=30)
+            assert stub.Recommend(request, timeout=10).results[0].products[0].product_id == "p"
+    finally:
+        loop.call(r.stop(grace=1))
+        enc.stop()
+
+
+def test_the_ranker_never_imports_torch():
+    code = (
+        "import sys, ranker_service.server, ranker_service.cli, ctl.cli; "
+        "ctl.cli.build_parser(); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_serve_ranker_command_drains_in_flight_calls_on_sigterm(encoder, tmp_path, scenes):
+    """The real `ctl serve-ranker` process, configured by environment variables: an UpsertProducts stream
+    still open when SIGTERM arrives completes and is stored; the process then exits 0."""
+    proc = Process(
+        "serve-ranker",
+        env={
+            "CTL_RANKER_PORT": "0",
+            "CTL_RANKER_METRICS_PORT": "-1",
+            "CTL_RANKER_ENCODER": encoder.address,
+            "CTL_RANKER_STORE_PATH": str(tmp_path / "store-{model_version}"),
+            "CTL_RANKER_GRACE_S": "20",
+        },
+    )
+    try:
+        wait_serving(proc.address)
+
+        def slow_stream():
+            for i in range(6):
+                if i == 2:
+                    proc.proc.send_signal(signal.SIGTERM)
+                    time.sleep(0.5)
+                yield ranker_pb2.UpsertProductsRequest(
+                    product=ranker_pb2.Product(
+                        product_id=f"p{i}", category="c", image=scenes[i % len(scenes)]
+                    )
+                )
+
+        with grpc.insecure_channel(proc.address) as ch:
+            reply = ranker_pb2_grpc.RankerServiceStub(ch).UpsertProducts(slow_stream(), timeout=30)
+        assert reply.received == 6 and reply.upserted == 6
+        assert proc.proc.wait(30) == 0
+        assert "shutting down" in proc.output()
+    finally:
+        proc.stop()
+    (store,) = tmp_path.glob("store-*")
+    meta = json.loads((store / "ctl_store.json").read_text())
+
+    async def count():
+        opened = await open_edge_store(store, meta["model_version"], meta["dim"])
+        try:
+            return await opened.count("c")
+        finally:
+            await opened.close()
+
+    assert asyncio.run(count()) == 6  # the drained call's products are on disk

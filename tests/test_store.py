@@ -1,0 +1,547 @@
+"""Conformance suite of the product store: every scenario runs against both adapters (DESIGN.md §2).
+
+`edge`: the embedded qdrant-edge shard in tmp_path; `client`: qdrant-client's local mode on a tmp_path
+folder (so that reopen and the folder lock are exercised too). Results are checked against numpy / Python
+references, and random filters are replayed many times with the failing case printed, like qdrant-client's
+congruence tests. Coroutines run with asyncio.run (no pytest-asyncio), one event loop per scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ranker_service.errors import InvalidRequest, StoreClosed, StoreError, StoreLocked, VersionMismatch
+from ranker_service.store import (
+    Condition,
+    EdgeStore,
+    ProductPoint,
+    ProductStore,
+    QdrantClientStore,
+    Query,
+    open_client_store,
+    open_edge_store,
+    point_id,
+)
+
+DIM = 16
+VERSION = "m-test-1"
+CATEGORIES = ("shoes", "bags", "tops", "pants", "hats")
+COLORS = ("red", "blue", "black", "white")
+BRANDS = ("acme", "globex", "initech")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Each scenario in a fresh event loop (stores are opened and closed inside it)."""
+    return asyncio.run(coro)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to open one adapter on a folder: the same call for every scenario."""
+
+    name: str
+    root: Path
+
+    async def open(self, version: str = VERSION, dim: int = DIM, **kwargs: Any) -> ProductStore:
+        if self.name == "edge":
+            return await open_edge_store(self.root / "edge", version, dim, **kwargs)
+        return await open_client_store(None, version, dim, path=self.root / "qdrant-local", **kwargs)
+
+
+@pytest.fixture(params=["edge", "client"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return Backend(request.param, tmp_path)
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    rows = rng.standard_normal((n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def catalog(n: int = 500, seed: int = 0) -> list[ProductPoint]:
+    """n products over 5 categories with unit vectors; `size` is missing on a third of them."""
+    rng = np.random.default_rng(seed)
+    styles, keys = unit_rows(rng, n), unit_rows(rng, n)
+    points = []
+    for i in range(n):
+        metadata = {"color": COLORS[rng.integers(len(COLORS))], "brand": BRANDS[rng.integers(len(BRANDS))]}
+        if i % 3:
+            metadata["size"] = str(rng.integers(3))
+        points.append(
+            ProductPoint(
+                product_id=f"p{i:04d}",
+                category=CATEGORIES[i % len(CATEGORIES)],
+                style=styles[i],
+                attention=keys[i],
+                metadata=metadata,
+                model_version=VERSION,
+            )
+        )
+    return points
+
+
+def matches(point: ProductPoint, query: Query) -> bool:
+    """The Python reference of a Query."""
+    if point.category != query.category or point.product_id in query.exclude_ids:
+        return False
+    for c in query.conditions:
+        value = point.metadata.get(c.key)
+        if c.any_of and value not in c.any_of:
+            return False
+        if c.none_of and value in c.none_of:
+            return False
+    return True
+
+
+def brute_force(points: Sequence[ProductPoint], vector: np.ndarray, query: Query, limit: int) -> list[str]:
+    """The numpy reference of a search: product ids of the top `limit` dot products, best first."""
+    kept = [p for p in points if matches(p, query)]
+    if not kept:
+        return []
+    scores = np.stack([p.style for p in kept]) @ vector
+    return [kept[i].product_id for i in np.argsort(-scores, kind="stable")[:limit]]
+
+
+def assert_same_point(got: ProductPoint, want: ProductPoint) -> None:
+    assert got.product_id == want.product_id
+    assert got.category == want.category
+    assert got.style.dtype == np.float32 and got.attention.dtype == np.float32
+    assert np.array_equal(got.style, want.style)
+    assert np.array_equal(got.attention, want.attention)
+    assert dict(got.metadata) == dict(want.metadata)
+    assert got.model_version == VERSION
+
+
+async def loaded(backend: Backend, points: Sequence[ProductPoint], **kwargs: Any) -> ProductStore:
+    store = await backend.open(**kwargs)
+    await store.upsert(points)
+    return store
+
+
+def test_adapter_types(backend: Backend) -> None:
+    async def scenario() -> None:
+        store = await backend.open()
+        assert isinstance(store, EdgeStore if backend.name == "edge" else QdrantClientStore)
+        assert store.model_version == VERSION and store.dim == DIM and store.description
+        await store.close()
+
+    run(scenario())
+
+
+def test_upsert_then_counts(backend: Backend) -> None:
+    points = catalog()
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        want = Counter(p.category for p in points)
+        assert await store.count() == len(points)
+        for category in CATEGORIES:
+            assert await store.count(category) == want[category]
+        assert await store.count("no-such-category") == 0
+        assert await store.counts_by_category() == dict(want)
+        await store.close()
+
+    run(scenario())
+
+
+def test_upsert_is_idempotent_and_replaces(backend: Backend) -> None:
+    rng = np.random.default_rng(1)
+    first = catalog(3)[0]
+    moved = replace(
+        first,
+        category="bags",
+        style=unit_rows(rng, 1)[0],
+        attention=unit_rows(rng, 1)[0],
+        metadata={"color": "green"},
+    )
+
+    async def scenario() -> None:
+        store = await backend.open()
+        await store.upsert([first])
+        await store.upsert([first])
+        assert await store.count() == 1
+        await store.upsert([moved])
+        assert await store.count() == 1
+        assert await store.counts_by_category() == {"bags": 1}
+        (got,) = await store.retrieve([first.product_id])
+        assert_same_point(got, moved)
+        await store.upsert([first, moved])  # listed twice in one batch: the last one wins
+        (got,) = await store.retrieve([first.product_id])
+        assert_same_point(got, moved)
+        await store.close()
+
+    assert point_id(first.product_id) == point_id(str(first.product_id))
+    run(scenario())
+
+
+def test_search_category_order_scores_and_round_trip(backend: Backend) -> None:
+    points = catalog()
+    by_id = {p.product_id: p for p in points}
+    queries = unit_rows(np.random.default_rng(2), 3)
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        for category in ("shoes", "hats"):
+            lists = await store.search(queries, Query(category), 25)
+            assert len(lists) == len(queries)
+            for vector, hits in zip(queries, lists):
+                assert len(hits) == 25
+                assert all(h.point.category == category for h in hits)
+                scores = [h.score for h in hits]
+                assert scores == sorted(scores, reverse=True)
+                for hit in hits:
+                    want = by_id[hit.point.product_id]
+                    assert abs(hit.score - float(want.style @ vector)) < 1e-5
+                    assert_same_point(hit.point, want)
+        await store.close()
+
+    run(scenario())
+
+
+def test_exact_search_equals_numpy_top_k(backend: Backend) -> None:
+    points = catalog()
+    queries = unit_rows(np.random.default_rng(3), 8)
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        for category in CATEGORIES:
+            lists = await store.search(queries, Query(category), 10, exact=True)
+            for vector, hits in zip(queries, lists):
+                assert [h.point.product_id for h in hits] == brute_force(points, vector, Query(category), 10)
+        await store.close()
+
+    run(scenario())
+
+
+def test_batched_search_equals_single_rows(backend: Backend) -> None:
+    points = catalog()
+    queries = unit_rows(np.random.default_rng(4), 6)
+    before = queries.copy()
+    query = Query("tops", conditions=(Condition("color", none_of=("red",)),))
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        batched = await store.search(queries, query, 15)
+        assert len(batched) == len(queries)
+        for row, hits in zip(queries, batched):
+            (single,) = await store.search(row[None, :], query, 15)
+            assert [h.point.product_id for h in hits] == [h.point.product_id for h in single]
+            assert np.allclose([h.score for h in hits], [h.score for h in single], atol=1e-6)
+        assert await store.search(queries[:0], query, 15) == []
+        await store.close()
+
+    run(scenario())
+    assert np.array_equal(queries, before)  # the caller's array is left alone
+
+
+def random_query(rng: random.Random, points: Sequence[ProductPoint]) -> Query:
+    """A random category, 0-2 conditions (any_of and/or none_of, possibly on a key some points lack), ids."""
+    category = rng.choice(CATEGORIES)
+    values = {"color": COLORS, "brand": BRANDS, "size": ("0", "1", "2"), "missing": ("x",)}
+    conditions = []
+    for key in rng.sample(sorted(values), rng.randint(0, 2)):
+        domain = values[key]
+        any_of = tuple(rng.sample(domain, rng.randint(1, len(domain)))) if rng.random() < 0.6 else ()
+        none_of = tuple(rng.sample(domain, rng.randint(1, len(domain)))) if rng.random() < 0.5 else ()
+        conditions.append(Condition(key, any_of=any_of, none_of=none_of))
+    pool = [p.product_id for p in points if p.category == category]
+    exclude = tuple(rng.sample(pool, rng.randint(0, 15))) if rng.random() < 0.5 else ()
+    return Query(category, tuple(conditions), exclude)
+
+
+def test_random_filters_match_reference(backend: Backend) -> None:
+    points = catalog()
+    rng = random.Random(5)
+    vectors = unit_rows(np.random.default_rng(5), 100)
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        for i, vector in enumerate(vectors):
+            query = random_query(rng, points)
+            (hits,) = await store.search(vector[None, :], query, 20, exact=True)
+            got = [h.point.product_id for h in hits]
+            want = brute_force(points, vector, query, 20)
+            if got != want:
+                print(f"case {i} failed on {backend.name}: {query}\n got  {got}\n want {want}")
+            assert got == want
+            if i % 10 == 0:  # scroll with the same filter returns exactly the matching products
+                page, offset = await store.scroll(query, len(points))
+                assert offset is None
+                assert sorted(p.product_id for p in page) == sorted(
+                    p.product_id for p in points if matches(p, query)
+                ), query
+        await store.close()
+
+    run(scenario())
+
+
+def test_scroll_pages_cover_category_exactly_once(backend: Backend) -> None:
+    points = catalog()
+    query = Query("pants", conditions=(Condition("brand", any_of=("acme", "globex")),))
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        for q in (Query("pants"), query):
+            seen: list[str] = []
+            offset: str | None = None
+            pages = 0
+            while True:
+                page, offset = await store.scroll(q, 7, offset)
+                assert len(page) <= 7
+                assert all(matches(p, q) for p in page)
+                seen += [p.product_id for p in page]
+                pages += 1
+                if offset is None:
+                    break
+                assert isinstance(offset, str)
+            want = sorted(p.product_id for p in points if matches(p, q))
+            assert len(seen) == len(set(seen))
+            assert sorted(seen) == want
+            assert pages >= len(want) // 7
+        with pytest.raises(InvalidRequest):
+            await store.scroll(query, 7, "not-an-offset")
+        await store.close()
+
+    run(scenario())
+
+
+def test_retrieve_returns_only_existing_ids(backend: Backend) -> None:
+    points = catalog(50)
+    by_id = {p.product_id: p for p in points}
+    asked = ["p0007", "nope", "p0003", "p0007", "p0049", "also-missing"]
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        got = await store.retrieve(asked)
+        assert [p.product_id for p in got] == ["p0007", "p0003", "p0049"]
+        for p in got:
+            assert_same_point(p, by_id[p.product_id])
+        assert await store.retrieve([]) == []
+        assert await store.retrieve(["nope"]) == []
+        await store.close()
+
+    run(scenario())
+
+
+def test_delete_removes_and_ignores_unknown_ids(backend: Backend) -> None:
+    points = catalog()
+    gone = [p.product_id for p in points[:40]]
+    kept = points[40:]
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        await store.delete([*gone, "never-existed"])
+        await store.delete(["never-existed"])
+        await store.delete([])
+        assert await store.count() == len(kept)
+        assert await store.counts_by_category() == dict(Counter(p.category for p in kept))
+        assert await store.retrieve(gone) == []
+        vector = points[0].style  # the deleted product's own vector: it would be its best match
+        (hits,) = await store.search(vector[None, :], Query(points[0].category), 50, exact=True)
+        assert not {h.point.product_id for h in hits} & set(gone)
+        assert [h.point.product_id for h in hits] == brute_force(kept, vector, Query(points[0].category), 50)
+        await store.close()
+
+    run(scenario())
+
+
+def test_reopen_keeps_data(backend: Backend) -> None:
+    points = catalog(200)
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        await store.delete(["p0000"])
+        await store.close()
+        store = await backend.open()
+        assert await store.count() == len(points) - 1
+        got = await store.retrieve([p.product_id for p in points])
+        assert len(got) == len(points) - 1
+        for p, want in zip(got, points[1:]):
+            assert_same_point(p, want)
+        await store.close()
+
+    run(scenario())
+
+
+def test_reopen_with_another_model_version_or_dim_is_refused(backend: Backend) -> None:
+    async def scenario() -> None:
+        store = await loaded(backend, catalog(10))
+        await store.close()
+        with pytest.raises(VersionMismatch, match=r"m-test-1.*m-test-2"):
+            await backend.open(version="m-test-2")
+        with pytest.raises(VersionMismatch, match="re-ingest"):
+            await backend.open(dim=DIM * 2)
+        store = await backend.open()  # the refused opens released everything
+        assert await store.count() == 10
+        await store.close()
+
+    run(scenario())
+
+
+def test_second_open_while_open_is_locked(backend: Backend) -> None:
+    async def scenario() -> None:
+        store = await loaded(backend, catalog(10))
+        with pytest.raises(StoreLocked, match="already open"):
+            await backend.open()
+        assert await store.count() == 10  # the first one is unharmed
+        await store.close()
+        store = await backend.open()  # and the lock went with close()
+        assert await store.count() == 10
+        await store.close()
+
+    run(scenario())
+
+
+def test_closed_store_raises_store_closed(backend: Backend) -> None:
+    points = catalog(10)
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        await store.close()
+        await store.close()  # twice is fine
+        calls = [
+            store.upsert(points),
+            store.search(np.zeros((1, DIM), np.float32), Query("shoes"), 5),
+            store.scroll(Query("shoes"), 5),
+            store.retrieve(["p0001"]),
+            store.delete(["p0001"]),
+            store.count(),
+            store.counts_by_category(),
+            store.optimize(),
+        ]
+        for call in calls:
+            with pytest.raises(StoreClosed):
+                await call
+
+    run(scenario())
+
+
+def test_bad_inputs_are_refused(backend: Backend) -> None:
+    point = catalog(1)[0]
+
+    async def scenario() -> None:
+        store = await backend.open()
+        with pytest.raises(InvalidRequest):
+            await store.upsert([replace(point, style=np.zeros(DIM + 1, np.float32))])
+        with pytest.raises(InvalidRequest):
+            await store.upsert([replace(point, attention=np.full(DIM, np.nan, np.float32))])
+        with pytest.raises(VersionMismatch):
+            await store.upsert([replace(point, model_version="m-other")])
+        await store.upsert([replace(point, model_version="")])  # unversioned points take the store's
+        (got,) = await store.retrieve([point.product_id])
+        assert got.model_version == VERSION
+        with pytest.raises(InvalidRequest):
+            await store.search(np.zeros((2, DIM + 1), np.float32), Query("shoes"), 5)
+        with pytest.raises(InvalidRequest):
+            await store.search(np.zeros(DIM, np.float32), Query("shoes"), 5)
+        with pytest.raises(InvalidRequest):
+            await store.search(np.zeros((1, DIM), np.float32), Query("shoes", (Condition('a"b', ("x",)),)), 5)
+        await store.close()
+
+    run(scenario())
+
+
+def test_optimize_then_search_is_still_right(backend: Backend) -> None:
+    points = catalog()
+    queries = unit_rows(np.random.default_rng(6), 8)
+    kwargs = {"indexing_threshold_kb": 1} if backend.name == "edge" else {}  # so HNSW is really built
+
+    async def scenario() -> None:
+        store = await loaded(backend, points, **kwargs)
+        await store.optimize()
+        await store.upsert(catalog(520)[500:])  # writes after optimize land in a fresh segment
+        everything = catalog(520)
+        assert await store.counts_by_category() == dict(Counter(p.category for p in everything))
+        for category in ("shoes", "bags"):
+            exact = await store.search(queries, Query(category), 10, exact=True)
+            approx = await store.search(queries, Query(category), 10)
+            for vector, hits, ann in zip(queries, exact, approx):
+                want = brute_force(everything, vector, Query(category), 10)
+                assert [h.point.product_id for h in hits] == want
+                assert len({h.point.product_id for h in ann} & set(want)) >= 9  # HNSW recall@10
+        await store.close()
+
+    run(scenario())
+
+
+def test_edge_store_refuses_a_foreign_shard(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = await open_edge_store(tmp_path / "s", VERSION, DIM)
+        await store.close()
+        (tmp_path / "s" / "ctl_store.json").unlink()
+        with pytest.raises(VersionMismatch, match="model version is unknown"):
+            await open_edge_store(tmp_path / "s", VERSION, DIM)
+
+    run(scenario())
+
+
+LOCK_PROBE = """
+import asyncio, sys
+from ranker_service.errors import StoreLocked
+from ranker_service.store import open_edge_store
+try:
+    asyncio.run(open_edge_store(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+except StoreLocked as exc:
+    print("locked:", exc)
+else:
+    print("opened")
+"""
+
+
+def test_edge_store_is_locked_against_another_process(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = await open_edge_store(tmp_path / "s", VERSION, DIM)
+        probe = [sys.executable, "-c", LOCK_PROBE, str(tmp_path / "s"), VERSION, str(DIM)]
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.stdout.startswith("locked: "), out.stdout + out.stderr
+        assert "already open in another process" in out.stdout
+        await store.close()
+
+    run(scenario())
+
+
+def test_client_store_unreachable_server_fails_fast() -> None:
+    url = "http://127.0.0.1:9"  # discard port: nothing listens, the connection is refused at once
+
+    async def scenario() -> None:
+        start = time.monotonic()
+        with pytest.raises(StoreError, match=re.escape(url)):
+            await open_client_store(url, VERSION, DIM, timeout=2)
+        assert time.monotonic() - start < 5
+
+    run(scenario())
+
+
+def test_client_store_rejects_conflicting_locations(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        run(open_client_store("http://localhost:6333", VERSION, DIM, location=":memory:"))
+    with pytest.raises(ValueError, match="exactly one"):
+        run(open_client_store(None, VERSION, DIM))
+
+
+def test_client_store_in_memory() -> None:
+    points = catalog(50)
+
+    async def scenario() -> None:
+        store = await open_client_store(None, VERSION, DIM, location=":memory:")
+        await store.upsert(points)
+        assert await store.count() == 50
+        assert "memory" in store.description
+        await store.close()
+
+    run(scenario())
