@@ -12,9 +12,8 @@ made by this adapter (or by a server too old to keep collection metadata) and is
 from __future__ import annotations
 
 import math
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,63 +23,47 @@ from qdrant_client import AsyncQdrantClient
 from qdrant_client import models as qm
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from ranker_service.errors import (
-    InvalidRequest,
-    RankerError,
-    StoreClosed,
-    StoreError,
-    StoreLocked,
-    VersionMismatch,
+from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionMismatch
+from ranker_service.store._points import (
+    FACET_START,
+    check_limit,
+    check_model,
+    in_order,
+    map_errors,
+    metadata_path,
+    parse_offset,
+    point_ids,
+    product,
+    query_rows,
+    stored_points,
 )
 from ranker_service.store.base import ATTENTION, STYLE, Hit, ProductPoint, ProductStore, Query, point_id
 
-_FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
 
-
-@contextmanager
-def _map_errors(action: str, where: str) -> Iterator[None]:
+def _map_errors(action: str, where: str) -> AbstractContextManager[None]:
     """Translate qdrant-client, httpx, grpc and local-mode errors into StoreError subclasses (cause kept)."""
-    try:
-        yield
-    except RankerError:
-        raise
-    except ResponseHandlingException as exc:  # the request never got an answer: refused, DNS, timeout, TLS
-        raise StoreError(f"cannot reach Qdrant at {where} ({action}): {exc.source!r}") from exc
-    except UnexpectedResponse as exc:
-        raise StoreError(
+    return map_errors(lambda exc: _store_error(exc, action, where))
+
+
+def _store_error(exc: Exception, action: str, where: str) -> StoreError:
+    """The StoreError for an exception of qdrant-client (or of the transport or local mode under it)."""
+    # ResponseHandlingException: the request never got an answer (refused, DNS, timeout, TLS).
+    if isinstance(exc, ResponseHandlingException):
+        return StoreError(f"cannot reach Qdrant at {where} ({action}): {exc.source!r}")
+    if isinstance(exc, UnexpectedResponse):
+        return StoreError(
             f"Qdrant at {where} answered {exc.status_code} {exc.reason_phrase} to {action}: "
             f"{exc.content[:200]!r}"
-        ) from exc
-    except Exception as exc:
-        message = str(exc)
-        if "already accessed by another instance" in message:  # local mode's portalocker on its folder
-            raise StoreLocked(
-                f"the qdrant-client local store at {where} is already open in another process or "
-                "store instance; close that one first, or use another path"
-            ) from exc
-        if "instance is closed" in message:
-            raise StoreClosed(f"the store at {where} is closed ({action})") from exc
-        raise StoreError(f"Qdrant at {where} failed to {action}: {exc!r}") from exc
-
-
-def _vector(values: Any, dim: int, what: str) -> list[float]:
-    """A float32 copy of one vector as a list (the caller's array is never modified)."""
-    array = np.asarray(values, dtype=np.float32)
-    if array.shape != (dim,):
-        raise InvalidRequest(f"{what} has shape {array.shape}, expected ({dim},)")
-    if not np.isfinite(array).all():
-        raise InvalidRequest(f"{what} has non-finite values")
-    return array.tolist()
-
-
-def _metadata_path(key: str) -> str:
-    """The JSON path of metadata[key], quoted so that dots and brackets in keys stay literal.
-
-    Quotes and backslashes are refused as in the embedded store (qdrant-edge cannot parse them).
-    """
-    if '"' in key or "\\" in key:
-        raise InvalidRequest(f"metadata key {key!r} cannot be filtered on (it contains a quote or backslash)")
-    return f'metadata."{key}"'
+        )
+    message = str(exc)
+    if "already accessed by another instance" in message:  # local mode's portalocker on its folder
+        return StoreLocked(
+            f"the qdrant-client local store at {where} is already open in another process or "
+            "store instance; close that one first, or use another path"
+        )
+    if "instance is closed" in message:
+        return StoreClosed(f"the store at {where} is closed ({action})")
+    return StoreError(f"Qdrant at {where} failed to {action}: {exc!r}")
 
 
 def _filter(query: Query) -> qm.Filter:
@@ -88,7 +71,7 @@ def _filter(query: Query) -> qm.Filter:
     must: list[qm.Condition] = [qm.FieldCondition(key="category", match=qm.MatchValue(value=query.category))]
     must_not: list[qm.Condition] = []
     for condition in query.conditions:
-        path = _metadata_path(condition.key)
+        path = metadata_path(condition.key)
         if condition.any_of:
             must.append(qm.FieldCondition(key=path, match=qm.MatchAny(any=list(condition.any_of))))
         if condition.none_of:
@@ -104,14 +87,7 @@ def _product(vectors: Any, payload: Mapping[str, Any] | None) -> ProductPoint:
     """A stored point (named vectors and payload) back as a ProductPoint."""
     if not isinstance(vectors, Mapping) or payload is None:
         raise StoreError("Qdrant returned a point without its named vectors or payload")
-    return ProductPoint(
-        product_id=payload["product_id"],
-        category=payload["category"],
-        style=np.asarray(vectors[STYLE], dtype=np.float32),
-        attention=np.asarray(vectors[ATTENTION], dtype=np.float32),
-        metadata=dict(payload.get("metadata") or {}),
-        model_version=payload.get("model_version", ""),
-    )
+    return product(vectors, payload)
 
 
 class QdrantClientStore(ProductStore):
@@ -149,43 +125,21 @@ class QdrantClientStore(ProductStore):
     async def upsert(self, points: Sequence[ProductPoint]) -> None:
         """One request for the whole batch; a product listed twice keeps its last version."""
         client = self._live()
-        latest = {point_id(p.product_id): p for p in points}
-        structs = [self._point_struct(pid, p) for pid, p in latest.items()]
+        structs = [
+            qm.PointStruct(id=pid, vector=vectors, payload=payload)
+            for pid, vectors, payload in stored_points(points, self.model_version, self.dim)
+        ]
         if not structs:
             return
         with _map_errors("upsert points", self._where):
             await client.upsert(self.collection, structs, wait=True)
-
-    def _point_struct(self, pid: str, point: ProductPoint) -> qm.PointStruct:
-        if point.model_version and point.model_version != self.model_version:
-            raise VersionMismatch(
-                f"product {point.product_id!r} was encoded by model {point.model_version!r}, "
-                f"but this store holds model {self.model_version!r}"
-            )
-        vectors: dict[str, Any] = {
-            STYLE: _vector(point.style, self.dim, f"style vector of {point.product_id!r}"),
-            ATTENTION: _vector(point.attention, self.dim, f"attention vector of {point.product_id!r}"),
-        }
-        payload = {
-            "product_id": point.product_id,
-            "category": point.category,
-            "metadata": {str(k): str(v) for k, v in point.metadata.items()},
-            "model_version": self.model_version,
-        }
-        return qm.PointStruct(id=pid, vector=vectors, payload=payload)
 
     async def search(
         self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
     ) -> list[list[Hit]]:
         """All rows in one `query_batch_points` request."""
         client = self._live()
-        rows = np.asarray(vectors, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise InvalidRequest(f"query vectors have shape {rows.shape}, expected (Q, {self.dim})")
-        if limit < 1:
-            raise InvalidRequest(f"limit must be at least 1, got {limit}")
-        if not np.isfinite(rows).all():
-            raise InvalidRequest("query vectors have non-finite values")
+        rows = query_rows(vectors, self.dim, limit)
         if len(rows) == 0:
             return []
         flt = _filter(query)
@@ -215,9 +169,8 @@ class QdrantClientStore(ProductStore):
     ) -> tuple[list[ProductPoint], str | None]:
         """Pages in point-id order; the offset is the first point id of the next page, as a string."""
         client = self._live()
-        if limit < 1:
-            raise InvalidRequest(f"limit must be at least 1, got {limit}")
-        start = None if offset is None else _parse_offset(offset)
+        check_limit(limit)
+        start = None if offset is None else parse_offset(offset)
         with _map_errors("scroll", self._where):
             records, next_offset = await client.scroll(
                 self.collection,
@@ -233,17 +186,17 @@ class QdrantClientStore(ProductStore):
     async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
         """In the order asked, each product once; unknown ids are left out."""
         client = self._live()
-        ids = list(dict.fromkeys(point_id(p) for p in product_ids))
+        ids = point_ids(product_ids)
         if not ids:
             return []
         with _map_errors("retrieve points", self._where):
             records = await client.retrieve(self.collection, ids, with_payload=True, with_vectors=True)
         found = {str(r.id): _product(r.vector, r.payload) for r in records}
-        return [found[i] for i in ids if i in found]
+        return in_order(ids, found)
 
     async def delete(self, product_ids: Sequence[str]) -> None:
         client = self._live()
-        ids: list[qm.ExtendedPointId] = list(dict.fromkeys(point_id(p) for p in product_ids))
+        ids: list[qm.ExtendedPointId] = list(point_ids(product_ids))
         if not ids:
             return
         with _map_errors("delete points", self._where):
@@ -259,7 +212,7 @@ class QdrantClientStore(ProductStore):
     async def counts_by_category(self) -> dict[str, int]:
         """An exact facet on `category`; asks again with a larger limit while the answer is full."""
         client = self._live()
-        limit = _FACET_START
+        limit = FACET_START
         while True:
             with _map_errors("count categories", self._where):
                 response = await client.facet(self.collection, "category", limit=limit, exact=True)
@@ -278,14 +231,6 @@ class QdrantClientStore(ProductStore):
             return
         with _map_errors("close", self._where):
             await client.close()
-
-
-def _parse_offset(offset: str) -> str:
-    """Offsets are point ids (UUID strings) handed out by `scroll`; anything else is a caller's mistake."""
-    try:
-        return str(uuid.UUID(offset))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise InvalidRequest(f"not a scroll offset from this store: {offset!r}") from exc
 
 
 async def _ensure_collection(
@@ -375,10 +320,7 @@ async def open_client_store(
         raise ValueError(
             f"location must be ':memory:' (use url= for a server, path= for a folder), not {location!r}"
         )
-    if not model_version:
-        raise ValueError("model_version must be a non-empty string")
-    if dim < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
+    check_model(model_version, dim)
     local = url is None
     where = (
         url if url is not None else ("local mode in memory" if path is None else f"local mode path {path}")

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -29,39 +29,43 @@ import numpy as np
 import qdrant_edge as qe
 from numpy.typing import NDArray
 
-from ranker_service.errors import (
-    InvalidRequest,
-    RankerError,
-    StoreClosed,
-    StoreError,
-    StoreLocked,
-    VersionMismatch,
+from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionMismatch
+from ranker_service.store._points import (
+    FACET_START,
+    check_limit,
+    check_model,
+    in_order,
+    map_errors,
+    metadata_path,
+    parse_offset,
+    point_ids,
+    product,
+    query_rows,
+    stored_points,
 )
 from ranker_service.store.base import ATTENTION, STYLE, Hit, ProductPoint, ProductStore, Query, point_id
 
 META_FILE = "ctl_store.json"
 _ENGINE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge when it creates a shard
-_FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
 
 
-@contextmanager
-def _map_errors(action: str, path: Path) -> Iterator[None]:
+def _map_errors(action: str, path: Path) -> AbstractContextManager[None]:
     """Translate qdrant-edge's bare exceptions into StoreError subclasses, keeping the cause."""
-    try:
-        yield
-    except RankerError:
-        raise
-    except Exception as exc:
-        message = str(exc)
-        if "Shard is not initialized" in message:
-            raise StoreClosed(f"the embedded store at {path} is closed ({action})") from exc
-        if "WouldBlock" in message or "Can't init WAL" in message:
-            raise StoreLocked(
-                f"the embedded store at {path} is already open in another process or store instance "
-                "(qdrant-edge's write-ahead log locks the directory); close that one first, "
-                "or point this one at another directory"
-            ) from exc
-        raise StoreError(f"qdrant-edge failed to {action} at {path}: {message}") from exc
+    return map_errors(lambda exc: _store_error(exc, action, path))
+
+
+def _store_error(exc: Exception, action: str, path: Path) -> StoreError:
+    """The StoreError for an exception of qdrant-edge, told apart by its message."""
+    message = str(exc)
+    if "Shard is not initialized" in message:
+        return StoreClosed(f"the embedded store at {path} is closed ({action})")
+    if "WouldBlock" in message or "Can't init WAL" in message:
+        return StoreLocked(
+            f"the embedded store at {path} is already open in another process or store instance "
+            "(qdrant-edge's write-ahead log locks the directory); close that one first, "
+            "or point this one at another directory"
+        )
+    return StoreError(f"qdrant-edge failed to {action} at {path}: {message}")
 
 
 def _write_meta(path: Path, model_version: str, dim: int) -> None:
@@ -123,29 +127,12 @@ def _engine_config(dim: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig
     )
 
 
-def _vector(values: Any, dim: int, what: str) -> list[float]:
-    """A float32 copy of one vector as a list (the caller's array is never modified)."""
-    array = np.asarray(values, dtype=np.float32)
-    if array.shape != (dim,):
-        raise InvalidRequest(f"{what} has shape {array.shape}, expected ({dim},)")
-    if not np.isfinite(array).all():
-        raise InvalidRequest(f"{what} has non-finite values")
-    return array.tolist()
-
-
-def _metadata_path(key: str) -> str:
-    """The JSON path of metadata[key], quoted so that dots and brackets in keys stay literal."""
-    if '"' in key or "\\" in key:
-        raise InvalidRequest(f"metadata key {key!r} cannot be filtered on (it contains a quote or backslash)")
-    return f'metadata."{key}"'
-
-
 def _filter(query: Query) -> qe.Filter:
     """Category must match; each condition's any_of must hold, none_of must not (a missing key passes)."""
     must: list[Any] = [qe.FieldCondition(key="category", match=qe.MatchValue(query.category))]
     must_not: list[Any] = []
     for condition in query.conditions:
-        path = _metadata_path(condition.key)
+        path = metadata_path(condition.key)
         if condition.any_of:
             must.append(qe.FieldCondition(key=path, match=qe.MatchAny(list(condition.any_of))))
         if condition.none_of:
@@ -160,14 +147,7 @@ def _product(vectors: Mapping[str, Any] | None, payload: Mapping[str, Any] | Non
     """A stored point (vectors and payload) back as a ProductPoint."""
     if vectors is None or payload is None:
         raise StoreError("qdrant-edge returned a point without its vectors or payload")
-    return ProductPoint(
-        product_id=payload["product_id"],
-        category=payload["category"],
-        style=np.asarray(vectors[STYLE], dtype=np.float32),
-        attention=np.asarray(vectors[ATTENTION], dtype=np.float32),
-        metadata=dict(payload.get("metadata") or {}),
-        model_version=payload.get("model_version", ""),
-    )
+    return product(vectors, payload)
 
 
 class EdgeStore(ProductStore):
@@ -193,43 +173,21 @@ class EdgeStore(ProductStore):
     async def upsert(self, points: Sequence[ProductPoint]) -> None:
         """One engine update for the whole batch; a product listed twice keeps its last version."""
         shard = self._live()
-        latest = {point_id(p.product_id): p for p in points}
-        engine_points = [self._engine_point(pid, p) for pid, p in latest.items()]
+        engine_points = [
+            qe.Point(id=pid, vector=vectors, payload=payload)
+            for pid, vectors, payload in stored_points(points, self.model_version, self.dim)
+        ]
         if not engine_points:
             return
         with _map_errors("upsert points", self.path):
             shard.update(qe.UpdateOperation.upsert_points(engine_points))
-
-    def _engine_point(self, pid: str, point: ProductPoint) -> qe.Point:
-        if point.model_version and point.model_version != self.model_version:
-            raise VersionMismatch(
-                f"product {point.product_id!r} was encoded by model {point.model_version!r}, "
-                f"but this store holds model {self.model_version!r}"
-            )
-        vectors = {
-            STYLE: _vector(point.style, self.dim, f"style vector of {point.product_id!r}"),
-            ATTENTION: _vector(point.attention, self.dim, f"attention vector of {point.product_id!r}"),
-        }
-        payload = {
-            "product_id": point.product_id,
-            "category": point.category,
-            "metadata": {str(k): str(v) for k, v in point.metadata.items()},
-            "model_version": self.model_version,
-        }
-        return qe.Point(id=pid, vector=vectors, payload=payload)
 
     async def search(
         self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
     ) -> list[list[Hit]]:
         """All rows in one `query_batch` call (the engine plans them together and holds the GIL once)."""
         shard = self._live()
-        rows = np.asarray(vectors, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise InvalidRequest(f"query vectors have shape {rows.shape}, expected (Q, {self.dim})")
-        if limit < 1:
-            raise InvalidRequest(f"limit must be at least 1, got {limit}")
-        if not np.isfinite(rows).all():
-            raise InvalidRequest("query vectors have non-finite values")
+        rows = query_rows(vectors, self.dim, limit)
         if len(rows) == 0:
             return []
         flt = _filter(query)
@@ -256,9 +214,8 @@ class EdgeStore(ProductStore):
     ) -> tuple[list[ProductPoint], str | None]:
         """Pages in point-id order; the offset is the first point id of the next page, as a string."""
         shard = self._live()
-        if limit < 1:
-            raise InvalidRequest(f"limit must be at least 1, got {limit}")
-        start = None if offset is None else _parse_offset(offset)
+        check_limit(limit)
+        start = None if offset is None else parse_offset(offset)
         request = qe.ScrollRequest(
             offset=start, limit=limit, filter=_filter(query), with_payload=True, with_vector=True
         )
@@ -270,17 +227,17 @@ class EdgeStore(ProductStore):
     async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
         """In the order asked, each product once; unknown ids are left out."""
         shard = self._live()
-        ids = list(dict.fromkeys(point_id(p) for p in product_ids))
+        ids = point_ids(product_ids)
         if not ids:
             return []
         with _map_errors("retrieve points", self.path):
             records = shard.retrieve(ids, with_payload=True, with_vector=True)
         found = {str(r.id): _product(r.vector, r.payload) for r in records}
-        return [found[i] for i in ids if i in found]
+        return in_order(ids, found)
 
     async def delete(self, product_ids: Sequence[str]) -> None:
         shard = self._live()
-        ids = list(dict.fromkeys(point_id(p) for p in product_ids))
+        ids = point_ids(product_ids)
         if not ids:
             return
         with _map_errors("delete points", self.path):
@@ -295,7 +252,7 @@ class EdgeStore(ProductStore):
     async def counts_by_category(self) -> dict[str, int]:
         """An exact facet on `category`; asks again with a larger limit while the answer is full."""
         shard = self._live()
-        limit = _FACET_START
+        limit = FACET_START
         while True:
             with _map_errors("count categories", self.path):
                 hits = list(shard.facet(qe.FacetRequest(key="category", limit=limit, exact=True)))
@@ -321,14 +278,6 @@ class EdgeStore(ProductStore):
                 shard.close()
 
 
-def _parse_offset(offset: str) -> str:
-    """Offsets are point ids (UUID strings) handed out by `scroll`; anything else is a caller's mistake."""
-    try:
-        return str(uuid.UUID(offset))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise InvalidRequest(f"not a scroll offset from this store: {offset!r}") from exc
-
-
 async def open_edge_store(
     path: str | Path, model_version: str, dim: int, *, indexing_threshold_kb: int | None = None
 ) -> EdgeStore:
@@ -339,10 +288,7 @@ async def open_edge_store(
     with more vector data than this get an HNSW index on `optimize()` (None keeps the shard's setting;
     qdrant's default is 10 000 KB, below which brute force is as fast).
     """
-    if not model_version:
-        raise ValueError("model_version must be a non-empty string")
-    if dim < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
+    check_model(model_version, dim)
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise StoreError(f"the embedded store path {root} exists and is not a directory")

@@ -1,0 +1,139 @@
+"""What the store adapters (`edge`, `client`) do the same way, whatever the engine (DESIGN.md §2).
+
+A ProductPoint to and from a stored point (named vectors + payload), the checks on vectors, limits and
+scroll offsets, the payload path of a metadata key, and the frame of error translation. What belongs to one
+engine (its filter and point types, its calls, its error messages) stays in its adapter.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ranker_service.errors import InvalidRequest, RankerError, VersionMismatch
+from ranker_service.store.base import ATTENTION, STYLE, ProductPoint, point_id
+
+FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
+
+
+def check_model(model_version: str, dim: int) -> None:
+    """ValueError unless a store is opened for a named model version and a positive dimension."""
+    if not model_version:
+        raise ValueError("model_version must be a non-empty string")
+    if dim < 1:
+        raise ValueError(f"dim must be positive, got {dim}")
+
+
+@contextmanager
+def map_errors(translate: Callable[[Exception], RankerError]) -> Iterator[None]:
+    """Let RankerErrors through; raise any other Exception as `translate(exc)`, with `exc` as its cause."""
+    try:
+        yield
+    except RankerError:
+        raise
+    except Exception as exc:
+        raise translate(exc) from exc
+
+
+def vector(values: Any, dim: int, what: str) -> list[float]:
+    """A float32 copy of one vector as a list (the caller's array is never modified)."""
+    array = np.asarray(values, dtype=np.float32)
+    if array.shape != (dim,):
+        raise InvalidRequest(f"{what} has shape {array.shape}, expected ({dim},)")
+    if not np.isfinite(array).all():
+        raise InvalidRequest(f"{what} has non-finite values")
+    return array.tolist()
+
+
+def stored_fields(point: ProductPoint, model_version: str, dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The named vectors and the payload that store `point` in a store of `model_version` and `dim`.
+
+    VersionMismatch if the point was encoded by another model (an empty version passes, and is stored as
+    the store's); InvalidRequest if a vector has another shape or non-finite values.
+    """
+    if point.model_version and point.model_version != model_version:
+        raise VersionMismatch(
+            f"product {point.product_id!r} was encoded by model {point.model_version!r}, "
+            f"but this store holds model {model_version!r}"
+        )
+    vectors: dict[str, Any] = {
+        STYLE: vector(point.style, dim, f"style vector of {point.product_id!r}"),
+        ATTENTION: vector(point.attention, dim, f"attention vector of {point.product_id!r}"),
+    }
+    payload = {
+        "product_id": point.product_id,
+        "category": point.category,
+        "metadata": {str(k): str(v) for k, v in point.metadata.items()},
+        "model_version": model_version,
+    }
+    return vectors, payload
+
+
+def stored_points(
+    points: Sequence[ProductPoint], model_version: str, dim: int
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(point id, named vectors, payload) of each product to upsert; a product listed twice: its last."""
+    latest = {point_id(p.product_id): p for p in points}
+    return [(pid, *stored_fields(p, model_version, dim)) for pid, p in latest.items()]
+
+
+def product(vectors: Mapping[str, Any], payload: Mapping[str, Any]) -> ProductPoint:
+    """A stored point's named vectors and payload back as a ProductPoint."""
+    return ProductPoint(
+        product_id=payload["product_id"],
+        category=payload["category"],
+        style=np.asarray(vectors[STYLE], dtype=np.float32),
+        attention=np.asarray(vectors[ATTENTION], dtype=np.float32),
+        metadata=dict(payload.get("metadata") or {}),
+        model_version=payload.get("model_version", ""),
+    )
+
+
+def point_ids(product_ids: Sequence[str]) -> list[str]:
+    """The point ids of `product_ids`, each once, in the order asked."""
+    return list(dict.fromkeys(point_id(p) for p in product_ids))
+
+
+def in_order(ids: Sequence[str], found: Mapping[str, ProductPoint]) -> list[ProductPoint]:
+    """The products found, in the order of `ids` (point ids); those not found are left out."""
+    return [found[i] for i in ids if i in found]
+
+
+def check_limit(limit: int) -> None:
+    """InvalidRequest unless at least one result is asked for."""
+    if limit < 1:
+        raise InvalidRequest(f"limit must be at least 1, got {limit}")
+
+
+def query_rows(vectors: NDArray[np.float32], dim: int, limit: int) -> NDArray[np.float32]:
+    """A search's query vectors as float32 rows [Q, D], once their shape, values and `limit` are checked."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != dim:
+        raise InvalidRequest(f"query vectors have shape {rows.shape}, expected (Q, {dim})")
+    check_limit(limit)
+    if not np.isfinite(rows).all():
+        raise InvalidRequest("query vectors have non-finite values")
+    return rows
+
+
+def parse_offset(offset: str) -> str:
+    """Offsets are point ids (UUID strings) handed out by `scroll`; anything else is a caller's mistake."""
+    try:
+        return str(uuid.UUID(offset))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise InvalidRequest(f"not a scroll offset from this store: {offset!r}") from exc
+
+
+def metadata_path(key: str) -> str:
+    """The JSON path of metadata[key], quoted so that dots and brackets in keys stay literal.
+
+    Quotes and backslashes are refused by both adapters, because qdrant-edge cannot parse them.
+    """
+    if '"' in key or "\\" in key:
+        raise InvalidRequest(f"metadata key {key!r} cannot be filtered on (it contains a quote or backslash)")
+    return f'metadata."{key}"'
