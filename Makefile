@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint protos clean
+.PHONY: demo test lint protos clean triton-cpu
 
 $(BIN)/ctl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(BIN)/ctl: pyproject.toml
 demo: $(BIN)/ctl
 	$(BIN)/ctl demo
 
-test: $(BIN)/ctl
+# A real Triton server on this CPU for the tests and developers (tools/triton_cpu.py): about 30 s and
+# 1.2 GB the first time (PyPI's nvidia-pytriton wheel, a venv with torch and numpy<2), instant after.
+triton-cpu: $(BIN)/ctl
+	$(BIN)/python tools/triton_cpu.py setup
+
+test: $(BIN)/ctl triton-cpu
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

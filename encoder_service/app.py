@@ -54,6 +54,7 @@ class EncoderApp:
             "max_batch": config.max_batch,
             "max_wait_s": config.max_wait_ms / 1000,
             "max_queue": config.max_queue,
+            "workers": config.forward_workers,
         }
         self.scenes = MicroBatcher(
             "scene",

@@ -1,9 +1,11 @@
 """Micro-batching: concurrent requests share one forward pass.
 
 A model costs far less per image in a batch than one image at a time (DESIGN.md §2: ResNet-50 on this CPU
-is fastest at batch 8; a GPU wants more). Each request (1..n images) joins a queue; one worker takes as
+is fastest at batch 8; a GPU wants more). Each request (1..n images) joins a queue; a worker takes as
 many requests as fit in `max_batch` images, waiting at most `max_wait` after the first arrived, runs one
-forward pass and hands every request its slice of the outputs, in order. The queue is bounded in images:
+forward pass and hands every request its slice of the outputs, in order. `workers` passes may be in flight
+at once: one for an in-process model (it already uses every core), several for Triton, whose own dynamic
+batcher merges what several workers and encoder replicas send. The queue is bounded in images:
 a request that would overflow it is refused at once (Overloaded), before it waits for anything.
 """
 
@@ -49,32 +51,38 @@ class MicroBatcher:
         max_batch: int,
         max_wait_s: float,
         max_queue: int,
+        workers: int = 1,
         batch_images: Histogram | None = None,
         passes: Counter | None = None,
         rejected: Counter | None = None,
     ):
-        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}, max_wait_s={max_wait_s}")
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0 or workers < 1:
+            raise ValueError(
+                f"max_batch={max_batch}, max_queue={max_queue}, max_wait_s={max_wait_s}, workers={workers}"
+            )
         self.name = name
         self._forward = forward
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.workers = workers
         self._batch_images = batch_images
         self._passes = passes
         self._rejected = rejected
         self._queue: collections.deque[_Request] = collections.deque()
         self._arrived = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._closed = False
         self.pending_images = 0
         self.forward_passes = 0
 
     def start(self) -> None:
-        """Starts the worker task on the running loop."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._work(), name=f"batcher-{self.name}")
-            self._task.add_done_callback(self._worker_done)
+        """Starts the worker tasks on the running loop."""
+        if not self._tasks:
+            for i in range(self.workers):
+                task = asyncio.create_task(self._work(), name=f"batcher-{self.name}-{i}")
+                task.add_done_callback(self._worker_done)
+                self._tasks.append(task)
 
     def _worker_done(self, task: asyncio.Task) -> None:
         """A worker that died of a bug must not leave callers waiting forever."""
@@ -85,7 +93,7 @@ class MicroBatcher:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done() and not self._closed
+        return any(not t.done() for t in self._tasks) and not self._closed
 
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """The forward outputs for `images` [n, ...] (n >= 1), each [n, ...]. Requests larger than
@@ -194,12 +202,13 @@ class MicroBatcher:
             offset += n
 
     async def close(self) -> None:
-        """Stops the worker; requests still queued (or in the pass being cancelled) get BackendUnavailable."""
+        """Stops the workers; requests still queued (or in passes being cancelled) get BackendUnavailable."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         _fail(list(self._queue), BackendUnavailable(f"the {self.name} encoder is shutting down"))
         self._queue.clear()
         self.pending_images = 0

@@ -58,6 +58,10 @@ class EncoderConfig:
     max_queue: int = field(
         default=256, metadata=_help("most images waiting for a forward pass; more answer RESOURCE_EXHAUSTED")
     )
+    inflight: int = field(
+        default=0,
+        metadata=_help("forward passes in flight per encoder (0: 1 for torchscript, 4 for triton)"),
+    )
     grace_s: float = field(
         default=10.0, metadata=_help("on SIGTERM, how long in-flight calls may take to finish")
     )
@@ -76,6 +80,8 @@ class EncoderConfig:
         for name in ("max_message_bytes", "max_image_bytes", "max_image_pixels", "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected a positive number")
+        if self.inflight < 0:
+            raise ConfigError(f"inflight={self.inflight}: expected 0 (automatic) or more")
         if self.decode_threads < 1:
             raise ConfigError(f"decode_threads={self.decode_threads}: expected at least 1")
         if self.torch_threads < 0:
@@ -93,6 +99,14 @@ class EncoderConfig:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.port}"
+
+    @property
+    def forward_workers(self) -> int:
+        """Forward passes in flight per encoder: the in-process model already uses every core; Triton
+        overlaps transfers and merges concurrent requests in its own dynamic batcher."""
+        if self.inflight:
+            return self.inflight
+        return 4 if self.backend == "triton" else 1
 
     @property
     def max_images_per_call(self) -> int:

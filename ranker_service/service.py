@@ -258,11 +258,20 @@ class RankerApp:
             except VersionMismatch as exc:
                 _fail(reply, index, product.product_id, "FAILED_PRECONDITION", str(exc))
         if images:
-            results, version = await self.encoder.encode_products([p.image for _, p in images], remaining)
-            if version != info.model_version:
-                raise VersionMismatch(
-                    f"the encoder now serves model {version} but the catalog holds {info.model_version}"
+            # never more per call than the encoder accepts (ModelInfo.max_batch_images)
+            step = max(1, info.max_batch_images)
+            replies = await asyncio.gather(
+                *(
+                    self.encoder.encode_products([p.image for _, p in images[i : i + step]], remaining)
+                    for i in range(0, len(images), step)
                 )
+            )
+            results = [r for chunk, _ in replies for r in chunk]
+            for _, version in replies:
+                if version != info.model_version:
+                    raise VersionMismatch(
+                        f"the encoder now serves model {version} but the catalog holds {info.model_version}"
+                    )
             for (index, product), r in zip(images, results):
                 if r.style is None:
                     _fail(reply, index, product.product_id, r.code, f"image: {r.message}")

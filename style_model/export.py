@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from style_model.bank import weights_fingerprint
+from style_model.config import ModelConfig
 from style_model.model import StyleModel, to_unit
 from style_model.train import load_run
 
@@ -96,6 +97,23 @@ parameters {{
 """
 
 
+def output_dims(config: ModelConfig) -> dict[str, list[tuple[str, list[int]]]]:
+    """Each encoder's outputs (Triton names, dims without the batch dimension): the tensor contract."""
+    d, r = config.embed_dim, config.regions
+    return {
+        "scene_encoder": [("OUTPUT__0", [d]), ("OUTPUT__1", [r, d]), ("OUTPUT__2", [r, d])],
+        "product_encoder": [("OUTPUT__0", [d]), ("OUTPUT__1", [d])],
+    }
+
+
+def model_configs(config: ModelConfig, version: str) -> dict[str, str]:
+    """The config.pbtxt text of both encoders for a model config and version."""
+    return {
+        name: config_pbtxt(name, config.input_size, outputs, version)
+        for name, outputs in output_dims(config).items()
+    }
+
+
 def export(run: Path | str, out: Path | str) -> dict:
     """Write OUT/{scene_encoder,product_encoder}/{config.pbtxt,1/model.pt} and OUT/model_info.json."""
     model, info = load_run(run)
@@ -103,23 +121,19 @@ def export(run: Path | str, out: Path | str) -> dict:
     out = Path(out)
     cfg = model.config
     version = model_version(model)
-    size, d, r = cfg.input_size, cfg.embed_dim, cfg.regions
+    size = cfg.input_size
     extra = {"model_version": version, "model_config": json.dumps(cfg.to_dict(), sort_keys=True)}
-    specs = {
-        "scene_encoder": (
-            SceneEncoder(model),
-            [("OUTPUT__0", [d]), ("OUTPUT__1", [r, d]), ("OUTPUT__2", [r, d])],
-        ),
-        "product_encoder": (ProductEncoder(model), [("OUTPUT__0", [d]), ("OUTPUT__1", [d])]),
-    }
-    for name, (module, outputs) in specs.items():
+    dims = output_dims(cfg)
+    configs = model_configs(cfg, version)
+    modules = {"scene_encoder": SceneEncoder(model), "product_encoder": ProductEncoder(model)}
+    for name, module in modules.items():
         folder = out / name / "1"
         folder.mkdir(parents=True, exist_ok=True)
         traced = _trace(module, size)
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer, _extra_files=extra)
         (folder / "model.pt").write_bytes(buffer.getvalue())
-        (out / name / "config.pbtxt").write_text(config_pbtxt(name, size, outputs, version))
+        (out / name / "config.pbtxt").write_text(configs[name])
         log.info("exported %s (%d bytes)", folder / "model.pt", len(buffer.getvalue()))
     summary = {
         "model_version": version,
@@ -130,9 +144,9 @@ def export(run: Path | str, out: Path | str) -> dict:
         "models": {
             name: {
                 "input": {"INPUT__0": ["UINT8", [size, size, 3]]},
-                "outputs": {n: ["FP32", dims] for n, dims in outputs},
+                "outputs": {n: ["FP32", d] for n, d in outputs},
             }
-            for name, (_, outputs) in specs.items()
+            for name, outputs in dims.items()
         },
     }
     (out / "model_info.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -1,6 +1,8 @@
-"""Shared fixtures: the real STL metadata beside the checkout, and small generated datasets."""
+"""Shared fixtures: the real STL metadata beside the checkout, small generated datasets, an event loop
+thread for servers run in the test process."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,14 @@ def exported_repo(synth_dir, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("served-repo")
     export(run, repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator:
+    """An asyncio loop on its own thread (tests.servers.LoopThread), one per test module, for servers
+    built in the test process."""
+    from tests.servers import LoopThread
+
+    thread = LoopThread()
+    yield thread
+    thread.close()

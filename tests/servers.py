@@ -10,13 +10,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ctl.v1 import encoder_pb2_grpc
+from encoder_service import BackendUnavailable, EncoderConfig, build, serve
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_LINE = re.compile(r"listening on port (\d+)")
@@ -106,3 +109,67 @@ def wait_serving(address: str, timeout: float = 60) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
+
+
+# ---- an encoder server run in the test process (build + serve on a LoopThread)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+class Encoder:
+    """A running encoder server (build + serve on the loop thread) and a channel to it."""
+
+    def __init__(self, loop: LoopThread, config: EncoderConfig, health_poll_s: float = 5.0):
+        self.loop = loop
+        self.server, self.app = loop.call(build(config))
+        self._stop = loop.call(_new_event())
+        self.task = loop.submit(serve(self.server, self.app, stop=self._stop, health_poll_s=health_poll_s))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def status(self, service: str = "") -> int:
+        """The health status, once the server answers at all."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+            except grpc.RpcError:
+                if time.monotonic() > deadline or self.task.done():
+                    raise
+                time.sleep(0.01)
+
+    def wait_serving(self) -> Encoder:
+        wait_until(lambda: self.task.done() or self.status() == SERVING, timeout=20)
+        if self.task.done():
+            self.task.result()  # raises why it did not start
+        return self
+
+    def request_stop(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self._stop.set)
+
+    def close(self) -> None:
+        if not self.task.done():
+            self.request_stop()
+        try:
+            self.task.result(30)
+        except BackendUnavailable:
+            pass  # a test expected it
+        self.channel.close()
+
+
+def encoder_config(repo: Path, **overrides: Any) -> EncoderConfig:
+    settings: dict[str, Any] = {"model_repo": repo, "host": "127.0.0.1", "port": 0, "metrics_port": -1}
+    return EncoderConfig(**{**settings, **overrides})

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import descriptor_pool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
 from ctl.tensors import product_from_proto, scene_from_proto
-from ctl.v1 import encoder_pb2, encoder_pb2_grpc
+from ctl.v1 import encoder_pb2
 from encoder_service import (
     SERVICE_NAME,
     BackendUnavailable,
@@ -39,15 +39,15 @@ from encoder_service import (
     ImageError,
     ImageTooLarge,
     MicroBatcher,
-    build,
     decode_image,
     from_args,
-    serve,
 )
 from encoder_service.cli import add_parser, main
 from style_model.data.images import PAD_COLOUR, load_image
 from style_model.export import load_encoder
-from tests.servers import LoopThread
+from tests.servers import Encoder
+from tests.servers import encoder_config as _config
+from tests.servers import wait_until as _wait_until
 
 SIZE, REGIONS, DIM = 64, 4, 32  # the exported_repo fixture's model
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -205,6 +205,32 @@ def test_batcher_splits_merges_and_drops_cancelled_requests():
     asyncio.run(scenario())
 
 
+def test_batcher_workers_run_passes_concurrently():
+    """With workers=3 (the Triton backend's setting) three full batches are in flight at once; with one
+    worker they run one after another."""
+
+    async def peak_in_flight(workers: int) -> int:
+        in_flight, peak = 0, 0
+
+        async def forward(images: np.ndarray) -> tuple[np.ndarray, ...]:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.05)
+            in_flight -= 1
+            return (images * 2,)
+
+        batcher = MicroBatcher("t", forward, max_batch=4, max_wait_s=0.0, max_queue=64, workers=workers)
+        batcher.start()
+        outs = await asyncio.gather(*(batcher.submit(np.full((4, 1), float(i))) for i in range(3)))
+        assert [float(o[0][0, 0]) for o in outs] == [0.0, 2.0, 4.0]
+        await batcher.close()
+        return peak
+
+    assert asyncio.run(peak_in_flight(3)) == 3
+    assert asyncio.run(peak_in_flight(1)) == 1
+
+
 def test_batcher_gives_a_backend_error_to_every_request_of_the_batch():
     async def scenario() -> None:
         async def forward(images: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -266,76 +292,10 @@ def test_cli_fails_cleanly_without_a_model(tmp_path, caplog):
 # ---------------------------------------------------------------- servers on loopback
 
 
-async def _new_event() -> asyncio.Event:
-    return asyncio.Event()
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
-class Encoder:
-    """A running encoder server (build + serve on the loop thread) and a channel to it."""
-
-    def __init__(self, loop: LoopThread, config: EncoderConfig, health_poll_s: float = 5.0):
-        self.loop = loop
-        self.server, self.app = loop.call(build(config))
-        self._stop = loop.call(_new_event())
-        self.task = loop.submit(serve(self.server, self.app, stop=self._stop, health_poll_s=health_poll_s))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
-        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def status(self, service: str = "") -> int:
-        """The health status, once the server answers at all."""
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
-            except grpc.RpcError:
-                if time.monotonic() > deadline or self.task.done():
-                    raise
-                time.sleep(0.01)
-
-    def wait_serving(self) -> Encoder:
-        _wait_until(lambda: self.task.done() or self.status() == SERVING, timeout=20)
-        if self.task.done():
-            self.task.result()  # raises why it did not start
-        return self
-
-    def request_stop(self) -> None:
-        self.loop.loop.call_soon_threadsafe(self._stop.set)
-
-    def close(self) -> None:
-        if not self.task.done():
-            self.request_stop()
-        try:
-            self.task.result(30)
-        except BackendUnavailable:
-            pass  # a test expected it
-        self.channel.close()
-
-
-def _config(repo: Path, **overrides: Any) -> EncoderConfig:
-    settings: dict[str, Any] = {"model_repo": repo, "host": "127.0.0.1", "port": 0, "metrics_port": -1}
-    return EncoderConfig(**{**settings, **overrides})
-
-
 def _error(call: Callable[[], Any]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

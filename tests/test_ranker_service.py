@@ -56,13 +56,6 @@ def encoder(exported_repo):
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
 def ranker_config(encoder_address: str, store: Path, **kw) -> RankerConfig:
     return RankerConfig(
         host="127.0.0.1",
