@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint protos clean triton-cpu
+.PHONY: demo test lint protos clean triton-cpu browser
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/ctl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,12 @@ demo: $(BIN)/ctl
 triton-cpu: $(BIN)/ctl
 	$(BIN)/python tools/triton_cpu.py setup
 
-test: $(BIN)/ctl triton-cpu
+# Debian's Chromium for the tests that open the HTML reports (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+test: $(BIN)/ctl triton-cpu browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -21,8 +21,8 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from ctl.progress import progress_bar
     from style_model.data.synth import SynthConfig, generate
-    from style_model.progress import progress_bar
 
     config = SynthConfig(scenes=args.scenes, seed=args.seed, domain=args.domain)
     with progress_bar(config.scenes, "synth scenes", "scene") as bar:
@@ -130,32 +130,55 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """synthetic data -> train -> evaluate -> export, reusing whatever an earlier demo left."""
-    from style_model.data.synth import SynthConfig, generate
-    from style_model.evaluate import evaluate, format_table
-    from style_model.export import export
-    from style_model.progress import progress_bar
-    from style_model.train import TrainConfig, train
+    from ctl.demo import DemoConfig, run_demo
 
-    log = logging.getLogger("ctl.demo")
-    root = Path(args.out)
-    data, run, repo = root / "data", root / "run", root / "triton_repo"
-    if (data / "fashion.json").exists():
-        log.info("reusing the synthetic dataset in %s", data)
-    else:
-        log.info("step 1/4: synthetic dataset (%d scenes) -> %s", args.scenes, data)
-        with progress_bar(args.scenes, "synth scenes", "scene") as bar:
-            generate(data, SynthConfig(scenes=args.scenes), progress=bar.update)
-    log.info("step 2/4: train -> %s (resumes or reuses an earlier run)", run)
-    summary = train(TrainConfig(epochs=args.epochs, max_examples=args.max_examples), data, run)
-    log.info("step 3/4: evaluate on the test split")
-    result = evaluate(run, data, split="test", seed_variant=args.seed_variant)
-    log.info("step 4/4: export -> %s", repo)
-    exported = export(run, repo)
-    print(format_table(result))
-    print(f"\npreset: {summary['resolved']['preset']} ({summary['resolved']['reason']})")
-    print(f"run: {run}  (curves: {run / 'curves.png'}, evaluation: {run / 'eval-test.json'})")
-    print(f"exported encoders: {repo}  (model version {exported['model_version']})")
+    return run_demo(
+        DemoConfig(
+            out=args.out,
+            scenes=args.scenes,
+            epochs=args.epochs,
+            max_examples=args.max_examples,
+            seed_variant=args.seed_variant,
+            weights=args.weights,
+            show_scenes=args.show_scenes,
+            keep_running=args.keep_running,
+        )
+    )
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import grpc
+
+    from ctl.recommend import catalog_images, file_reader, format_table, request, section
+    from ctl.report import write_report
+    from ctl.v1 import ranker_pb2_grpc
+
+    log = logging.getLogger("ctl.recommend")
+    try:
+        scene = args.scene.read_bytes()
+    except OSError as exc:
+        log.error("--scene %s: %s", args.scene, exc.strerror or exc)
+        return 2
+    explain = args.explain or args.html is not None
+    with grpc.insecure_channel(args.ranker) as channel:
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        try:
+            reply = stub.Recommend(
+                request(scene, args.category, args.limit, explain, args.mode), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            log.error("Recommend at %s: %s: %s", args.ranker, exc.code().name, exc.details())
+            return 1
+    print(format_table(reply, explain))
+    if args.html is not None:
+        images = file_reader(catalog_images(args.catalog, args.images) if args.catalog else {})
+        page = write_report(
+            args.html,
+            f"Complete the look — {args.scene.name}",
+            [section(args.scene.name, scene, reply, images)],
+            f"ranker {args.ranker}, model {reply.model_version}",
+        )
+        print(f"\nreport: {page.resolve()}")
     return 0
 
 
@@ -224,12 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the whole chain on generated data: synth, train, evaluate, export")
+    p = sub.add_parser(
+        "demo",
+        help="the whole system on generated data: train, export, serve, ingest, recommend, report",
+    )
     p.add_argument("--out", type=Path, default=Path(_env("DEMO_DIR", "runs/demo")), help="env CTL_DEMO_DIR")
     p.add_argument("--scenes", type=int, default=6000)
     p.add_argument("--epochs", type=int, help="default: the preset's")
     p.add_argument("--max-examples", type=int)
     p.add_argument("--seed-variant", action="store_true", help="also train and score the seed variant")
+    p.add_argument(
+        "--weights", help="torchvision's ImageNet ResNet-50 checkpoint FILE: trains the paper preset"
+    )
+    p.add_argument("--show-scenes", type=int, default=4, help="held-out scenes in the report")
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the encoder (:50051) and the ranker (:50052) running until Ctrl-C",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="TorchScript encoders and Triton configs")
@@ -237,9 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("triton_repo"))
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("recommend", help="ask a running ranker; print a table, optionally write HTML")
+    p.add_argument("--scene", type=Path, required=True, help="scene photo")
+    p.add_argument("--category", action="append", required=True, help="category (repeat for several)")
+    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--explain", action="store_true", help="also print the global and local distances")
+    p.add_argument("--mode", default="pooled", choices=["pooled", "exhaustive", "certify"])
+    p.add_argument("--ranker", default=_env("RANKER", "localhost:50052"), help="host:port (env CTL_RANKER)")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline of the call, seconds")
+    p.add_argument("--html", type=Path, help="write the scene, its attention and the products as HTML")
+    p.add_argument("--catalog", type=Path, help="the ingestion catalog, to show the product images")
+    p.add_argument("--images", type=Path, help="folder the catalog's image paths are relative to")
+    p.set_defaults(func=cmd_recommend)
+
+    from ctl.ingest.cli import add_parser as add_ingest
     from encoder_service.cli import add_parser as add_encoder
     from ranker_service.cli import add_parser as add_ranker
 
+    add_ingest(sub)
     add_encoder(sub)
     add_ranker(sub)
     return parser

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ctl.progress import progress_bar
 from style_model.data.images import load_many
 from style_model.data.stl import Dataset
-from style_model.progress import progress_bar
 
 log = logging.getLogger(__name__)
 Crop = tuple[float, float, float, float] | None

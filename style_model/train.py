@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ctl.progress import progress_bar
 from style_model.backbones import FIXED_BACKBONES
 from style_model.bank import FeatureBank, ImageBank, compute_features
 from style_model.config import ModelConfig
@@ -34,7 +35,6 @@ from style_model.data.stl import Dataset, load_dataset
 from style_model.embed import image_features, score_candidates
 from style_model.errors import ConfigError, RunError
 from style_model.model import StyleModel, hybrid_distance, hybrid_distance_matrix
-from style_model.progress import progress_bar
 from style_model.protocol import FITB_NEGATIVES, fitb_accuracy, sample_candidates
 from style_model.weights import IMAGENET_URLS, load_backbone_weights, resolve_imagenet
 

@@ -4,6 +4,7 @@ evaluation table and TorchScript export (real files, real processes)."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,7 @@ def test_finished_run_is_reused(tiny_run, synth_dir, caplog):
 
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
     from ctl.cli import main
+    from tests.browser import images_loaded, open_page
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--scenes", "40", "--epochs", "1", "--max-examples", "48"]
@@ -244,9 +246,29 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert info["preset"] == "offline" and info["config"]["backbone"] == "small"
     assert (out / "triton_repo" / "scene_encoder" / "1" / "model.pt").exists()
     assert json.loads((out / "run" / "eval-test.json").read_text())["examples"] > 0
-    # a second demo reuses the dataset and the trained run
+    # served, ingested through ctl ingest's job, recommended for held-out scenes, reported
+    catalog = [json.loads(line) for line in (out / "catalog.jsonl").read_text().splitlines()]
+    assert re.search(rf"ingested now\s+{len(catalog)}\n", printed)
+    assert f"report: {(out / 'report.html').resolve()}" in printed
+    with open_page(out / "report.html") as page:
+        sections = page.locator("section.scene-section").all()
+        assert 1 <= len(sections) <= 4
+        categories = sorted({r["category"] for r in catalog})
+        for s in sections:
+            shown = s.locator("h3.category").all_inner_texts()
+            assert sorted(shown) == categories  # the whole look: every category, the hidden one first
+            assert "hidden" in s.locator("li").all_inner_texts()[0]
+            assert s.locator("tr.rec").count() == 5 * len(categories)
+        assert all(images_loaded(page, "img.product")) and all(images_loaded(page, "img.scene"))
+        ids = page.eval_on_selector_all("tr.rec", "rs => rs.map(r => r.dataset.productId)")
+        assert set(ids) <= {r["product_id"] for r in catalog}
+    # a second demo reuses the dataset, the trained run and the ingested catalog
     assert main(args) == 0
-    assert "model version" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "model version" in again
+    assert re.search(rf"already ingested\s+{len(catalog)}\s", again) and re.search(
+        r"ingested now\s+0\n", again
+    )
 
 
 def test_training_on_stl_metadata_without_images_says_what_is_missing(stl_dir, tmp_path):

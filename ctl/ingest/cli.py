@@ -1,0 +1,115 @@
+"""`ctl ingest`: flags (each with a CTL_INGEST_* environment variable) and the command's lifecycle."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+from ctl.ingest.catalog import FORMATS, CatalogError
+from ctl.ingest.job import IngestConfig, Summary, format_summary, ingest
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"CTL_INGEST_{name}", default)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "ingest",
+        help="stream a product catalog (JSON lines or CSV + image files) into the ranker; resumable",
+        description="Reads CATALOG (columns product_id, category, image, metadata) and sends it to the "
+        "ranker's UpsertProducts, several streams at once. A journal next to the catalog makes a killed job "
+        "continue where it stopped; every record that is not ingested is listed with its reason in the "
+        "error report. Exit status 0: all ingested; 1: some failed or the job stopped; 2: bad arguments.",
+    )
+    p.add_argument("catalog", type=Path, help="catalog file: .jsonl or .csv")
+    p.add_argument(
+        "--images", type=Path, help="folder the image paths are relative to (default: the catalog's)"
+    )
+    p.add_argument("--format", choices=FORMATS, help="catalog format (default: from the suffix)")
+    p.add_argument("--metadata-columns", default="", help="comma-separated extra columns kept as metadata")
+    p.add_argument(
+        "--ranker",
+        default=_env("RANKER", "localhost:50052"),
+        help="the ranker, host:port (env CTL_INGEST_RANKER; default %(default)s)",
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="no ranker to reach: run the encoder and the ranker in this process (needs --model-repo)",
+    )
+    p.add_argument(
+        "--model-repo", type=Path, default=_env("MODEL_REPO"), help="with --embedded: exported encoders"
+    )
+    p.add_argument(
+        "--store-path",
+        default=_env("STORE_PATH", "ctl-store/{model_version}"),
+        help="with --embedded: the store directory ({model_version} is replaced; default %(default)s)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=int(_env("BATCH", 64)), help="records per stream (default %(default)s)"
+    )
+    p.add_argument(
+        "--streams", type=int, default=int(_env("STREAMS", 4)), help="streams in flight (default %(default)s)"
+    )
+    p.add_argument("--retries", type=int, default=int(_env("RETRIES", 5)), help="retries of a failed stream")
+    p.add_argument("--journal", type=Path, help="journal file (default: CATALOG.journal)")
+    p.add_argument("--errors", type=Path, help="error report (default: CATALOG.errors.jsonl)")
+    p.add_argument("--fresh", action="store_true", help="ignore the journal: send every record again")
+    p.set_defaults(func=main)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> IngestConfig:
+    return IngestConfig(
+        catalog=args.catalog,
+        images=args.images,
+        format=args.format,
+        metadata_columns=tuple(c.strip() for c in args.metadata_columns.split(",") if c.strip()),
+        batch=args.batch,
+        streams=args.streams,
+        retries=args.retries,
+        journal=args.journal,
+        errors=args.errors,
+        fresh=args.fresh,
+    )
+
+
+async def run_against(config: IngestConfig, address: str) -> Summary:
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        return await ingest(config, channel)
+
+
+async def run_embedded(config: IngestConfig, model_repo: Path, store_path: str) -> Summary:
+    from ctl.local import local_services
+
+    async with local_services(model_repo, store_path) as services:
+        return await run_against(config, services.ranker_address)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+        if args.embedded and not args.model_repo:
+            raise ValueError("--embedded needs --model-repo (the folder `ctl export` wrote)")
+        if args.embedded:
+            summary = asyncio.run(run_embedded(config, args.model_repo, args.store_path))
+        else:
+            summary = asyncio.run(run_against(config, args.ranker))
+    except (CatalogError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        log.error("the ranker at %s: %s: %s", args.ranker, exc.code().name, exc.details())
+        return 1
+    print(format_summary(config, summary))
+    return 0 if summary.ok else 1

@@ -1,0 +1,67 @@
+"""The encoder and the ranker run inside this process, on loopback: `ctl ingest --embedded` and `ctl demo`.
+
+The same servers as `ctl serve-encoder` / `ctl serve-ranker` (in-process TorchScript, embedded Qdrant),
+started on the running event loop without their signal handling, so that the caller owns the lifecycle.
+Needs the `model` extra (torch), which the ranker alone never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalServices:
+    encoder_address: str
+    ranker_address: str
+    store_path: str
+
+
+@contextlib.asynccontextmanager
+async def local_services(
+    model_repo: Path,
+    store_path: str,
+    *,
+    host: str = "127.0.0.1",
+    encoder_port: int = 0,
+    ranker_port: int = 0,
+    grace_s: float = 5.0,
+) -> AsyncIterator[LocalServices]:
+    """Encoder (TorchScript from `model_repo`) and ranker (embedded store at `store_path`, where
+    `{model_version}` is replaced), both SERVING when this yields; drained and closed on exit."""
+    from encoder_service import EncoderConfig, build
+    from ranker_service.config import RankerConfig
+    from ranker_service.server import Ranker
+
+    encoder_server, app = await build(
+        EncoderConfig(model_repo=Path(model_repo), host=host, port=encoder_port, metrics_port=-1)
+    )
+    await encoder_server.set_serving(False)
+    await encoder_server.grpc_server.start()
+    ranker = None
+    try:
+        await app.start()
+        await encoder_server.set_serving(True)
+        encoder_address = f"{host}:{encoder_server.port}"
+        ranker = Ranker(
+            RankerConfig(
+                host=host, port=ranker_port, metrics_port=-1, encoder=encoder_address, store_path=store_path
+            )
+        )
+        await ranker.start()
+        assert ranker.store is not None
+        location = ranker.store.description
+        log.info("local encoder on %s, ranker on %s:%d (%s)", encoder_address, host, ranker.port, location)
+        yield LocalServices(encoder_address, f"{host}:{ranker.port}", location)
+    finally:
+        if ranker is not None:
+            await ranker.stop(grace=grace_s)
+        await encoder_server.set_serving(False)
+        await encoder_server.grpc_server.stop(grace_s)
+        await app.close()
