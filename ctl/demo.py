@@ -198,6 +198,7 @@ Try:
     )
     try:
         await stop.wait()
+        log.info("stopping the encoder and the ranker")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

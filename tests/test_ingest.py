@@ -256,3 +256,9 @@ def test_csv_catalog_into_the_embedded_store(exported_repo, synth_dir, tmp_path)
     counts, (point,) = asyncio.run(read_back())
     assert counts == dict(Counter(cat for _, cat in rows))
     assert point.metadata == {"brand": "b1", "season": "summer"} and point.category == rows[4][1]
+
+
+def test_a_missing_catalog_is_a_usage_error(tmp_path):
+    result = ctl("ingest", str(tmp_path / "nope.jsonl"), "--ranker", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert "nope.jsonl: no such catalog file" in result.stderr

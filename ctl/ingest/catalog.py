@@ -64,6 +64,8 @@ def read_catalog(
 
 def count_records(path: Path, fmt: str | None = None) -> int:
     """How many records `read_catalog` will yield (for progress), without checking them."""
+    if not Path(path).is_file():
+        raise CatalogError(f"{path}: no such catalog file")
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         if catalog_format(Path(path), fmt) == "csv":
             return max(0, sum(1 for row in csv.reader(f) if any(cell.strip() for cell in row)) - 1)

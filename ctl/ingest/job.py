@@ -238,21 +238,23 @@ async def catalog_stats(
 async def ingest(config: IngestConfig, channel: grpc.aio.Channel) -> Summary:
     """Runs the job against the ranker behind `channel`; the error report is written before returning."""
     started = time.monotonic()
+    total = count_records(config.catalog, config.format)  # CatalogError before anything is sent
     stub = ranker_pb2_grpc.RankerServiceStub(channel)
     stats = await catalog_stats(stub)
     summary = Summary(model_version=stats.model_version)
     journal = Journal(config.journal_path, stats.store, stats.model_version, fresh=config.fresh)
-    total = count_records(config.catalog, config.format)
     queue: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=config.streams)
     try:
         with progress_bar(total, "ingest", "product") as bar:
             planner = _Planner(config, journal, summary, bar)
 
             async def produce() -> None:
-                while batch := await asyncio.to_thread(planner.next_batch):
-                    await queue.put(batch)
-                for _ in range(config.streams):
-                    await queue.put(None)
+                try:
+                    while batch := await asyncio.to_thread(planner.next_batch):
+                        await queue.put(batch)
+                finally:  # the streams finish what they hold and stop, whatever happened here
+                    for _ in range(config.streams):
+                        await queue.put(None)
 
             async def consume() -> None:
                 while (items := await queue.get()) is not None:
