@@ -182,6 +182,24 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check: 0 when SERVING (container health checks, scripts), 1 otherwise."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}{' ' + args.service if args.service else ''}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
@@ -284,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", type=Path, help="the ingestion catalog, to show the product images")
     p.add_argument("--images", type=Path, help="folder the catalog's image paths are relative to")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("health", help="ask a server's gRPC health check; exit 0 when SERVING")
+    p.add_argument("address", help="host:port")
+    p.add_argument("--service", default="", help="a service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
 
     from ctl.ingest.cli import add_parser as add_ingest
     from encoder_service.cli import add_parser as add_encoder

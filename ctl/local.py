@@ -42,7 +42,7 @@ async def local_services(
     encoder_server, app = await build(
         EncoderConfig(model_repo=Path(model_repo), host=host, port=encoder_port, metrics_port=-1)
     )
-    await encoder_server.set_serving(False)
+    await encoder_server.begin()
     await encoder_server.grpc_server.start()
     ranker = None
     try:

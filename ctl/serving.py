@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 log = logging.getLogger(__name__)
 
+LIVENESS = "liveness"  # the health service name that only says the process is up
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
@@ -164,6 +166,13 @@ class Server:
     service_names: tuple[str, ...]
     metrics: Metrics
 
+    async def begin(self) -> None:
+        """Before start: the services NOT_SERVING until their dependencies answer, and `liveness` SERVING
+        for as long as the process serves (a liveness probe must not restart a pod whose dependency is
+        down: only readiness follows the dependencies)."""
+        await self.set_serving(False)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+
     async def set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -220,7 +229,7 @@ async def serve_forever(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     # grpc's health servicer starts with "" SERVING: say NOT_SERVING until on_start has succeeded
-    await server.set_serving(False)
+    await server.begin()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)

@@ -4,23 +4,42 @@ Images are decoded and letterboxed exactly as in training, batched across concur
 by the exported TorchScript encoders in-process or on a Triton server.
 """
 
-from encoder_service.app import EncoderApp, ProductResult
-from encoder_service.backends import EncoderBackend, ModelInfoData, make_backend
-from encoder_service.batcher import MicroBatcher
-from encoder_service.config import EncoderConfig, add_arguments, from_args
-from encoder_service.decode import decode_image
-from encoder_service.errors import (
-    ERROR_CODES,
-    BackendUnavailable,
-    ConfigError,
-    EncoderError,
-    ImageError,
-    ImageTooLarge,
-    Overloaded,
-    TooManyImages,
-)
-from encoder_service.server import build, run, serve
-from encoder_service.service import SERVICE_NAME, EncoderServicer
+import importlib
+
+# Names are loaded on first use (PEP 562): `ctl`'s parser needs only encoder_service.config, and the
+# ranker's image (no torch, no Pillow) must be able to build it.
+_EXPORTS = {
+    "EncoderApp": "app",
+    "ProductResult": "app",
+    "EncoderBackend": "backends",
+    "ModelInfoData": "backends",
+    "make_backend": "backends",
+    "MicroBatcher": "batcher",
+    "EncoderConfig": "config",
+    "add_arguments": "config",
+    "from_args": "config",
+    "decode_image": "decode",
+    "ERROR_CODES": "errors",
+    "BackendUnavailable": "errors",
+    "ConfigError": "errors",
+    "EncoderError": "errors",
+    "ImageError": "errors",
+    "ImageTooLarge": "errors",
+    "Overloaded": "errors",
+    "TooManyImages": "errors",
+    "build": "server",
+    "run": "server",
+    "serve": "server",
+    "SERVICE_NAME": "service",
+    "EncoderServicer": "service",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "ERROR_CODES",

@@ -23,6 +23,8 @@ class RankerConfig:
     collection: str = "ctl_products_{model_version}"
     qdrant_api_key: str = ""
     qdrant_timeout_s: float = 10.0
+    qdrant_shards: int = 0  # when the collection is created; 0: the server's default
+    qdrant_replication_factor: int = 0  # copies of each shard; 0: the server's default
     max_message_bytes: int = 64 * MiB
     max_limit: int = 1000
     max_categories: int = 32
@@ -50,6 +52,8 @@ _HELP = {
     "collection": "Qdrant collection (with --qdrant-url); {model_version} is replaced",
     "qdrant_api_key": "Qdrant API key (prefer the environment variable)",
     "qdrant_timeout_s": "Qdrant request timeout",
+    "qdrant_shards": "shards of a new collection (a cluster; 0: the server's default)",
+    "qdrant_replication_factor": "copies of each shard of a new collection (0: the server's default)",
     "max_message_bytes": "largest gRPC message received or sent",
     "max_limit": "largest Recommend limit",
     "max_categories": "most categories in one Recommend",

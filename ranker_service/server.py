@@ -33,6 +33,8 @@ async def open_store(config: RankerConfig, info: ModelInfo) -> ProductStore:
             collection=location,
             api_key=config.qdrant_api_key or None,
             timeout=config.qdrant_timeout_s,
+            shards=config.qdrant_shards or None,
+            replication_factor=config.qdrant_replication_factor or None,
         )
     return await open_edge_store(location, info.model_version, info.dim)
 
@@ -79,7 +81,7 @@ class Ranker:
 
     async def start(self) -> None:
         """Starts serving (for tests and embedding; `run` is the command's lifecycle)."""
-        await self.server.set_serving(False)
+        await self.server.begin()
         await self.server.grpc_server.start()
         await self.bring_up()
 

@@ -476,6 +476,32 @@ def test_health_reflection_and_metrics(channel, ranker, encoder):
     assert 'ctl_ranker_candidates_scored_count{mode="certify"}' in text
 
 
+def test_ctl_health_command(ranker):
+    """`ctl health` (the containers' health check) exits 0 only for SERVING."""
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctl.cli",
+            "health",
+            f"127.0.0.1:{ranker.port}",
+            "--service",
+            "ctl.v1.RankerService",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "ctl.cli", "health", f"127.0.0.1:{ranker.port}", "--service", "no.Such"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stdout
+
+
 def test_restart_on_the_same_store_keeps_the_catalog(loop, encoder, store_dir, tmp_path, ranker, stub):
     """A second ranker on the same directory is refused while the first holds it; after the first stops,
     a new one serves the same catalog. (Runs last among the tests that use the module's ranker.)"""
@@ -513,6 +539,8 @@ def test_encoder_down_gives_unavailable_quickly_and_recovers(loop, exported_repo
             while health(f"127.0.0.1:{r.port}") != health_pb2.HealthCheckResponse.NOT_SERVING:
                 assert time.monotonic() < deadline, "health did not turn NOT_SERVING"
                 time.sleep(0.1)
+            # readiness follows the encoder; liveness does not (no restart can bring the encoder back)
+            assert health(f"127.0.0.1:{r.port}", "liveness") == health_pb2.HealthCheckResponse.SERVING
             enc = start_encoder(exported_repo, "--port", str(port))
             wait_serving(f"127.0.0.1:{r.port}", timeout=30)
             assert stub.Recommend(request, timeout=10).results[0].products[0].product_id == "p"
@@ -521,13 +549,35 @@ def test_encoder_down_gives_unavailable_quickly_and_recovers(loop, exported_repo
         enc.stop()
 
 
-def test_the_ranker_never_imports_torch():
-    code = (
-        "import sys, ranker_service.server, ranker_service.cli, ctl.cli; "
-        "ctl.cli.build_parser(); "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
+RANKER_IMAGE = """
+import importlib.abc, sys
+
+class NotInTheImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "PIL", "torchvision"):
+            raise ImportError(f"{name} is not in the ranker's image")
+
+sys.meta_path.insert(0, NotInTheImage())
+"""
+
+
+def test_the_ranker_and_the_ingest_client_run_without_torch_or_pillow():
+    """As in the ranker's container image (base install: no torch, no Pillow): the `ctl` parser, the ranker,
+    `ctl ingest`, `ctl recommend` and its report import, and `ctl serve-ranker`'s flags parse."""
+    code = RANKER_IMAGE + (
+        "import ranker_service.server, ranker_service.cli, ctl.cli\n"
+        "import ctl.ingest.cli, ctl.recommend, ctl.report\n"
+        "ctl.cli.build_parser().parse_args(['serve-ranker', '--port', '0'])\n"
+        "assert not {'torch', 'PIL'} & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    blocked = subprocess.run(
+        [sys.executable, "-c", RANKER_IMAGE + "import encoder_service.decode"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert "not in the ranker's image" in blocked.stderr  # the blocker works
 
 
 def test_serve_ranker_command_drains_in_flight_calls_on_sigterm(encoder, tmp_path, scenes):

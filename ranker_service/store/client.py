@@ -234,9 +234,18 @@ class QdrantClientStore(ProductStore):
 
 
 async def _ensure_collection(
-    client: AsyncQdrantClient, collection: str, where: str, model_version: str, dim: int, *, local: bool
+    client: AsyncQdrantClient,
+    collection: str,
+    where: str,
+    model_version: str,
+    dim: int,
+    *,
+    local: bool,
+    shards: int | None = None,
+    replication_factor: int | None = None,
 ) -> None:
-    """Create the collection if missing (the embedded store's schema), then check its version and dim."""
+    """Create the collection if missing (the embedded store's schema, with the cluster's shard count and
+    replication factor; None: the server's defaults), then check its version and dim."""
     with _map_errors(f"look up collection {collection!r}", where):
         exists = await client.collection_exists(collection)
     if not exists:
@@ -250,6 +259,8 @@ async def _ensure_collection(
                         ATTENTION: qm.VectorParams(size=dim, distance=qm.Distance.DOT, hnsw_config=unindexed),
                     },
                     metadata={"model_version": model_version, "dim": dim},
+                    shard_number=shards,
+                    replication_factor=replication_factor,
                 )
         except StoreError:
             # Another process may have created it meanwhile: then check that one, else report the failure.
@@ -302,6 +313,8 @@ async def open_client_store(
     timeout: float = 10,
     location: str | None = None,
     path: str | Path | None = None,
+    shards: int | None = None,
+    replication_factor: int | None = None,
 ) -> QdrantClientStore:
     """Open the store on collection `collection` of the Qdrant at `url`, creating the collection if missing.
 
@@ -310,7 +323,8 @@ async def open_client_store(
     passed to httpx (False, or a CA bundle path) for self-signed TLS. `timeout` (seconds) bounds each
     request, so an unreachable server fails fast with StoreError naming the URL.
     Raises VersionMismatch when the collection was made for another model version or dimension, and
-    StoreLocked when a local-mode `path` is already open elsewhere.
+    StoreLocked when a local-mode `path` is already open elsewhere. `shards` and `replication_factor`
+    apply when the collection is created (a cluster: e.g. 6 shards, each on 2 of 3 nodes).
     """
     if sum(x is not None for x in (url, location, path)) != 1:
         raise ValueError(
@@ -341,7 +355,16 @@ async def open_client_store(
                 **extra,
             )
     try:
-        await _ensure_collection(client, collection, where, model_version, dim, local=local)
+        await _ensure_collection(
+            client,
+            collection,
+            where,
+            model_version,
+            dim,
+            local=local,
+            shards=shards,
+            replication_factor=replication_factor,
+        )
     except BaseException:
         await client.close()
         raise
