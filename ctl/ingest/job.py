@@ -30,6 +30,10 @@ from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# Record failures that depend only on the record (a corrupt image...): journaled, not retried by a rerun.
+# Any other status of a record (RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL...) is reported, and sent again
+# by the next run.
+PERMANENT = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "ALREADY_EXISTS", "OUT_OF_RANGE"}
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -288,8 +292,9 @@ async def _stream(stub, items: list[_Item], config: IngestConfig, journal: Journ
         if f is None:
             entries.append((it.record.product_id, Outcome(it.digest, True, it.record.line)))
         else:
-            outcome = Outcome(it.digest, False, it.record.line, f.error.code, f.error.message)
-            entries.append((it.record.product_id, outcome))
+            if f.error.code in PERMANENT:  # the same content would fail again: never sent twice
+                outcome = Outcome(it.digest, False, it.record.line, f.error.code, f.error.message)
+                entries.append((it.record.product_id, outcome))
             summary.failures.append(
                 Failure(it.record.line, it.record.product_id, f.error.code, f.error.message)
             )

@@ -1,0 +1,176 @@
+"""Ingestion: products/s of `ctl ingest` from image files end to end (encoder and ranker as real servers,
+embedded store), from precomputed embeddings (UpsertProducts), and the share of the raw encoder's batched
+throughput that the image pipeline keeps.
+
+    python -m bench.ingest --model-repo runs/demo/triton_repo --products 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bench.common import Timer, machine, start_ctl, synthetic_catalog, table
+from ctl.tensors import product_to_proto
+from ctl.v1 import ranker_pb2, ranker_pb2_grpc
+
+
+def raw_rate(model_repo: Path, files: list[Path], size: int) -> tuple[float, float]:
+    """(forward only, decode + forward) images/s of the product encoder at batch 32, in this process."""
+    import torch
+
+    from style_model.data.images import load_image
+    from style_model.export import load_encoder
+
+    module, _ = load_encoder(model_repo / "product_encoder" / "1" / "model.pt")
+    sample = files[:256]
+    with Timer() as decode:
+        pixels = np.stack([load_image(f, size) for f in sample])
+    with torch.inference_mode():
+        module(torch.from_numpy(pixels[:32]))
+        with Timer() as forward:
+            for start in range(0, len(pixels), 32):
+                module(torch.from_numpy(pixels[start : start + 32]))
+    return len(sample) / forward.seconds, len(sample) / (forward.seconds + decode.seconds)
+
+
+async def embeddings_rate(address: str, n: int, version: str, dim: int) -> float:
+    cat = synthetic_catalog(n, dim, seed=11)
+    requests = [
+        ranker_pb2.UpsertProductsRequest(
+            product=ranker_pb2.Product(
+                product_id=f"e{i}",
+                category=cat.names[cat.categories[i]],
+                embedding=product_to_proto(cat.styles[i], cat.keys[i], version),
+            )
+        )
+        for i in range(n)
+    ]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        with Timer() as t:
+            streams = [requests[i : i + 1000] for i in range(0, n, 1000)]
+            for i in range(0, len(streams), 4):  # 4 streams in flight, as ctl ingest does
+                replies = await asyncio.gather(
+                    *(stub.UpsertProducts(iter(s), timeout=300) for s in streams[i : i + 4])
+                )
+                assert all(not r.failures for r in replies), replies[0].failures[:3]
+    return n / t.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-repo", type=Path, default=Path("runs/demo/triton_repo"))
+    parser.add_argument("--data", type=Path, default=Path("runs/demo/data"))
+    parser.add_argument("--products", type=int, default=2000)
+    parser.add_argument("--embeddings", type=int, default=20000)
+    args = parser.parse_args()
+    info = json.loads((args.model_repo / "model_info.json").read_text())
+    version, size, dim = info["model_version"], info["config"]["input_size"], info["config"]["embed_dim"]
+    categories = json.loads((args.data / "fashion-cat.json").read_text())
+    rows = [
+        (sig, cat, args.data / "images" / f"{sig}.jpg")
+        for sig, cat in sorted(categories.items())
+        if (args.data / "images" / f"{sig}.jpg").exists()
+    ][: args.products]
+    print(
+        f"# bench/ingest.py — {time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}. Command: "
+        f"`python -m bench.ingest {' '.join(sys.argv[1:])}`\n"
+    )
+    forward, decoded = raw_rate(args.model_repo, [f for _, _, f in rows], size)
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = Path(tmp) / "catalog.jsonl"
+        catalog.write_text(
+            "".join(json.dumps({"product_id": s, "category": c, "image": str(f)}) + "\n" for s, c, f in rows)
+        )
+        enc, enc_port = start_ctl(
+            "serve-encoder",
+            "--model-repo",
+            str(args.model_repo),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            log_path=f"{tmp}/encoder.log",
+        )
+        ranker, port = start_ctl(
+            "serve-ranker",
+            "--encoder",
+            f"127.0.0.1:{enc_port}",
+            "--store-path",
+            f"{tmp}/store/{{model_version}}",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--host",
+            "127.0.0.1",
+            log_path=f"{tmp}/ranker.log",
+        )
+        try:
+            with Timer() as wall:
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "ctl.cli",
+                        "ingest",
+                        str(catalog),
+                        "--ranker",
+                        f"127.0.0.1:{port}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+            if done.returncode != 0:
+                sys.exit(done.stdout + done.stderr)
+            took = float(re.search(r"took ([\d.]+) s", done.stdout).group(1))
+            from_embeddings = asyncio.run(embeddings_rate(f"127.0.0.1:{port}", args.embeddings, version, dim))
+        finally:
+            for p in (ranker, enc):
+                p.terminate()
+                p.wait(30)
+    n = len(rows)
+    print(
+        table(
+            ["what", "products/s", "share of the raw encoder"],
+            [
+                [f"raw product encoder, batch 32, forward only ({n} images)", f"{forward:.1f}", "100%"],
+                [
+                    "raw product encoder, batch 32, decode + forward (one thread)",
+                    f"{decoded:.1f}",
+                    f"{100 * decoded / forward:.0f}%",
+                ],
+                [
+                    f"`ctl ingest` from image files, {n} products (job's own clock)",
+                    f"{n / took:.1f}",
+                    f"{100 * n / took / forward:.0f}%",
+                ],
+                [
+                    "`ctl ingest`, process wall clock (start-up included)",
+                    f"{n / wall.seconds:.1f}",
+                    f"{100 * n / wall.seconds / forward:.0f}%",
+                ],
+                [
+                    f"UpsertProducts with precomputed embeddings ({args.embeddings:,})",
+                    f"{from_embeddings:,.0f}",
+                    "-",
+                ],
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
