@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ranker_service.errors import InvalidRequest, RankerError, VersionMismatch
+from ranker_service.errors import InvalidRequest, RankerError, StoreError, VersionMismatch
 from ranker_service.store.base import ATTENTION, STYLE, ProductPoint, point_id
 
 FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
@@ -82,16 +82,27 @@ def stored_points(
     return [(pid, *stored_fields(p, model_version, dim)) for pid, p in latest.items()]
 
 
-def product(vectors: Mapping[str, Any], payload: Mapping[str, Any]) -> ProductPoint:
-    """A stored point's named vectors and payload back as a ProductPoint."""
-    return ProductPoint(
-        product_id=payload["product_id"],
-        category=payload["category"],
-        style=np.asarray(vectors[STYLE], dtype=np.float32),
-        attention=np.asarray(vectors[ATTENTION], dtype=np.float32),
-        metadata=dict(payload.get("metadata") or {}),
-        model_version=payload.get("model_version", ""),
-    )
+def products(records: Sequence[tuple[Any, Any]], engine: str) -> list[ProductPoint]:
+    """Stored points (named vectors, payload) back as ProductPoints. The engines hand vectors over as Python
+    lists: they become one [N, 2, D] array in a single conversion (a conversion per vector is most of
+    a search's time), and each point's vectors are views of it."""
+    for vectors, payload in records:
+        if not isinstance(vectors, Mapping) or payload is None:
+            raise StoreError(f"{engine} returned a point without its named vectors or payload")
+    if not records:
+        return []
+    arrays = np.asarray([(v[STYLE], v[ATTENTION]) for v, _ in records], dtype=np.float32)
+    return [
+        ProductPoint(
+            product_id=payload["product_id"],
+            category=payload["category"],
+            style=arrays[i, 0],
+            attention=arrays[i, 1],
+            metadata=dict(payload.get("metadata") or {}),
+            model_version=payload.get("model_version", ""),
+        )
+        for i, (_, payload) in enumerate(records)
+    ]
 
 
 def point_ids(product_ids: Sequence[str]) -> list[str]:

@@ -33,7 +33,7 @@ from ranker_service.store._points import (
     metadata_path,
     parse_offset,
     point_ids,
-    product,
+    products,
     query_rows,
     stored_points,
 )
@@ -81,13 +81,6 @@ def _filter(query: Query) -> qm.Filter:
         ids: list[qm.ExtendedPointId] = [point_id(product_id) for product_id in query.exclude_ids]
         must_not.append(qm.HasIdCondition(has_id=ids))
     return qm.Filter(must=must, must_not=must_not or None)
-
-
-def _product(vectors: Any, payload: Mapping[str, Any] | None) -> ProductPoint:
-    """A stored point (named vectors and payload) back as a ProductPoint."""
-    if not isinstance(vectors, Mapping) or payload is None:
-        raise StoreError("Qdrant returned a point without its named vectors or payload")
-    return product(vectors, payload)
 
 
 class QdrantClientStore(ProductStore):
@@ -160,7 +153,12 @@ class QdrantClientStore(ProductStore):
         with _map_errors("search", self._where):
             responses = await client.query_batch_points(self.collection, requests)
         return [
-            [Hit(score=float(p.score), point=_product(p.vector, p.payload)) for p in response.points]
+            [
+                Hit(score=float(p.score), point=point)
+                for p, point in zip(
+                    response.points, products([(p.vector, p.payload) for p in response.points], "Qdrant")
+                )
+            ]
             for response in responses
         ]
 
@@ -180,7 +178,7 @@ class QdrantClientStore(ProductStore):
                 with_payload=True,
                 with_vectors=True,
             )
-        points = [_product(r.vector, r.payload) for r in records]
+        points = products([(r.vector, r.payload) for r in records], "Qdrant")
         return points, None if next_offset is None else str(next_offset)
 
     async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
@@ -191,7 +189,9 @@ class QdrantClientStore(ProductStore):
             return []
         with _map_errors("retrieve points", self._where):
             records = await client.retrieve(self.collection, ids, with_payload=True, with_vectors=True)
-        found = {str(r.id): _product(r.vector, r.payload) for r in records}
+        found = dict(
+            zip((str(r.id) for r in records), products([(r.vector, r.payload) for r in records], "Qdrant"))
+        )
         return in_order(ids, found)
 
     async def delete(self, product_ids: Sequence[str]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from ranker_service.store._points import (
     metadata_path,
     parse_offset,
     point_ids,
-    product,
+    products,
     query_rows,
     stored_points,
 )
@@ -143,13 +143,6 @@ def _filter(query: Query) -> qe.Filter:
     return qe.Filter(must=must, must_not=must_not or None)
 
 
-def _product(vectors: Mapping[str, Any] | None, payload: Mapping[str, Any] | None) -> ProductPoint:
-    """A stored point (vectors and payload) back as a ProductPoint."""
-    if vectors is None or payload is None:
-        raise StoreError("qdrant-edge returned a point without its vectors or payload")
-    return product(vectors, payload)
-
-
 class EdgeStore(ProductStore):
     """Products in an embedded qdrant-edge shard: the default store, one directory per model version.
 
@@ -206,7 +199,11 @@ class EdgeStore(ProductStore):
         with _map_errors("search", self.path):
             batches = shard.query_batch(qe.QueryBatchRequest(requests))
         return [
-            [Hit(score=float(p.score), point=_product(p.vector, p.payload)) for p in hits] for hits in batches
+            [
+                Hit(score=float(p.score), point=point)
+                for p, point in zip(hits, products([(p.vector, p.payload) for p in hits], "qdrant-edge"))
+            ]
+            for hits in batches
         ]
 
     async def scroll(
@@ -221,7 +218,7 @@ class EdgeStore(ProductStore):
         )
         with _map_errors("scroll", self.path):
             records, next_offset = shard.scroll(request)
-        points = [_product(r.vector, r.payload) for r in records]
+        points = products([(r.vector, r.payload) for r in records], "qdrant-edge")
         return points, None if next_offset is None else str(next_offset)
 
     async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
@@ -232,7 +229,12 @@ class EdgeStore(ProductStore):
             return []
         with _map_errors("retrieve points", self.path):
             records = shard.retrieve(ids, with_payload=True, with_vector=True)
-        found = {str(r.id): _product(r.vector, r.payload) for r in records}
+        found = dict(
+            zip(
+                (str(r.id) for r in records),
+                products([(r.vector, r.payload) for r in records], "qdrant-edge"),
+            )
+        )
         return in_order(ids, found)
 
     async def delete(self, product_ids: Sequence[str]) -> None:
