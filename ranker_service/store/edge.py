@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -31,7 +32,6 @@ from numpy.typing import NDArray
 
 from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionMismatch
 from ranker_service.store._points import (
-    FACET_START,
     check_limit,
     check_model,
     in_order,
@@ -156,6 +156,37 @@ class EdgeStore(ProductStore):
         self.model_version = model_version
         self.dim = dim
         self.description = f"embedded qdrant-edge at {path}"
+        # Every product, by point id, as this process stored it. The engine hands vectors and payloads
+        # to Python one float and one dict at a time, which costs more than the search itself (DESIGN.md
+        # §2; docs/BENCHMARKS.md), so searches ask it for ids and scores only. Safe because this store is
+        # the shard's only writer (its WAL locks the directory). About 2 KB per product.
+        self._points: dict[str, ProductPoint] = {}
+        self._counts: Counter[str] = Counter()
+        self._load()
+
+    def _load(self) -> None:
+        shard = self._live()
+        offset = None
+        while True:
+            request = qe.ScrollRequest(offset=offset, limit=4096, with_payload=True, with_vector=True)
+            with _map_errors("load the products", self.path):
+                records, offset = shard.scroll(request)
+            for r, point in zip(records, products([(r.vector, r.payload) for r in records], "qdrant-edge")):
+                self._remember(str(r.id), point)
+            if offset is None:
+                return
+
+    def _remember(self, pid: str, point: ProductPoint) -> None:
+        old = self._points.get(pid)
+        if old is not None:
+            self._counts[old.category] -= 1
+        self._points[pid] = point
+        self._counts[point.category] += 1
+
+    def _forget(self, pid: str) -> None:
+        old = self._points.pop(pid, None)
+        if old is not None:
+            self._counts[old.category] -= 1
 
     def _live(self) -> qe.EdgeShard:
         """The open shard; StoreClosed once `close()` was called."""
@@ -166,19 +197,22 @@ class EdgeStore(ProductStore):
     async def upsert(self, points: Sequence[ProductPoint]) -> None:
         """One engine update for the whole batch; a product listed twice keeps its last version."""
         shard = self._live()
-        engine_points = [
-            qe.Point(id=pid, vector=vectors, payload=payload)
-            for pid, vectors, payload in stored_points(points, self.model_version, self.dim)
-        ]
-        if not engine_points:
+        stored = stored_points(points, self.model_version, self.dim)
+        if not stored:
             return
+        engine_points = [
+            qe.Point(id=pid, vector=vectors, payload=payload) for pid, vectors, payload in stored
+        ]
         with _map_errors("upsert points", self.path):
             shard.update(qe.UpdateOperation.upsert_points(engine_points))
+        for (pid, _, _), point in zip(stored, products([(v, pl) for _, v, pl in stored], "qdrant-edge")):
+            self._remember(pid, point)
 
     async def search(
         self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
     ) -> list[list[Hit]]:
-        """All rows in one `query_batch` call (the engine plans them together and holds the GIL once)."""
+        """All rows in one `query_batch` call (the engine plans them together and holds the GIL once); the
+        engine returns ids and scores, the products come from this store's own copy."""
         shard = self._live()
         rows = query_rows(vectors, self.dim, limit)
         if len(rows) == 0:
@@ -191,20 +225,21 @@ class EdgeStore(ProductStore):
                 query=qe.Query.Nearest(row.tolist(), using=STYLE),
                 filter=flt,
                 params=params,
-                with_vector=True,
-                with_payload=True,
+                with_vector=False,
+                with_payload=False,
             )
             for row in rows
         ]
         with _map_errors("search", self.path):
             batches = shard.query_batch(qe.QueryBatchRequest(requests))
-        return [
-            [
-                Hit(score=float(p.score), point=point)
-                for p, point in zip(hits, products([(p.vector, p.payload) for p in hits], "qdrant-edge"))
+        try:
+            return [
+                [Hit(score=float(p.score), point=self._points[str(p.id)]) for p in hits] for hits in batches
             ]
-            for hits in batches
-        ]
+        except KeyError as exc:
+            raise StoreError(
+                f"the embedded store at {self.path} returned a point it does not hold: {exc}"
+            ) from exc
 
     async def scroll(
         self, query: Query, limit: int, offset: str | None = None
@@ -244,23 +279,17 @@ class EdgeStore(ProductStore):
             return
         with _map_errors("delete points", self.path):
             shard.update(qe.UpdateOperation.delete_points(ids))
+        for pid in ids:
+            self._forget(pid)
 
     async def count(self, category: str | None = None) -> int:
-        shard = self._live()
-        flt = None if category is None else _filter(Query(category))
-        with _map_errors("count points", self.path):
-            return int(shard.count(qe.CountRequest(exact=True, filter=flt)))
+        """From this store's own copy (exact: it is the only writer)."""
+        self._live()
+        return len(self._points) if category is None else self._counts.get(category, 0)
 
     async def counts_by_category(self) -> dict[str, int]:
-        """An exact facet on `category`; asks again with a larger limit while the answer is full."""
-        shard = self._live()
-        limit = FACET_START
-        while True:
-            with _map_errors("count categories", self.path):
-                hits = list(shard.facet(qe.FacetRequest(key="category", limit=limit, exact=True)))
-            if len(hits) < limit:
-                return {str(h.value): int(h.count) for h in hits if h.count > 0}
-            limit *= 2
+        self._live()
+        return {c: n for c, n in self._counts.items() if n > 0}
 
     async def optimize(self) -> None:
         """Run the engine's optimizers (HNSW for `style` on large segments); blocks, ~4 s per 10k points."""
@@ -273,6 +302,7 @@ class EdgeStore(ProductStore):
         shard, self._shard = self._shard, None
         if shard is None:
             return
+        self._points, self._counts = {}, Counter()
         with _map_errors("close", self.path):
             try:
                 shard.flush()
