@@ -131,3 +131,21 @@ def start_ctl(*args: str, log_path: str, timeout: float = 120) -> tuple[object, 
         time.sleep(0.1)
     proc.kill()
     raise TimeoutError(f"ctl {' '.join(args)}: no port after {timeout} s")
+
+
+def wait_serving(address: str, timeout: float = 300) -> None:
+    """Until the server's gRPC health says SERVING (it opens its port before its model or store)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        while time.monotonic() < deadline:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {timeout} s")

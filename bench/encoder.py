@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import Timer, machine, percentiles, start_ctl, table
+from bench.common import Timer, machine, percentiles, start_ctl, table, wait_serving
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
 
 BATCHES = (1, 8, 32)
@@ -155,6 +155,7 @@ def main() -> None:
             log_path=f"{tmp}/encoder.log",
         )
         try:
+            wait_serving(f"127.0.0.1:{port}")
             service_rows = []
             for concurrency in (1, 8, 32):
                 r = asyncio.run(service(f"127.0.0.1:{port}", encoded, concurrency, args.requests))

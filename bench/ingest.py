@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import Timer, machine, start_ctl, synthetic_catalog, table
+from bench.common import Timer, machine, start_ctl, synthetic_catalog, table, wait_serving
 from ctl.tensors import product_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 
@@ -118,6 +118,7 @@ def main() -> None:
             log_path=f"{tmp}/ranker.log",
         )
         try:
+            wait_serving(f"127.0.0.1:{port}")
             with Timer() as wall:
                 done = subprocess.run(
                     [

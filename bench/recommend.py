@@ -39,6 +39,7 @@ from bench.common import (
     synthetic_catalog,
     synthetic_scenes,
     table,
+    wait_serving,
 )
 from ctl.tensors import Scene, scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
@@ -281,7 +282,7 @@ async def run_size(n: int, args, work: Path) -> str:
             )
             for s, c in zip(scenes, asked)
         ]
-        await _serving(f"127.0.0.1:{port}")
+        wait_serving(f"127.0.0.1:{port}")
         rows = []
         for concurrency in args.concurrency:
             r = await load(f"127.0.0.1:{port}", requests, concurrency, args.requests)
@@ -307,23 +308,6 @@ async def run_size(n: int, args, work: Path) -> str:
             p.terminate()
             p.wait(30)
     return "\n".join(out)
-
-
-async def _serving(address: str) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        for _ in range(600):
-            try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"{address} never SERVING")
 
 
 def main() -> None:
