@@ -1,0 +1,33 @@
+"""The benchmarks keep running (tiny sizes): they print their tables. Timing is never asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.servers import REPO
+
+
+def test_recommend_benchmark_prints_every_strategy(exported_repo, synth_dir, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench.recommend", "--sizes", "1000", "--queries", "5", "--requests", "20",
+            "--concurrency", "1,4", "--model-repo", str(exported_repo), "--seed-images",
+            str(synth_dir / "images"), "--work", str(tmp_path),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for row in (
+        "(b) brute force",
+        "(a) pooled query, pool 200",
+        "(a') certify",
+        "(c) global vector",
+        "(d) seed",
+    ):
+        assert f"| {row}" in out, row
+    assert "qdrant-client adapter, local mode" in out and "Ranker memory:" in out
+    # certify and brute force agree exactly; the recall column is a number in [0, 1]
+    certify = next(line for line in out.splitlines() if line.startswith("| (a') certify"))
+    assert certify.split("|")[2].strip() == "1.000"
