@@ -95,6 +95,7 @@ def held_out_scenes(data: Path, n: int) -> list[tuple[str, bytes, str, str]]:
     from PIL import Image
 
     from style_model.data.examples import build_examples
+    from style_model.data.images import crop_box
     from style_model.data.stl import load_dataset
 
     dataset = load_dataset(data)
@@ -104,11 +105,7 @@ def held_out_scenes(data: Path, n: int) -> list[tuple[str, bytes, str, str]]:
         if e.split == "test" and e.scene not in seen:
             seen.add(e.scene)
             with Image.open(dataset.image_path(e.scene)) as im:
-                w, h = im.size
-                left, top, right, bottom = e.crop
-                part = im.convert("RGB").crop(
-                    (round(left * w), round(top * h), round(right * w), round(bottom * h))
-                )
+                part = im.convert("RGB").crop(crop_box(im.size, e.crop))
             buffer = io.BytesIO()
             part.save(buffer, "JPEG", quality=92)
             chosen.append((e.scene, buffer.getvalue(), e.positive, e.category))

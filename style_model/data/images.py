@@ -17,6 +17,14 @@ from PIL import Image, ImageOps
 PAD_COLOUR = (124, 116, 104)
 
 
+def crop_box(size: tuple[int, int], crop: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """The pixel box (left, top, right, bottom) of a normalised crop of an image of `size`, at least 1×1."""
+    w, h = size
+    left, top, right, bottom = crop
+    box = (round(left * w), round(top * h), round(right * w), round(bottom * h))
+    return box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1)
+
+
 def preprocess(
     image: Image.Image, size: int, crop: tuple[float, float, float, float] | None = None
 ) -> np.ndarray:
@@ -25,11 +33,7 @@ def preprocess(
     if image.mode != "RGB":
         image = image.convert("RGB")
     if crop is not None:
-        w, h = image.size
-        left, top, right, bottom = crop
-        box = (round(left * w), round(top * h), round(right * w), round(bottom * h))
-        box = (box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1))
-        image = image.crop(box)
+        image = image.crop(crop_box(image.size, crop))
     w, h = image.size
     side = max(w, h)
     if w != h:
