@@ -149,3 +149,41 @@ def wait_serving(address: str, timeout: float = 300) -> None:
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
+
+
+def serve_encoder(model_repo: Path, work: Path) -> tuple[object, str]:
+    """`ctl serve-encoder` (in-process backend) on a free loopback port, SERVING: (process, address)."""
+    proc, port = start_ctl(
+        "serve-encoder",
+        "--model-repo",
+        str(model_repo),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        log_path=str(work / "encoder.log"),
+    )
+    wait_serving(f"127.0.0.1:{port}")
+    return proc, f"127.0.0.1:{port}"
+
+
+def serve_ranker(encoder: str, store_path: str, work: Path) -> tuple[object, str]:
+    """`ctl serve-ranker` on the embedded store at `store_path` ({model_version} replaced), SERVING."""
+    proc, port = start_ctl(
+        "serve-ranker",
+        "--encoder",
+        encoder,
+        "--store-path",
+        store_path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        log_path=str(work / "ranker.log"),
+    )
+    wait_serving(f"127.0.0.1:{port}")
+    return proc, f"127.0.0.1:{port}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import Timer, machine, percentiles, start_ctl, table, wait_serving
+from bench.common import Timer, machine, percentiles, serve_encoder, table
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
 
 BATCHES = (1, 8, 32)
@@ -144,21 +144,11 @@ def main() -> None:
         if args.triton:
             rows += triton(args.model_repo, pixels, args.reps, Path(tmp))
         print(table(["model", "where", "batch", "images/s", "p50 ms", "p99 ms"], rows))
-        proc, port = start_ctl(
-            "serve-encoder",
-            "--model-repo",
-            str(args.model_repo),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            log_path=f"{tmp}/encoder.log",
-        )
+        proc, address = serve_encoder(args.model_repo, Path(tmp))
         try:
-            wait_serving(f"127.0.0.1:{port}")
             service_rows = []
             for concurrency in (1, 8, 32):
-                r = asyncio.run(service(f"127.0.0.1:{port}", encoded, concurrency, args.requests))
+                r = asyncio.run(service(address, encoded, concurrency, args.requests))
                 service_rows.append(
                     [
                         concurrency,

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import Timer, machine, start_ctl, synthetic_catalog, table, wait_serving
+from bench.common import Timer, machine, serve_encoder, serve_ranker, synthetic_catalog, table
 from ctl.tensors import product_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 
@@ -93,32 +93,9 @@ def main() -> None:
         catalog.write_text(
             "".join(json.dumps({"product_id": s, "category": c, "image": str(f)}) + "\n" for s, c, f in rows)
         )
-        enc, enc_port = start_ctl(
-            "serve-encoder",
-            "--model-repo",
-            str(args.model_repo),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            log_path=f"{tmp}/encoder.log",
-        )
-        ranker, port = start_ctl(
-            "serve-ranker",
-            "--encoder",
-            f"127.0.0.1:{enc_port}",
-            "--store-path",
-            f"{tmp}/store/{{model_version}}",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--host",
-            "127.0.0.1",
-            log_path=f"{tmp}/ranker.log",
-        )
+        enc, encoder = serve_encoder(args.model_repo, Path(tmp))
+        ranker, address = serve_ranker(encoder, f"{tmp}/store/{{model_version}}", Path(tmp))
         try:
-            wait_serving(f"127.0.0.1:{port}")
             with Timer() as wall:
                 done = subprocess.run(
                     [
@@ -128,7 +105,7 @@ def main() -> None:
                         "ingest",
                         str(catalog),
                         "--ranker",
-                        f"127.0.0.1:{port}",
+                        address,
                     ],
                     capture_output=True,
                     text=True,
@@ -137,7 +114,7 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(done.stdout + done.stderr)
             took = float(re.search(r"took ([\d.]+) s", done.stdout).group(1))
-            from_embeddings = asyncio.run(embeddings_rate(f"127.0.0.1:{port}", args.embeddings, version, dim))
+            from_embeddings = asyncio.run(embeddings_rate(address, args.embeddings, version, dim))
         finally:
             for p in (ranker, enc):
                 p.terminate()

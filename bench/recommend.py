@@ -35,11 +35,11 @@ from bench.common import (
     machine,
     percentiles,
     rss_mib,
-    start_ctl,
+    serve_encoder,
+    serve_ranker,
     synthetic_catalog,
     synthetic_scenes,
     table,
-    wait_serving,
 )
 from ctl.tensors import Scene, scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
@@ -251,30 +251,8 @@ async def run_size(n: int, args, work: Path) -> str:
         )
 
     # through the real servers
-    enc, enc_port = start_ctl(
-        "serve-encoder",
-        "--model-repo",
-        str(args.model_repo),
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        log_path=str(work / "encoder.log"),
-    )
-    ranker, port = start_ctl(
-        "serve-ranker",
-        "--encoder",
-        f"127.0.0.1:{enc_port}",
-        "--store-path",
-        str(work / f"store-{n}" / "{model_version}"),
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--host",
-        "127.0.0.1",
-        log_path=str(work / "ranker.log"),
-    )
+    enc, encoder = serve_encoder(args.model_repo, work)
+    ranker, address = serve_ranker(encoder, str(work / f"store-{n}" / "{model_version}"), work)
     try:
         requests = [
             ranker_pb2.RecommendRequest(
@@ -282,10 +260,9 @@ async def run_size(n: int, args, work: Path) -> str:
             )
             for s, c in zip(scenes, asked)
         ]
-        wait_serving(f"127.0.0.1:{port}")
         rows = []
         for concurrency in args.concurrency:
-            r = await load(f"127.0.0.1:{port}", requests, concurrency, args.requests)
+            r = await load(address, requests, concurrency, args.requests)
             rows.append(
                 [
                     concurrency,
