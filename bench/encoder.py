@@ -26,6 +26,18 @@ from ctl.v1 import encoder_pb2, encoder_pb2_grpc
 BATCHES = (1, 8, 32)
 
 
+def _row(name: str, where: str, batch: int, reps: int, call) -> list[object]:
+    """One table row: `call` (one forward pass of `batch` images) warmed once, then timed `reps` times."""
+    call()
+    times = []
+    for _ in range(reps):
+        with Timer() as t:
+            call()
+        times.append(t.seconds)
+    p = percentiles(times)
+    return [name, where, batch, f"{batch / np.median(times):.1f}", f"{p['p50']:.1f}", f"{p['p99']:.1f}"]
+
+
 def raw(model_repo: Path, pixels: np.ndarray, reps: int) -> list[list[object]]:
     """The TorchScript modules themselves, as the in-process backend runs them."""
     import torch
@@ -38,23 +50,7 @@ def raw(model_repo: Path, pixels: np.ndarray, reps: int) -> list[list[object]]:
         for batch in BATCHES:
             x = torch.from_numpy(pixels[:batch].copy())
             with torch.inference_mode():
-                module(x)  # warm
-                times = []
-                for _ in range(reps):
-                    with Timer() as t:
-                        module(x)
-                    times.append(t.seconds)
-            p = percentiles(times)
-            rows.append(
-                [
-                    name,
-                    "in-process",
-                    batch,
-                    f"{batch / np.median(times):.1f}",
-                    f"{p['p50']:.1f}",
-                    f"{p['p99']:.1f}",
-                ]
-            )
+                rows.append(_row(name, "in-process", batch, reps, lambda x=x, module=module: module(x)))
     return rows
 
 
@@ -74,22 +70,8 @@ def triton(model_repo: Path, pixels: np.ndarray, reps: int, work: Path) -> list[
             for batch in BATCHES:
                 x = tc.InferInput("INPUT__0", list(pixels[:batch].shape), "UINT8")
                 x.set_data_from_numpy(np.ascontiguousarray(pixels[:batch]))
-                client.infer(name, [x])  # warm
-                times = []
-                for _ in range(reps):
-                    with Timer() as t:
-                        client.infer(name, [x])
-                    times.append(t.seconds)
-                p = percentiles(times)
                 rows.append(
-                    [
-                        name,
-                        "Triton (CPU)",
-                        batch,
-                        f"{batch / np.median(times):.1f}",
-                        f"{p['p50']:.1f}",
-                        f"{p['p99']:.1f}",
-                    ]
+                    _row(name, "Triton (CPU)", batch, reps, lambda x=x, name=name: client.infer(name, [x]))
                 )
         client.close()
     finally:
