@@ -1,7 +1,10 @@
 """Recommend for one category: candidates from the store, exact hybrid rerank, optional certificate.
 
 Three modes (DESIGN.md §2):
-- pooled: one filtered query with the attention-pooled scene vector, `pool` candidates, exact rerank;
+- pooled: one filtered query with the attention-pooled scene vector, `pool` candidates, exact rerank. The
+  query is exact (the store scans the category) when the category has at most `exact_below` products, and
+  uses the store's HNSW index above: HNSW's recall depends on the data (docs/BENCHMARKS.md), a scan of
+  100k products costs ~20 ms;
 - exhaustive: every product of the category (that passes the filters) scored exactly;
 - certify: the pooled query plus the R bound queries f_s + f_i, all exact and in one batch call; the
   bound queries' limit doubles until the K-th best exact distance beats every unscored product.
@@ -72,6 +75,7 @@ class Retriever:
     store: ProductStore
     mean_key_ttl_s: float = 300.0
     max_pool: int = 10_000
+    exact_below: int = 200_000  # categories up to this size get exact candidate queries
     _mean_keys: dict[str, _MeanKey] = field(default_factory=dict)
 
     def forget(self, categories) -> None:
@@ -101,7 +105,7 @@ class Retriever:
             return await self._certify(scene, ask, size)
         pool = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         q = pooled_query(scene, await self.mean_key(category))
-        (hits,) = await self.store.search(q[None, :], ask.query, pool)
+        (hits,) = await self.store.search(q[None, :], ask.query, pool, exact=size <= self.exact_below)
         points = [h.point for h in hits]
         # the whole category came back: nothing was left unscored
         return _result(scene, ask, points, size, certified=len(points) == size, rounds=1)

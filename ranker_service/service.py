@@ -103,7 +103,9 @@ class RankerApp:
         )
 
     def attach(self, info: ModelInfo, store: ProductStore) -> None:
-        self._ready = _Ready(info, store, Retriever(store, max_pool=self.config.max_pool))
+        self._ready = _Ready(
+            info, store, Retriever(store, max_pool=self.config.max_pool, exact_below=self.config.exact_below)
+        )
 
     @property
     def ready(self) -> _Ready:

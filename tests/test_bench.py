@@ -13,7 +13,7 @@ def test_recommend_benchmark_prints_every_strategy(exported_repo, synth_dir, tmp
         [
             sys.executable, "-m", "bench.recommend", "--sizes", "1000", "--queries", "5", "--requests", "20",
             "--concurrency", "1,4", "--model-repo", str(exported_repo), "--seed-images",
-            str(synth_dir / "images"), "--work", str(tmp_path),
+            str(synth_dir / "images"), "--work", str(tmp_path), "--hnsw",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -22,8 +22,10 @@ def test_recommend_benchmark_prints_every_strategy(exported_repo, synth_dir, tmp
     for row in (
         "(b) brute force",
         "(a) pooled query, pool 200",
+        "(a) pooled query via HNSW, pool 200",
         "(a') certify",
-        "(c) global vector",
+        "(c) global vector, rerank",
+        "(c) global vector via HNSW",
         "(d) seed",
     ):
         assert f"| {row}" in out, row
