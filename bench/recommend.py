@@ -121,11 +121,9 @@ async def strategies(
                 (hits,) = await store.search(
                     scene.global_[None, :], query, 200, exact=size <= retriever.exact_below
                 )
-                pts = [h.point for h in hits]
-                styles, keys = np.stack([p.style for p in pts]), np.stack([p.attention for p in pts])
-                ranked = rank(scene, styles, keys, K)
+                ranked = rank(scene, hits.styles, hits.keys, K)
             times.append(t.seconds)
-            recalls.append(len({pts[i].product_id for i in ranked.order} & set(want)) / K)
+            recalls.append(len({hits.points[i].product_id for i in ranked.order} & set(want)) / K)
         rows.append(
             {
                 "strategy": f"(c) global vector{via}, rerank top 200",

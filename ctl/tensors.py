@@ -28,15 +28,59 @@ class Scene(NamedTuple):
     attention: F32
 
 
+# Tensor.values goes through its wire form: proto3 packs a repeated float as one block of little-endian
+# float32s (field 2, wire type 2), which numpy reads and writes whole. Through the message API every value
+# is a Python float: ~200 µs for a scene's 4,224 values, against ~3 µs this way.
+_VALUES_TAG = (2 << 3) | 2
+
+
 def to_tensor(array: NDArray) -> embeddings_pb2.Tensor:
-    a = np.ascontiguousarray(array, dtype=np.float32)
-    return embeddings_pb2.Tensor(shape=list(a.shape), values=a.ravel().tolist())
+    a = np.ascontiguousarray(array, dtype="<f4")
+    tensor = embeddings_pb2.Tensor.FromString(_varint(_VALUES_TAG) + _varint(a.nbytes) + a.tobytes())
+    tensor.shape.extend(a.shape)
+    return tensor
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _values(tensor: embeddings_pb2.Tensor) -> F32:
+    """tensor.values as float32, read from the packed block of the message's serialized form."""
+    data = tensor.SerializeToString()
+    pos = 0
+    while pos < len(data):
+        tag, pos = _read_varint(data, pos)
+        if tag & 7 != 2:  # only the two packed fields exist; anything else: the message API
+            break
+        length, pos = _read_varint(data, pos)
+        if tag == _VALUES_TAG and length % 4 == 0:
+            return np.frombuffer(data, dtype="<f4", count=length // 4, offset=pos).astype(np.float32)
+        pos += length
+    return np.asarray(tensor.values, dtype=np.float32)
 
 
 def from_tensor(tensor: embeddings_pb2.Tensor, name: str, shape: tuple[int | None, ...]) -> F32:
     """The array of `tensor`; `shape` may hold None for a free dimension. Rejects NaN/inf."""
     dims = tuple(tensor.shape)
-    values = np.asarray(tensor.values, dtype=np.float32)
+    values = _values(tensor)
     if not dims:
         raise TensorError(f"{name}: the tensor has no shape (expected {_fmt(shape)})")
     if int(np.prod(dims)) != values.size:

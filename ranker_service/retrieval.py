@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -23,7 +24,7 @@ from numpy.typing import NDArray
 from ctl.tensors import Scene
 from ranker_service.errors import UnknownCategory
 from ranker_service.rerank import Ranked, bound_queries, certified, pooled_query, rank
-from ranker_service.store import ProductPoint, ProductStore, Query
+from ranker_service.store import Hits, ProductPoint, ProductStore, Query
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,10 @@ class Retriever:
         pool = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         q = pooled_query(scene, await self.mean_key(category))
         (hits,) = await self.store.search(q[None, :], ask.query, pool, exact=size <= self.exact_below)
-        points = [h.point for h in hits]
         # the whole category came back: nothing was left unscored
-        return _result(scene, ask, points, size, certified=len(points) == size, rounds=1)
+        return _result(
+            scene, ask, hits.points, hits.styles, hits.keys, size, certified=len(hits) == size, rounds=1
+        )
 
     async def _exhaustive(self, scene: Scene, ask: Ask, size: int) -> Result:
         points: list[ProductPoint] = []
@@ -118,25 +120,26 @@ class Retriever:
             points.extend(page)
             if offset is None:
                 break
-        return _result(scene, ask, points, size, certified=True, rounds=1)
+        styles = np.stack([p.style for p in points]) if points else _empty(scene)
+        keys = np.stack([p.attention for p in points]) if points else _empty(scene)
+        return _result(scene, ask, points, styles, keys, size, certified=True, rounds=1)
 
     async def _certify(self, scene: Scene, ask: Ask, size: int) -> Result:
         q = pooled_query(scene, await self.mean_key(ask.query.category))
         bounds_q = bound_queries(scene)
         width = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         vectors = np.concatenate([q[None, :], bounds_q])
-        seen: dict[str, ProductPoint] = {}
+        seen = _Seen()
         rounds = 0
         while True:
             rounds += 1
             lists = await self.store.search(vectors, ask.query, width, exact=True)
             for hits in lists:
-                for h in hits:
-                    seen.setdefault(h.point.product_id, h.point)
+                seen.add(hits)
             # each bound query's last score bounds every product it did not return (-inf: it returned all)
             bound_lists = lists[1:] if rounds == 1 else lists
-            bounds = np.array([h[-1].score if len(h) >= width else -np.inf for h in bound_lists])
-            result = _result(scene, ask, list(seen.values()), size, certified=False, rounds=rounds)
+            bounds = np.array([h.scores[-1] if len(h) >= width else -np.inf for h in bound_lists])
+            result = _result(scene, ask, *seen.candidates(scene), size, certified=False, rounds=rounds)
             everything = bool(np.all(np.isinf(bounds)))
             enough = len(result.products) >= ask.limit
             if everything or (enough and certified(float(result.ranked.distance[-1]), bounds)):
@@ -145,15 +148,70 @@ class Retriever:
             vectors, width = bounds_q, width * 2
 
 
+class _Seen:
+    """The distinct products that certify's queries returned so far: their vectors stacked, and where each
+    one's ProductPoint comes from (made only for the products kept)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.sources: list[tuple[Sequence[ProductPoint], int]] = []
+        self.styles: list[NDArray[np.float32]] = []
+        self.keys: list[NDArray[np.float32]] = []
+
+    def add(self, hits: Hits) -> None:
+        new = [i for i, product_id in enumerate(hits.ids) if product_id not in self.ids]
+        if not new:
+            return
+        self.ids.update(hits.ids[i] for i in new)
+        self.sources.extend((hits.points, i) for i in new)
+        self.styles.append(hits.styles[new])
+        self.keys.append(hits.keys[new])
+
+    def candidates(
+        self, scene: Scene
+    ) -> tuple[Sequence[ProductPoint], NDArray[np.float32], NDArray[np.float32]]:
+        """The products seen, and their styles and keys stacked."""
+        if not self.sources:
+            return [], _empty(scene), _empty(scene)
+        styles, keys = np.concatenate(self.styles), np.concatenate(self.keys)
+        self.styles, self.keys = [styles], [keys]
+        return _Sourced(self.sources), styles, keys
+
+
+class _Sourced(Sequence[ProductPoint]):
+    """Products gathered from several Hits, each taken from its Hits when asked for."""
+
+    def __init__(self, sources: list[tuple[Sequence[ProductPoint], int]]) -> None:
+        self._sources = list(sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        points, j = self._sources[i]
+        return points[j]
+
+
+def _empty(scene: Scene) -> NDArray[np.float32]:
+    return np.zeros((0, scene.global_.shape[0]), dtype=np.float32)
+
+
 def _result(
-    scene: Scene, ask: Ask, points: list[ProductPoint], size: int, *, certified: bool, rounds: int
+    scene: Scene,
+    ask: Ask,
+    points: Sequence[ProductPoint],
+    styles: NDArray[np.float32],
+    keys: NDArray[np.float32],
+    size: int,
+    *,
+    certified: bool,
+    rounds: int,
 ) -> Result:
-    """Exact rerank of the candidates; keeps the best `ask.limit`."""
-    if points:
-        styles = np.stack([p.style for p in points])
-        keys = np.stack([p.attention for p in points])
-    else:
-        styles = keys = np.zeros((0, scene.global_.shape[0]), dtype=np.float32)
+    """Exact rerank of the candidates (row i of `styles`, `keys`: points[i]); keeps the best `ask.limit`."""
+    if not points:
+        styles = keys = _empty(scene)
     ranked = rank(scene, styles, keys, ask.limit)
     return Result(
         category=ask.query.category,

@@ -201,13 +201,17 @@ def test_search_category_order_scores_and_round_trip(backend: Backend) -> None:
             assert len(lists) == len(queries)
             for vector, hits in zip(queries, lists):
                 assert len(hits) == 25
-                assert all(h.point.category == category for h in hits)
-                scores = [h.score for h in hits]
+                assert all(p.category == category for p in hits.points)
+                scores = hits.scores.tolist()
                 assert scores == sorted(scores, reverse=True)
-                for hit in hits:
-                    want = by_id[hit.point.product_id]
-                    assert abs(hit.score - float(want.style @ vector)) < 1e-5
-                    assert_same_point(hit.point, want)
+                assert hits.styles.shape == hits.keys.shape == (25, DIM)
+                assert hits.ids == [p.product_id for p in hits.points]
+                for i, (score, point) in enumerate(zip(hits.scores, hits.points)):
+                    want = by_id[point.product_id]
+                    assert abs(score - float(want.style @ vector)) < 1e-5
+                    assert_same_point(point, want)
+                    assert np.array_equal(hits.styles[i], want.style)  # row i is points[i]'s vectors
+                    assert np.array_equal(hits.keys[i], want.attention)
         await store.close()
 
     run(scenario())
@@ -222,7 +226,7 @@ def test_exact_search_equals_numpy_top_k(backend: Backend) -> None:
         for category in CATEGORIES:
             lists = await store.search(queries, Query(category), 10, exact=True)
             for vector, hits in zip(queries, lists):
-                assert [h.point.product_id for h in hits] == brute_force(points, vector, Query(category), 10)
+                assert hits.ids == brute_force(points, vector, Query(category), 10)
         await store.close()
 
     run(scenario())
@@ -240,8 +244,8 @@ def test_batched_search_equals_single_rows(backend: Backend) -> None:
         assert len(batched) == len(queries)
         for row, hits in zip(queries, batched):
             (single,) = await store.search(row[None, :], query, 15)
-            assert [h.point.product_id for h in hits] == [h.point.product_id for h in single]
-            assert np.allclose([h.score for h in hits], [h.score for h in single], atol=1e-6)
+            assert hits.ids == single.ids
+            assert np.allclose(hits.scores, single.scores, atol=1e-6)
         assert await store.search(queries[:0], query, 15) == []
         await store.close()
 
@@ -274,7 +278,7 @@ def test_random_filters_match_reference(backend: Backend) -> None:
         for i, vector in enumerate(vectors):
             query = random_query(rng, points)
             (hits,) = await store.search(vector[None, :], query, 20, exact=True)
-            got = [h.point.product_id for h in hits]
+            got = hits.ids
             want = brute_force(points, vector, query, 20)
             if got != want:
                 print(f"case {i} failed on {backend.name}: {query}\n got  {got}\n want {want}")
@@ -353,8 +357,8 @@ def test_delete_removes_and_ignores_unknown_ids(backend: Backend) -> None:
         assert await store.retrieve(gone) == []
         vector = points[0].style  # the deleted product's own vector: it would be its best match
         (hits,) = await store.search(vector[None, :], Query(points[0].category), 50, exact=True)
-        assert not {h.point.product_id for h in hits} & set(gone)
-        assert [h.point.product_id for h in hits] == brute_force(kept, vector, Query(points[0].category), 50)
+        assert not set(hits.ids) & set(gone)
+        assert hits.ids == brute_force(kept, vector, Query(points[0].category), 50)
         await store.close()
 
     run(scenario())
@@ -472,8 +476,8 @@ def test_optimize_then_search_is_still_right(backend: Backend) -> None:
             approx = await store.search(queries, Query(category), 10)
             for vector, hits, ann in zip(queries, exact, approx):
                 want = brute_force(everything, vector, Query(category), 10)
-                assert [h.point.product_id for h in hits] == want
-                assert len({h.point.product_id for h in ann} & set(want)) >= 9  # HNSW recall@10
+                assert hits.ids == want
+                assert len(set(ann.ids) & set(want)) >= 9  # HNSW recall@10
         await store.close()
 
     run(scenario())

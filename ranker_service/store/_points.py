@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ranker_service.errors import InvalidRequest, RankerError, StoreError, VersionMismatch
-from ranker_service.store.base import ATTENTION, STYLE, ProductPoint, point_id
+from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, point_id
 
 FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
 
@@ -83,26 +83,34 @@ def stored_points(
 
 
 def products(records: Sequence[tuple[Any, Any]], engine: str) -> list[ProductPoint]:
-    """Stored points (named vectors, payload) back as ProductPoints. The engines hand vectors over as Python
-    lists: they become one [N, 2, D] array in a single conversion (a conversion per vector is most of
-    a search's time), and each point's vectors are views of it."""
+    """Stored points (named vectors, payload) back as ProductPoints."""
+    return hits([0.0] * len(records), records, engine).points
+
+
+def hits(scores: Sequence[float], records: Sequence[tuple[Any, Any]], engine: str) -> Hits:
+    """Scored stored points (named vectors, payload) as Hits. The engines hand vectors over as Python lists:
+    they become one [N, 2, D] array in a single conversion (a conversion per vector is most of a search's
+    time), and each point's vectors are views of it."""
     for vectors, payload in records:
         if not isinstance(vectors, Mapping) or payload is None:
             raise StoreError(f"{engine} returned a point without its named vectors or payload")
     if not records:
-        return []
+        empty = np.zeros((0, 0), dtype=np.float32)
+        return Hits([], np.zeros(0, dtype=np.float32), empty, empty, [])
     arrays = np.asarray([(v[STYLE], v[ATTENTION]) for v, _ in records], dtype=np.float32)
-    return [
+    styles, keys = arrays[:, 0], arrays[:, 1]
+    points = [
         ProductPoint(
             product_id=payload["product_id"],
             category=payload["category"],
-            style=arrays[i, 0],
-            attention=arrays[i, 1],
+            style=styles[i],
+            attention=keys[i],
             metadata=dict(payload.get("metadata") or {}),
             model_version=payload.get("model_version", ""),
         )
         for i, (_, payload) in enumerate(records)
     ]
+    return Hits([p.product_id for p in points], np.asarray(scores, dtype=np.float32), styles, keys, points)
 
 
 def point_ids(product_ids: Sequence[str]) -> list[str]:

@@ -58,11 +58,20 @@ class Query:
 
 
 @dataclass(frozen=True)
-class Hit:
-    """A product returned by a vector query: `score` is the dot product of the query with `style`."""
+class Hits:
+    """What one vector query returned, best first: product ids, `scores` [n] (dot product of the query with
+    `style`), the vectors stacked, `styles` and `keys` [n, D], and the products (row i of each = the i-th
+    hit). The ranker scores the stacked vectors and builds ProductPoints for the few it keeps, so `points`
+    may make them on access (the embedded store's do)."""
 
-    score: float
-    point: ProductPoint
+    ids: list[str]
+    scores: NDArray[np.float32]
+    styles: NDArray[np.float32]
+    keys: NDArray[np.float32]
+    points: Sequence[ProductPoint]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class ProductStore(ABC):
@@ -84,7 +93,7 @@ class ProductStore(ABC):
     @abstractmethod
     async def search(
         self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
-    ) -> list[list[Hit]]:
+    ) -> list[Hits]:
         """Top `limit` products by dot(vector, style) for each row of `vectors` [Q, D], best first.
 
         One batched call. `exact=True` asks the engine for brute force (no HNSW) so that the returned

@@ -28,6 +28,7 @@ from ranker_service.store._points import (
     FACET_START,
     check_limit,
     check_model,
+    hits,
     in_order,
     map_errors,
     metadata_path,
@@ -37,7 +38,7 @@ from ranker_service.store._points import (
     query_rows,
     stored_points,
 )
-from ranker_service.store.base import ATTENTION, STYLE, Hit, ProductPoint, ProductStore, Query, point_id
+from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, ProductStore, Query, point_id
 
 
 def _map_errors(action: str, where: str) -> AbstractContextManager[None]:
@@ -129,7 +130,7 @@ class QdrantClientStore(ProductStore):
 
     async def search(
         self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
-    ) -> list[list[Hit]]:
+    ) -> list[Hits]:
         """All rows in one `query_batch_points` request."""
         client = self._live()
         rows = query_rows(vectors, self.dim, limit)
@@ -153,13 +154,8 @@ class QdrantClientStore(ProductStore):
         with _map_errors("search", self._where):
             responses = await client.query_batch_points(self.collection, requests)
         return [
-            [
-                Hit(score=float(p.score), point=point)
-                for p, point in zip(
-                    response.points, products([(p.vector, p.payload) for p in response.points], "Qdrant")
-                )
-            ]
-            for response in responses
+            hits([p.score for p in r.points], [(p.vector, p.payload) for p in r.points], "Qdrant")
+            for r in responses
         ]
 
     async def scroll(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -43,7 +42,8 @@ from ranker_service.store._points import (
     query_rows,
     stored_points,
 )
-from ranker_service.store.base import ATTENTION, STYLE, Hit, ProductPoint, ProductStore, Query, point_id
+from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, ProductStore, Query, point_id
+from ranker_service.store.table import ProductTable
 
 META_FILE = "ctl_store.json"
 _ENGINE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge when it creates a shard
@@ -156,37 +156,22 @@ class EdgeStore(ProductStore):
         self.model_version = model_version
         self.dim = dim
         self.description = f"embedded qdrant-edge at {path}"
-        # Every product, by point id, as this process stored it. The engine hands vectors and payloads
-        # to Python one float and one dict at a time, which costs more than the search itself (DESIGN.md
-        # §2; docs/BENCHMARKS.md), so searches ask it for ids and scores only. Safe because this store is
-        # the shard's only writer (its WAL locks the directory). About 2 KB per product.
-        self._points: dict[str, ProductPoint] = {}
-        self._counts: Counter[str] = Counter()
-        self._load()
+        # Every product as this process stored it (ranker_service/store/table.py says why): searches ask the
+        # engine for ids and scores only. Safe because this store is the shard's only writer (its WAL locks
+        # the directory).
+        self._table = self._load(shard)
 
-    def _load(self) -> None:
-        shard = self._live()
+    def _load(self, shard: qe.EdgeShard) -> ProductTable:
+        table = ProductTable(self.dim, self.model_version, capacity=shard.info().points_count)
         offset = None
         while True:
             request = qe.ScrollRequest(offset=offset, limit=4096, with_payload=True, with_vector=True)
             with _map_errors("load the products", self.path):
                 records, offset = shard.scroll(request)
             for r, point in zip(records, products([(r.vector, r.payload) for r in records], "qdrant-edge")):
-                self._remember(str(r.id), point)
+                table.put(r.id, point)
             if offset is None:
-                return
-
-    def _remember(self, pid: str, point: ProductPoint) -> None:
-        old = self._points.get(pid)
-        if old is not None:
-            self._counts[old.category] -= 1
-        self._points[pid] = point
-        self._counts[point.category] += 1
-
-    def _forget(self, pid: str) -> None:
-        old = self._points.pop(pid, None)
-        if old is not None:
-            self._counts[old.category] -= 1
+                return table
 
     def _live(self) -> qe.EdgeShard:
         """The open shard; StoreClosed once `close()` was called."""
@@ -206,11 +191,11 @@ class EdgeStore(ProductStore):
         with _map_errors("upsert points", self.path):
             shard.update(qe.UpdateOperation.upsert_points(engine_points))
         for (pid, _, _), point in zip(stored, products([(v, pl) for _, v, pl in stored], "qdrant-edge")):
-            self._remember(pid, point)
+            self._table.put(pid, point)
 
     async def search(
         self, vectors: NDArray[np.float32], query: Query, limit: int, *, exact: bool = False
-    ) -> list[list[Hit]]:
+    ) -> list[Hits]:
         """All rows in one `query_batch` call (the engine plans them together and holds the GIL once); the
         engine returns ids and scores, the products come from this store's own copy."""
         shard = self._live()
@@ -233,9 +218,7 @@ class EdgeStore(ProductStore):
         with _map_errors("search", self.path):
             batches = shard.query_batch(qe.QueryBatchRequest(requests))
         try:
-            return [
-                [Hit(score=float(p.score), point=self._points[str(p.id)]) for p in hits] for hits in batches
-            ]
+            return [self._table.hits([p.id for p in hits], [p.score for p in hits]) for hits in batches]
         except KeyError as exc:
             raise StoreError(
                 f"the embedded store at {self.path} returned a point it does not hold: {exc}"
@@ -279,17 +262,16 @@ class EdgeStore(ProductStore):
             return
         with _map_errors("delete points", self.path):
             shard.update(qe.UpdateOperation.delete_points(ids))
-        for pid in ids:
-            self._forget(pid)
+        self._table.remove(ids)
 
     async def count(self, category: str | None = None) -> int:
         """From this store's own copy (exact: it is the only writer)."""
         self._live()
-        return len(self._points) if category is None else self._counts.get(category, 0)
+        return len(self._table) if category is None else self._table.count(category)
 
     async def counts_by_category(self) -> dict[str, int]:
         self._live()
-        return {c: n for c, n in self._counts.items() if n > 0}
+        return self._table.counts()
 
     async def optimize(self) -> None:
         """Run the engine's optimizers (HNSW for `style` on large segments); blocks, ~4 s per 10k points."""
@@ -302,7 +284,7 @@ class EdgeStore(ProductStore):
         shard, self._shard = self._shard, None
         if shard is None:
             return
-        self._points, self._counts = {}, Counter()
+        self._table = ProductTable(self.dim, self.model_version)
         with _map_errors("close", self.path):
             try:
                 shard.flush()

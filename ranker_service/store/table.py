@@ -1,0 +1,133 @@
+"""The embedded store's in-memory copy of its products, laid out for the ranker (DESIGN.md §2).
+
+qdrant-edge hands vectors and payloads to Python one float and one dict at a time, which costs more than
+the search itself (docs/BENCHMARKS.md), so the embedded store asks the engine for ids and scores only and
+takes the products from here. Vectors live in two contiguous float32 arrays [capacity, D] (a search's
+candidates are one fancy index, not N small arrays to stack); per product there is one dict entry
+(point id as an int -> row) and one small tuple (product id, category, metadata). About 1.2 KB per 128-d
+product, the vectors 1 KB of it. Deleted rows are reused.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import overload
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ranker_service.store.base import Hits, ProductPoint
+
+_NO_METADATA: Mapping[str, str] = MappingProxyType({})
+_GROWTH = 1.5
+
+
+class ProductTable:
+    """Products by point id (a `uuid.UUID`, or its string), with exact counts per category."""
+
+    def __init__(self, dim: int, model_version: str, capacity: int = 1024) -> None:
+        self.dim = dim
+        self.model_version = model_version
+        self._rows: dict[int, int] = {}
+        self._styles = np.zeros((max(capacity, 1), dim), dtype=np.float32)
+        self._keys = np.zeros_like(self._styles)
+        self._info: list[tuple[str, str, Mapping[str, str]] | None] = []
+        self._free: list[int] = []
+        self._counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def count(self, category: str) -> int:
+        return self._counts.get(category, 0)
+
+    def counts(self) -> dict[str, int]:
+        return {c: n for c, n in self._counts.items() if n > 0}
+
+    def put(self, pid: uuid.UUID | str, point: ProductPoint) -> None:
+        """Insert or replace the product stored under point id `pid`."""
+        key = _key(pid)
+        row = self._rows.get(key)
+        if row is None:
+            row = self._free.pop() if self._free else self._append()
+            self._rows[key] = row
+        else:
+            self._counts[self._info[row][1]] -= 1  # type: ignore[index]
+        category = sys.intern(point.category)
+        self._styles[row] = point.style
+        self._keys[row] = point.attention
+        self._info[row] = (point.product_id, category, dict(point.metadata) or _NO_METADATA)
+        self._counts[category] += 1
+
+    def remove(self, pids: Iterable[uuid.UUID | str]) -> None:
+        """Forget these point ids; unknown ones are ignored."""
+        for pid in pids:
+            row = self._rows.pop(_key(pid), None)
+            if row is not None:
+                self._counts[self._info[row][1]] -= 1  # type: ignore[index]
+                self._info[row] = None
+                self._free.append(row)
+
+    def hits(self, pids: Sequence[uuid.UUID | str], scores: Sequence[float]) -> Hits:
+        """The products under `pids` (KeyError for one this table does not hold), as Hits with `scores`.
+        Vectors and infos are taken now (later writes do not reach them); ProductPoints are made on access."""
+        rows = np.fromiter((self._rows[_key(p)] for p in pids), dtype=np.intp, count=len(pids))
+        infos = [self._info[row] for row in rows]
+        styles, keys = self._styles[rows], self._keys[rows]
+        return Hits(
+            [info[0] for info in infos],  # type: ignore[index]
+            np.asarray(scores, dtype=np.float32),
+            styles,
+            keys,
+            _Points(infos, styles, keys, self.model_version),  # type: ignore[arg-type]
+        )
+
+    def _append(self) -> int:
+        row = len(self._info)
+        if row == len(self._styles):
+            capacity = int(len(self._styles) * _GROWTH) + 1
+            self._styles = _grown(self._styles, capacity)
+            self._keys = _grown(self._keys, capacity)
+        self._info.append(None)
+        return row
+
+
+class _Points(Sequence[ProductPoint]):
+    """Hits' products, each made when asked for (a search returns hundreds, the ranker keeps ten)."""
+
+    def __init__(
+        self,
+        infos: list[tuple[str, str, Mapping[str, str]]],
+        styles: NDArray[np.float32],
+        keys: NDArray[np.float32],
+        model_version: str,
+    ) -> None:
+        self._infos, self._styles, self._keys, self._version = infos, styles, keys, model_version
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @overload
+    def __getitem__(self, i: int) -> ProductPoint: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ProductPoint]: ...
+    def __getitem__(self, i: int | slice) -> ProductPoint | list[ProductPoint]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        product_id, category, metadata = self._infos[i]
+        shown = MappingProxyType(metadata) if metadata else _NO_METADATA  # read-only: shared with the table
+        return ProductPoint(product_id, category, self._styles[i], self._keys[i], shown, self._version)
+
+
+def _key(pid: uuid.UUID | str) -> int:
+    return pid.int if isinstance(pid, uuid.UUID) else uuid.UUID(pid).int
+
+
+def _grown(array: NDArray[np.float32], capacity: int) -> NDArray[np.float32]:
+    grown = np.zeros((capacity, array.shape[1]), dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
