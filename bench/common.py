@@ -151,8 +151,9 @@ def wait_serving(address: str, timeout: float = 300) -> None:
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
 
 
-def serve_encoder(model_repo: Path, work: Path) -> tuple[object, str]:
-    """`ctl serve-encoder` (in-process backend) on a free loopback port, SERVING: (process, address)."""
+def serve_encoder(model_repo: Path, work: Path, *flags: str) -> tuple[object, str]:
+    """`ctl serve-encoder` (in-process backend, more `flags` if given) on a free loopback port, SERVING:
+    (process, address)."""
     proc, port = start_ctl(
         "serve-encoder",
         "--model-repo",
@@ -163,6 +164,7 @@ def serve_encoder(model_repo: Path, work: Path) -> tuple[object, str]:
         "0",
         "--metrics-port",
         "-1",
+        *flags,
         log_path=str(work / "encoder.log"),
     )
     wait_serving(f"127.0.0.1:{port}")

@@ -1,6 +1,6 @@
 """Encoded image bytes -> the model's input pixels, with the limits checked before any pixel is decoded.
 
-The pixels come from `style_model.data.images.preprocess`, the function training used, so the served model
+The pixels come from `style_model.data.images.decode`, the function training used, so the served model
 sees what it was trained on. Pure and thread-safe: the service runs it in a thread pool.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from encoder_service.errors import ImageError, ImageTooLarge
-from style_model.data.images import preprocess
+from style_model.data.images import decode
 
 # The formats the API promises (encoder.proto; Pillow's JPEG opener also takes phone MPO files). Anything
 # else (EPS, which would start Ghostscript, PSD, ICO, ...) is refused before a plugin parses it.
@@ -41,7 +41,7 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int) -> np.
         raise ImageTooLarge(f"image too large: {len(data)} bytes, over the limit of {max_bytes} bytes")
     limit = pixel_limit(max_pixels)
     try:
-        # open() reads the header only; the pixels are decoded by load() below
+        # open() reads the header only; the pixels are decoded by decode() below
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
             if width * height > limit:
@@ -49,8 +49,7 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int) -> np.
                     f"image too large: {width}x{height} = {width * height} pixels, "
                     f"over the limit of {limit} pixels"
                 )
-            image.load()
-            return preprocess(image, size)
+            return decode(image, size)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from style_model.data.examples import build_examples, largest_free_crop, split_of
-from style_model.data.images import PAD_COLOUR, load_image, preprocess
+from style_model.data.images import PAD_COLOUR, crop_box, draft, load_image, preprocess
 from style_model.data.stl import load_dataset
 from style_model.data.synth import CATEGORIES, COMPLEMENT, SynthConfig, generate
 from style_model.errors import DatasetError
@@ -177,6 +177,34 @@ def test_load_image_honours_exif_orientation(tmp_path):
     # displayed upright the image is 20 wide and 40 tall: red on top, letterboxed left and right
     assert tuple(out[20, 0]) == PAD_COLOUR
     assert out[5, 20, 0] > 200 and out[35, 20, 1] > 200
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    """A smooth colourful image (JPEG's DCT scaling is exact on flat colour, so use gradients)."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 17.0)], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("crop", "orientation"), [(None, 1), ((0.5, 0.0, 1.0, 1.0), 1), ((0.0, 0.0, 1.0, 0.25), 6)]
+)
+def test_large_jpegs_decode_at_a_reduced_scale_that_keeps_the_input_size(tmp_path, crop, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    _photo(1600, 800).save(tmp_path / "big.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "big.jpg") as image:
+        draft(image, 96, crop)
+        image.load()
+        assert image.size[0] <= 400 and image.size[0] * 800 == image.size[1] * 1600  # decoded at 1/4 or less
+        upright = image.size[::-1] if orientation == 6 else image.size
+        left, top, right, bottom = crop_box(upright, crop or (0, 0, 1, 1))
+        assert min(right - left, bottom - top) >= 96  # the model's input is never upsampled
+    with Image.open(tmp_path / "big.jpg") as image:
+        image.load()  # full-scale decode
+        full = preprocess(image, 96, crop).astype(int)
+    reduced = load_image(tmp_path / "big.jpg", 96, crop).astype(int)
+    assert np.abs(reduced - full).mean() < 3  # the same picture, resampled differently
 
 
 def test_examples_command_plans_the_real_stl_folder(stl_dir, tmp_path, capsys):

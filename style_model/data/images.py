@@ -1,12 +1,17 @@
 """Image loading and the model's geometric preprocessing: crop, letterbox to a square, resize.
 
 Letterboxing (padding to a square with the mean colour before resizing) keeps the scale of textures
-the same in a full scene, in a crop of it, and in a product photo. The same function serves training,
+the same in a full scene, in a crop of it, and in a product photo. The same functions serve training,
 evaluation and the encoder service, so the model sees identical pixels everywhere.
+
+A JPEG much larger than the model's input is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+`Image.draft`), never below the input size: at the demo's 96 px that makes decoding 2-3x cheaper, which
+matters on CPUs where decoding costs as much as the model (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from PIL import Image, ImageOps
 
 # ImageNet mean colour: padding with it is zero after normalisation
 PAD_COLOUR = (124, 116, 104)
+_ORIENTATION = 0x0112  # EXIF tag; 5-8 turn the image by 90 degrees
 
 
 def crop_box(size: tuple[int, int], crop: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
@@ -29,7 +35,8 @@ def preprocess(
     image: Image.Image, size: int, crop: tuple[float, float, float, float] | None = None
 ) -> np.ndarray:
     """PIL image -> uint8 [size, size, 3] RGB: EXIF orientation, crop (normalised box), letterbox, resize."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     if crop is not None:
@@ -45,10 +52,27 @@ def preprocess(
     return np.asarray(image, dtype=np.uint8)
 
 
+def decode(
+    image: Image.Image, size: int, crop: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
+    """An opened, not yet loaded image -> uint8 [size, size, 3]: `draft`, decode, `preprocess`."""
+    draft(image, size, crop)
+    image.load()
+    return preprocess(image, size, crop)
+
+
+def draft(image: Image.Image, size: int, crop: tuple[float, float, float, float] | None = None) -> None:
+    """Lets a JPEG decode at a reduced scale that keeps each side of the (cropped) image >= `size`; a no-op
+    for other formats. Call before `load()`."""
+    width, height = (1.0, 1.0) if crop is None else (crop[2] - crop[0], crop[3] - crop[1])
+    if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+        width, height = height, width  # the crop is of the upright image
+    image.draft("RGB", (math.ceil(size / max(width, 1e-3)), math.ceil(size / max(height, 1e-3))))
+
+
 def load_image(path: Path, size: int, crop=None) -> np.ndarray:
     with Image.open(path) as im:
-        im.load()
-        return preprocess(im, size, crop)
+        return decode(im, size, crop)
 
 
 def load_many(
