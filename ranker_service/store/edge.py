@@ -33,7 +33,6 @@ from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionM
 from ranker_service.store._points import (
     check_limit,
     check_model,
-    in_order,
     map_errors,
     metadata_path,
     parse_offset,
@@ -217,8 +216,12 @@ class EdgeStore(ProductStore):
         ]
         with _map_errors("search", self.path):
             batches = shard.query_batch(qe.QueryBatchRequest(requests))
+        return [self._held([p.id for p in hits], [p.score for p in hits]) for hits in batches]
+
+    def _held(self, ids: Sequence[uuid.UUID], scores: Sequence[float] | None = None) -> Hits:
+        """The products the engine named, from this store's own copy."""
         try:
-            return [self._table.hits([p.id for p in hits], [p.score for p in hits]) for hits in batches]
+            return self._table.hits(ids, scores)
         except KeyError as exc:
             raise StoreError(
                 f"the embedded store at {self.path} returned a point it does not hold: {exc}"
@@ -227,33 +230,23 @@ class EdgeStore(ProductStore):
     async def scroll(
         self, query: Query, limit: int, offset: str | None = None
     ) -> tuple[list[ProductPoint], str | None]:
-        """Pages in point-id order; the offset is the first point id of the next page, as a string."""
+        """Pages in point-id order; the offset is the first point id of the next page, as a string. The
+        engine filters and returns ids; the products come from this store's own copy."""
         shard = self._live()
         check_limit(limit)
         start = None if offset is None else parse_offset(offset)
         request = qe.ScrollRequest(
-            offset=start, limit=limit, filter=_filter(query), with_payload=True, with_vector=True
+            offset=start, limit=limit, filter=_filter(query), with_payload=False, with_vector=False
         )
         with _map_errors("scroll", self.path):
             records, next_offset = shard.scroll(request)
-        points = products([(r.vector, r.payload) for r in records], "qdrant-edge")
+        points = list(self._held([r.id for r in records]).points)
         return points, None if next_offset is None else str(next_offset)
 
     async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
-        """In the order asked, each product once; unknown ids are left out."""
-        shard = self._live()
-        ids = point_ids(product_ids)
-        if not ids:
-            return []
-        with _map_errors("retrieve points", self.path):
-            records = shard.retrieve(ids, with_payload=True, with_vector=True)
-        found = dict(
-            zip(
-                (str(r.id) for r in records),
-                products([(r.vector, r.payload) for r in records], "qdrant-edge"),
-            )
-        )
-        return in_order(ids, found)
+        """In the order asked, each product once; unknown ids are left out. From this store's own copy."""
+        self._live()
+        return list(self._table.hits([i for i in point_ids(product_ids) if i in self._table]).points)
 
     async def delete(self, product_ids: Sequence[str]) -> None:
         shard = self._live()

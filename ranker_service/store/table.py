@@ -42,6 +42,9 @@ class ProductTable:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def __contains__(self, pid: object) -> bool:
+        return isinstance(pid, uuid.UUID | str) and _key(pid) in self._rows
+
     def count(self, category: str) -> int:
         return self._counts.get(category, 0)
 
@@ -72,7 +75,7 @@ class ProductTable:
                 self._info[row] = None
                 self._free.append(row)
 
-    def hits(self, pids: Sequence[uuid.UUID | str], scores: Sequence[float]) -> Hits:
+    def hits(self, pids: Sequence[uuid.UUID | str], scores: Sequence[float] | None = None) -> Hits:
         """The products under `pids` (KeyError for one this table does not hold), as Hits with `scores`.
         Vectors and infos are taken now (later writes do not reach them); ProductPoints are made on access."""
         rows = np.fromiter((self._rows[_key(p)] for p in pids), dtype=np.intp, count=len(pids))
@@ -80,7 +83,7 @@ class ProductTable:
         styles, keys = self._styles[rows], self._keys[rows]
         return Hits(
             [info[0] for info in infos],  # type: ignore[index]
-            np.asarray(scores, dtype=np.float32),
+            np.zeros(len(rows), np.float32) if scores is None else np.asarray(scores, dtype=np.float32),
             styles,
             keys,
             _Points(infos, styles, keys, self.model_version),  # type: ignore[arg-type]
