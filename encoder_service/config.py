@@ -53,7 +53,12 @@ class EncoderConfig:
         default=32, metadata=_help("most images in one forward pass; EncodeProducts takes 4× this per call")
     )
     max_wait_ms: float = field(
-        default=5.0, metadata=_help("how long a forward pass waits for more images after the first")
+        default=0.0,
+        metadata=_help(
+            "how long a forward pass waits for more images after the first; 0 (best measured, "
+            "docs/BENCHMARKS.md): a pass starts when the model is free, and what arrives meanwhile "
+            "joins the next one"
+        ),
     )
     max_queue: int = field(
         default=256, metadata=_help("most images waiting for a forward pass; more answer RESOURCE_EXHAUSTED")
