@@ -96,7 +96,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "catalog.jsonl"
         catalog.write_text(
-            "".join(json.dumps({"product_id": s, "category": c, "image": str(f.resolve())}) + "\n" for s, c, f in rows)
+            "".join(
+                json.dumps({"product_id": s, "category": c, "image": str(f.resolve())}) + "\n"
+                for s, c, f in rows
+            )
         )
         enc, encoder = serve_encoder(args.model_repo, Path(tmp), "--max-batch", str(batch))
         ranker, address = serve_ranker(encoder, f"{tmp}/store/{{model_version}}", Path(tmp))
