@@ -151,6 +151,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     from ctl.recommend import catalog_images, file_reader, format_table, request, section
     from ctl.report import write_report
+    from ctl.security import SecurityConfigError, bearer, channel, client_security
     from ctl.v1 import ranker_pb2_grpc
 
     log = logging.getLogger("ctl.recommend")
@@ -160,11 +161,18 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         log.error("--scene %s: %s", args.scene, exc.strerror or exc)
         return 2
     explain = args.explain or args.html is not None
-    with grpc.insecure_channel(args.ranker) as channel:
-        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+    try:
+        credentials, token = client_security(args)
+    except SecurityConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    with channel(args.ranker, credentials) as chan:
+        stub = ranker_pb2_grpc.RankerServiceStub(chan)
         try:
             reply = stub.Recommend(
-                request(scene, args.category, args.limit, explain, args.mode), timeout=args.timeout
+                request(scene, args.category, args.limit, explain, args.mode),
+                timeout=args.timeout,
+                metadata=bearer(token),
             )
         except grpc.RpcError as exc:
             log.error("Recommend at %s: %s: %s", args.ranker, exc.code().name, exc.details())
@@ -187,10 +195,19 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    from ctl.security import SecurityConfigError, bearer, channel, client_security
+
+    try:
+        credentials, token = client_security(args)
+    except SecurityConfigError as exc:
+        print(f"{args.address}: {exc}")
+        return 2
+    with channel(args.address, credentials) as chan:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            reply = health_pb2_grpc.HealthStub(chan).Check(
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=bearer(token),
             )
         except grpc.RpcError as exc:
             print(f"{args.address}: {exc.code().name}: {exc.details()}")
@@ -214,6 +231,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctl", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="env CTL_LOG_LEVEL")
+    from ctl.security import add_client_arguments
+
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a synthetic outfit dataset in STL layout")
@@ -301,12 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, help="write the scene, its attention and the products as HTML")
     p.add_argument("--catalog", type=Path, help="the ingestion catalog, to show the product images")
     p.add_argument("--images", type=Path, help="folder the catalog's image paths are relative to")
+    add_client_arguments(p)
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("health", help="ask a server's gRPC health check; exit 0 when SERVING")
     p.add_argument("address", help="host:port")
     p.add_argument("--service", default="", help="a service name (default: the whole server)")
     p.add_argument("--timeout", type=float, default=3.0)
+    add_client_arguments(p)
     p.set_defaults(func=cmd_health)
 
     from ctl.ingest.cli import add_parser as add_ingest

@@ -8,6 +8,7 @@ as they do in tests and in `ctl demo`).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -31,6 +32,18 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 ErrorTable = Mapping[type[BaseException], grpc.StatusCode]
+
+
+def parse_bool(text: str | bool) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case)."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 class Metrics:
@@ -189,9 +202,12 @@ def build_server(
     metrics: Metrics,
     max_message_bytes: int,
     max_concurrent_rpcs: int | None = None,
+    auth: grpc.aio.ServerInterceptor | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> Server:
     """A grpc.aio server with the service(s), health (NOT_SERVING until told) and reflection, bound to
-    `address` ("host:port"; port 0 picks a free one, read back from `Server.port`)."""
+    `address` ("host:port"; port 0 picks a free one, read back from `Server.port`). `auth` checks tokens
+    (ctl.security.TokenAuth; refused calls are counted in the metrics too); `credentials`: TLS."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -199,7 +215,7 @@ def build_server(
     ]
     prefix = "/" + service_names[0].rsplit(".", 1)[0] + "."
     server = grpc.aio.server(
-        interceptors=[_MetricsInterceptor(metrics, prefix)],
+        interceptors=[_MetricsInterceptor(metrics, prefix), *([auth] if auth is not None else [])],
         options=options,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -210,7 +226,10 @@ def build_server(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {address}")
     return Server(server, port, health, service_names, metrics)

@@ -28,6 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def main(args: argparse.Namespace) -> int:
     """Runs the service until SIGTERM/SIGINT; 0 after a clean stop, 2 for a bad setting, 1 if the model
     cannot be served or a port cannot be bound. Logging is set up by the caller (`ctl`)."""
+    from ctl.security import SecurityConfigError
     from encoder_service.server import run
 
     try:
@@ -37,6 +38,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         asyncio.run(run(config))
+    except SecurityConfigError as exc:
+        log.error("encoder service cannot start: %s", exc)
+        return 2
     except (EncoderError, OSError) as exc:  # OSError: a port already taken
         log.error("encoder service stopped: %s", exc)
         return 1

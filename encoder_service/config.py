@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctl.serving import parse_bool
 from encoder_service.errors import ConfigError
 
 ENV_PREFIX = "CTL_ENCODER_"
@@ -74,6 +75,18 @@ class EncoderConfig:
     torch_threads: int = field(
         default=0, metadata=_help("torch intra-op threads (0 keeps torch's default; backend torchscript)")
     )
+    # Security (ctl/security.py)
+    tls_cert: str = field(default="", metadata=_help("PEM certificate of this server (with --tls-key: TLS)"))
+    tls_key: str = field(default="", metadata=_help("PEM private key of this server"))
+    tls_client_ca: str = field(
+        default="", metadata=_help("PEM CA that client certificates must be signed by (mutual TLS)")
+    )
+    tokens: str = field(
+        default="", metadata=_help("tokens that may call the encoder: 'a,b' or '@FILE' (one per line)")
+    )
+    protect_health: bool = field(
+        default=False, metadata=_help("require a token for health checks and reflection too (true/false)")
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -127,8 +140,12 @@ def _env_var(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def _types() -> dict[str, type]:
-    return typing.get_type_hints(EncoderConfig)
+def _types() -> dict[str, Any]:
+    """Each field's parser: its type, or parse_bool for booleans (bool("false") is True)."""
+    return {
+        name: parse_bool if kind is bool else kind
+        for name, kind in typing.get_type_hints(EncoderConfig).items()
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from an absent one (and fall back to the environment)."""
     types = _types()
     for f in dataclasses.fields(EncoderConfig):
-        help_text = f"{f.metadata['help']} (env {_env_var(f.name)}; default {f.default})"
+        shown = "" if "token" in f.name else f"; default {f.default}"  # never print secrets
+        help_text = f"{f.metadata['help']} (env {_env_var(f.name)}{shown})"
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
@@ -147,10 +165,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _parse_env(name: str, text: str, kind: type) -> Any:
+def _parse_env(name: str, text: str, kind: Any) -> Any:
     try:
         return kind(text)
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{_env_var(name)}={text!r}: expected {kind.__name__}") from None
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 
+from ctl.security import TokenAuth, parse_tokens, server_credentials
 from ctl.serving import Metrics, Server, build_server, serve_forever
 from ctl.v1 import encoder_pb2_grpc
 from encoder_service.app import EncoderApp
@@ -29,6 +30,9 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
     """The server bound to `config.address` (port 0: read `Server.port`) and its app; nothing started."""
     metrics = Metrics(SERVICE_NAME)
     app = EncoderApp(config, make_backend(config), metrics)
+    auth = TokenAuth(
+        {"encode": parse_tokens(config.tokens, "tokens")}, {}, protect_open=config.protect_health
+    )
     server = build_server(
         service_names=(SERVICE_NAME,),
         add_servicers=lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(
@@ -37,6 +41,8 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
         address=config.address,
         metrics=metrics,
         max_message_bytes=config.max_message_bytes,
+        auth=auth if auth.enabled else None,
+        credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
     )
     return server, app
 

@@ -24,13 +24,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs until SIGTERM/SIGINT: 0 after a clean stop, 1 when it cannot start (encoder never answered,
-    store locked or made by another model, port taken). Logging is set up by the caller (`ctl`)."""
+    """Runs until SIGTERM/SIGINT: 0 after a clean stop, 2 for an unusable TLS file or token setting, 1 when
+    it cannot start (encoder never answered, store locked or made by another model, port taken). Logging
+    is set up by the caller (`ctl`)."""
+    from ctl.security import SecurityConfigError
     from ranker_service.errors import RankerError
     from ranker_service.server import run
 
     try:
         asyncio.run(run(from_args(args)))
+    except SecurityConfigError as exc:
+        log.error("ranker service cannot start: %s", exc)
+        return 2
     except (RankerError, OSError) as exc:
         log.error("ranker service stopped: %s", exc)
         return 1

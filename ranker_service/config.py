@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
+from ctl.serving import parse_bool
+
 MiB = 1024 * 1024
 
 
@@ -35,6 +37,17 @@ class RankerConfig:
     probe_interval_s: float = 5.0  # how often health re-checks the encoder
     startup_timeout_s: float = 120.0  # how long to wait for the encoder at start-up (0: forever)
     grace_s: float = 10.0
+    # Security (ctl/security.py): TLS for this server, tokens per scope, and how to reach the encoder.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    read_tokens: str = ""
+    write_tokens: str = ""
+    protect_health: bool = False
+    encoder_token: str = ""
+    encoder_tls_ca: str = ""
+    encoder_tls_cert: str = ""
+    encoder_tls_key: str = ""
 
     def store_location(self, model_version: str) -> str:
         if self.qdrant_url:
@@ -66,6 +79,16 @@ _HELP = {
     "probe_interval_s": "seconds between encoder health probes",
     "startup_timeout_s": "seconds to wait for the encoder at start-up (0: forever)",
     "grace_s": "seconds in-flight calls get at shutdown",
+    "tls_cert": "PEM certificate of this server (with --tls-key: TLS)",
+    "tls_key": "PEM private key of this server",
+    "tls_client_ca": "PEM CA that client certificates must be signed by (mutual TLS)",
+    "read_tokens": "tokens that may call Recommend and GetCatalogStats: 'a,b' or '@FILE' (one per line)",
+    "write_tokens": "tokens that may call UpsertProducts and DeleteProducts: 'a,b' or '@FILE'",
+    "protect_health": "require a token for health checks and reflection too (true/false)",
+    "encoder_token": "token sent to the encoder service",
+    "encoder_tls_ca": "PEM CA of the encoder's certificate (TLS to the encoder)",
+    "encoder_tls_cert": "PEM client certificate for the encoder (mutual TLS)",
+    "encoder_tls_key": "PEM private key of --encoder-tls-cert",
 }
 
 
@@ -74,11 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(RankerConfig):
         env = "CTL_RANKER_" + f.name.upper()
         default = os.environ.get(env, f.default)
-        shown = "" if "key" in f.name else "; default %(default)s"  # never print secrets
+        shown = "" if "key" in f.name or "token" in f.name else "; default %(default)s"  # no secrets
+        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=type(f.default),
-            default=type(f.default)(default),
+            type=kind,
+            default=kind(default),
             help=f"{_HELP[f.name]} (env {env}{shown})",
         )
 

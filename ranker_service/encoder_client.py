@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ctl.security import aio_channel
 from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
 from ranker_service.errors import EncoderUnavailable, InvalidRequest, RankerError
@@ -48,11 +49,21 @@ class ProductResult:
 class EncoderClient:
     """Async client of ctl.v1.EncoderService; `timeout` caps every call (a caller's deadline may lower it)."""
 
-    def __init__(self, address: str, timeout: float, max_message_bytes: int):
+    def __init__(
+        self,
+        address: str,
+        timeout: float,
+        max_message_bytes: int,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str = "",
+    ):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = aio_channel(
             address,
+            credentials,
+            token,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -102,7 +113,8 @@ class EncoderClient:
     async def encode_scene(self, image: bytes, remaining: float | None = None) -> tuple[Scene, str]:
         try:
             reply = await self._stub.EncodeScene(
-                encoder_pb2.EncodeSceneRequest(image=image), timeout=self._deadline(remaining)
+                encoder_pb2.EncodeSceneRequest(image=image),
+                timeout=self._deadline(remaining),
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "could not encode the scene") from exc
@@ -120,7 +132,8 @@ class EncoderClient:
     ) -> tuple[list[ProductResult], str]:
         try:
             reply = await self._stub.EncodeProducts(
-                encoder_pb2.EncodeProductsRequest(images=list(images)), timeout=self._deadline(remaining)
+                encoder_pb2.EncodeProductsRequest(images=list(images)),
+                timeout=self._deadline(remaining),
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "could not encode products") from exc

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 
+from ctl.security import READ, WRITE, TokenAuth, channel_credentials, parse_tokens, server_credentials
 from ctl.serving import Metrics, Server, build_server, serve_forever
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import RankerConfig
@@ -20,6 +21,9 @@ from ranker_service.service import SERVICE_NAME, RankerApp, RankerServicer
 from ranker_service.store import ProductStore, open_client_store, open_edge_store
 
 log = logging.getLogger(__name__)
+
+# The scope each RankerService method needs when tokens are configured.
+METHOD_SCOPES = {"Recommend": READ, "GetCatalogStats": READ, "UpsertProducts": WRITE, "DeleteProducts": WRITE}
 
 
 async def open_store(config: RankerConfig, info: ModelInfo) -> ProductStore:
@@ -45,8 +49,24 @@ class Ranker:
     def __init__(self, config: RankerConfig):
         self.config = config
         self.metrics = Metrics(SERVICE_NAME)
-        self.encoder = EncoderClient(config.encoder, config.encoder_timeout_s, config.max_message_bytes)
+        self.encoder = EncoderClient(
+            config.encoder,
+            config.encoder_timeout_s,
+            config.max_message_bytes,
+            credentials=channel_credentials(
+                config.encoder_tls_ca, config.encoder_tls_cert, config.encoder_tls_key
+            ),
+            token=config.encoder_token,
+        )
         self.app = RankerApp(config, self.encoder, self.metrics)
+        auth = TokenAuth(
+            {
+                READ: parse_tokens(config.read_tokens, "read_tokens"),
+                WRITE: parse_tokens(config.write_tokens, "write_tokens"),
+            },
+            METHOD_SCOPES,
+            protect_open=config.protect_health,
+        )
         self.server: Server = build_server(
             service_names=(SERVICE_NAME,),
             add_servicers=lambda s: ranker_pb2_grpc.add_RankerServiceServicer_to_server(
@@ -55,6 +75,8 @@ class Ranker:
             address=f"{config.host}:{config.port}",
             metrics=self.metrics,
             max_message_bytes=config.max_message_bytes,
+            auth=auth if auth.enabled else None,
+            credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
         )
         self.store: ProductStore | None = None
         self._probe: asyncio.Task | None = None

@@ -12,6 +12,7 @@ import grpc
 
 from ctl.ingest.catalog import FORMATS, CatalogError
 from ctl.ingest.job import IngestConfig, Summary, format_summary, ingest
+from ctl.security import add_client_arguments, aio_channel, client_security
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -64,6 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--journal", type=Path, help="journal file (default: CATALOG.journal)")
     p.add_argument("--errors", type=Path, help="error report (default: CATALOG.errors.jsonl)")
     p.add_argument("--fresh", action="store_true", help="ignore the journal: send every record again")
+    add_client_arguments(p)
     p.set_defaults(func=main)
     return p
 
@@ -83,9 +85,11 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
     )
 
 
-async def run_against(config: IngestConfig, address: str) -> Summary:
+async def run_against(
+    config: IngestConfig, address: str, credentials: grpc.ChannelCredentials | None = None, token: str = ""
+) -> Summary:
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    async with aio_channel(address, credentials, token, options=options) as channel:
         return await ingest(config, channel)
 
 
@@ -104,8 +108,9 @@ def main(args: argparse.Namespace) -> int:
         if args.embedded:
             summary = asyncio.run(run_embedded(config, args.model_repo, args.store_path))
         else:
-            summary = asyncio.run(run_against(config, args.ranker))
-    except (CatalogError, ValueError) as exc:
+            credentials, token = client_security(args)
+            summary = asyncio.run(run_against(config, args.ranker, credentials, token))
+    except (CatalogError, ValueError) as exc:  # SecurityConfigError is a ValueError
         log.error("%s", exc)
         return 2
     except grpc.aio.AioRpcError as exc:
