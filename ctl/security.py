@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from ctl.serving import rewrap
+
 log = logging.getLogger(__name__)
 
 READ, WRITE = "read", "write"
@@ -230,14 +232,4 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
             await context.abort(code, message)
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
-        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
+        return rewrap(handler, lambda _behaviour: refuse)

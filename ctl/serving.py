@@ -95,6 +95,21 @@ class Metrics:
             http.server_close()
 
 
+def rewrap(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
+    """The same method handler with its behaviour replaced by `wrap(behaviour)` (for interceptors)."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **kwargs)
+
+
 class _MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call of the service's own methods (not health/reflection)."""
 
@@ -129,15 +144,42 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return timed
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kwargs)
-        return handler  # streaming responses: not used by ctl
+        return rewrap(handler, wrap)
+
+
+class _ConcurrencyLimit(grpc.aio.ServerInterceptor):
+    """At most `limit` calls of the service's own methods in flight; one more is answered
+    RESOURCE_EXHAUSTED at once (never queued), so a caller backs off instead of waiting on a server that
+    is already full. Health checks and reflection are not counted: probes must still get through."""
+
+    def __init__(self, limit: int, prefix: str, what: str):
+        self._limit = limit
+        self._prefix = prefix
+        self._what = what
+        self.in_flight = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
+
+        def wrap(behaviour):
+            async def limited(request_or_iterator, context):
+                if self.in_flight >= self._limit:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the {self._what} is at its limit of {self._limit} concurrent calls; "
+                        "retry with backoff, or add replicas",
+                    )
+                self.in_flight += 1
+                try:
+                    return await behaviour(request_or_iterator, context)
+                finally:
+                    self.in_flight -= 1
+
+            return limited
+
+        return rewrap(handler, wrap)
 
 
 def error_mapper(table: ErrorTable) -> Callable:
@@ -201,24 +243,28 @@ def build_server(
     address: str,
     metrics: Metrics,
     max_message_bytes: int,
-    max_concurrent_rpcs: int | None = None,
+    max_concurrent_calls: int = 0,
     auth: grpc.aio.ServerInterceptor | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> Server:
     """A grpc.aio server with the service(s), health (NOT_SERVING until told) and reflection, bound to
-    `address` ("host:port"; port 0 picks a free one, read back from `Server.port`). `auth` checks tokens
-    (ctl.security.TokenAuth; refused calls are counted in the metrics too); `credentials`: TLS."""
+    `address` ("host:port"; port 0 picks a free one, read back from `Server.port`). `max_concurrent_calls`
+    (0: no limit) bounds the service's calls in flight; `auth` checks tokens (ctl.security.TokenAuth);
+    refused calls are counted in the metrics too; `credentials`: TLS."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     prefix = "/" + service_names[0].rsplit(".", 1)[0] + "."
-    server = grpc.aio.server(
-        interceptors=[_MetricsInterceptor(metrics, prefix), *([auth] if auth is not None else [])],
-        options=options,
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
-    )
+    interceptors: list[grpc.aio.ServerInterceptor] = [_MetricsInterceptor(metrics, prefix)]
+    if auth is not None:
+        interceptors.append(auth)
+    if max_concurrent_calls:
+        interceptors.append(
+            _ConcurrencyLimit(max_concurrent_calls, prefix, service_names[0].rsplit(".", 1)[-1])
+        )
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     add_servicers(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -61,6 +61,12 @@ class EncoderConfig:
             "joins the next one"
         ),
     )
+    max_concurrent_calls: int = field(
+        default=256,
+        metadata=_help(
+            "EncoderService calls in flight; one more gets RESOURCE_EXHAUSTED at once (0: no limit)"
+        ),
+    )
     max_queue: int = field(
         default=256, metadata=_help("most images waiting for a forward pass; more answer RESOURCE_EXHAUSTED")
     )

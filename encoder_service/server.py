@@ -41,6 +41,7 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
         address=config.address,
         metrics=metrics,
         max_message_bytes=config.max_message_bytes,
+        max_concurrent_calls=config.max_concurrent_calls,
         auth=auth if auth.enabled else None,
         credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
     )

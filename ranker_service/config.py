@@ -31,6 +31,7 @@ class RankerConfig:
     max_limit: int = 1000
     max_categories: int = 32
     max_pool: int = 10_000
+    max_concurrent_calls: int = 64  # more in flight: RESOURCE_EXHAUSTED at once (0: no limit)
     exact_below: int = 200_000  # categories up to this size: exact candidate queries (a scan), not HNSW
     upsert_batch: int = 32  # images per EncodeProducts call, points per store upsert
     upsert_concurrency: int = 2  # encoder calls in flight per stream
@@ -72,6 +73,8 @@ _HELP = {
     "max_limit": "largest Recommend limit",
     "max_categories": "most categories in one Recommend",
     "max_pool": "most candidates scored per category in pooled mode",
+    "max_concurrent_calls": "RankerService calls in flight; one more gets RESOURCE_EXHAUSTED at once "
+    "(0: no limit)",
     "exact_below": "pooled mode queries categories of at most this many products exactly (a scan "
     "in the store, ~20 ms per 100k); larger ones through the store's HNSW index",
     "upsert_batch": "images per encoder call and points per store write during UpsertProducts",

@@ -75,6 +75,7 @@ class Ranker:
             address=f"{config.host}:{config.port}",
             metrics=self.metrics,
             max_message_bytes=config.max_message_bytes,
+            max_concurrent_calls=config.max_concurrent_calls,
             auth=auth if auth.enabled else None,
             credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
         )

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from ctl.tensors import product_from_proto, scene_from_proto, to_tensor
@@ -625,3 +626,44 @@ def test_serve_ranker_command_drains_in_flight_calls_on_sigterm(encoder, tmp_pat
             await opened.close()
 
     assert asyncio.run(count()) == 6  # the drained call's products are on disk
+
+
+def test_calls_over_the_concurrency_limit_are_refused_at_once(loop, encoder, tmp_path, catalog):
+    """Two UpsertProducts streams held open fill a limit of 2: a third call is refused RESOURCE_EXHAUSTED
+    at once (not queued), health still answers, and once the streams end calls go through again."""
+    limited = start_ranker(loop, ranker_config(encoder.address, tmp_path / "store", max_concurrent_calls=2))
+    release = threading.Event()
+
+    def held_open():
+        yield ranker_pb2.UpsertProductsRequest(product=catalog[0])
+        release.wait(30)  # the stream stays in flight until the test lets it end
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{limited.port}") as ch:
+            stub = ranker_pb2_grpc.RankerServiceStub(ch)
+            streams = [stub.UpsertProducts.future(held_open(), timeout=60) for _ in range(2)]
+            stats = ranker_pb2.GetCatalogStatsRequest()
+            deadline = time.monotonic() + 10
+            while True:  # until both streams are in flight
+                try:
+                    stub.GetCatalogStats(stats, timeout=5)
+                except grpc.RpcError as exc:
+                    refusal = exc
+                    break
+                assert time.monotonic() < deadline, "the limit was never reached"
+                time.sleep(0.05)
+            assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal
+            assert "limit of 2 concurrent calls" in refusal.details()
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetCatalogStats(stats, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - start < 1.0  # refused at once, not after waiting
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            release.set()
+            assert [s.result(timeout=30).upserted for s in streams] == [1, 1]
+            assert stub.GetCatalogStats(stats, timeout=5).total_products == 1
+    finally:
+        release.set()
+        loop.call(limited.stop(grace=1))

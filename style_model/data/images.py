@@ -37,6 +37,11 @@ def preprocess(
     """PIL image -> uint8 [size, size, 3] RGB: EXIF orientation, crop (normalised box), letterbox, resize."""
     if image.getexif().get(_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG, TIFF): Pillow's convert("RGB") clips at 255, which makes it white; keep the
+        # top 8 bits instead
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), "L")
     if image.mode != "RGB":
         image = image.convert("RGB")
     if crop is not None:
