@@ -190,6 +190,32 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """Archive an embedded store no ranker holds: 0, or 1 with the reason."""
+    from ctl.snapshot import SnapshotError, snapshot
+
+    try:
+        manifest = snapshot(args.store, args.out)
+    except SnapshotError as exc:
+        logging.getLogger("ctl.snapshot").error("%s", exc)
+        return 1
+    print(f"{args.out}: {manifest['products']} products of model {manifest['model_version']}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Unpack a snapshot into a new store folder, checked before it is moved into place: 0, or 1."""
+    from ctl.snapshot import SnapshotError, restore
+
+    try:
+        folder, manifest = restore(args.archive, args.store_path)
+    except SnapshotError as exc:
+        logging.getLogger("ctl.restore").error("%s", exc)
+        return 1
+    print(f"{folder}: {manifest['products']} products of model {manifest['model_version']} restored")
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 Check: 0 when SERVING (container health checks, scripts), 1 otherwise."""
     import grpc
@@ -226,6 +252,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         help="dataset folder in STL layout (env CTL_DATA)",
     )
     p.add_argument("--domain", default=None, help="domain, when the folder has several (fashion, home)")
+
+
+def _env_ranker_store() -> str:
+    return os.environ.get("CTL_RANKER_STORE_PATH", "ctl-store/{model_version}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="folder the catalog's image paths are relative to")
     add_client_arguments(p)
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser(
+        "snapshot", help="archive an embedded catalog (stop its ranker first) into a .tar.gz with a manifest"
+    )
+    p.add_argument("store", type=Path, help="the store folder (e.g. ctl-store/MODEL_VERSION)")
+    p.add_argument("out", type=Path, help="the archive to write (.tar.gz)")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("restore", help="unpack a snapshot into a new store folder, checked before use")
+    p.add_argument("archive", type=Path, help="a `ctl snapshot` archive")
+    p.add_argument(
+        "store_path",
+        nargs="?",
+        default=_env_ranker_store(),
+        help="the folder to create; {model_version} is replaced (default: CTL_RANKER_STORE_PATH or "
+        "ctl-store/{model_version})",
+    )
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("health", help="ask a server's gRPC health check; exit 0 when SERVING")
     p.add_argument("address", help="host:port")
