@@ -33,3 +33,17 @@ def test_recommend_benchmark_prints_every_strategy(exported_repo, synth_dir, tmp
     # certify and brute force agree exactly; the recall column is a number in [0, 1]
     certify = next(line for line in out.splitlines() if line.startswith("| (a') certify"))
     assert certify.split("|")[2].strip() == "1.000"
+
+
+def test_load_benchmark_runs_clients_for_a_bounded_time_without_errors(exported_repo, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "bench.load", "--products", "2000", "--clients", "8", "--seconds", "4",
+            "--model-repo", str(exported_repo), "--work", str(tmp_path),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]  # 1: some call failed
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit())
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert int(cells[0].replace(",", "")) > 0 and cells[5] == "none"
