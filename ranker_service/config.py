@@ -31,6 +31,7 @@ class RankerConfig:
     max_limit: int = 1000
     max_categories: int = 32
     max_pool: int = 10_000
+    max_stream_records: int = 100_000  # products in one UpsertProducts stream
     max_concurrent_calls: int = 64  # more in flight: RESOURCE_EXHAUSTED at once (0: no limit)
     exact_below: int = 200_000  # categories up to this size: exact candidate queries (a scan), not HNSW
     upsert_batch: int = 32  # images per EncodeProducts call, points per store upsert
@@ -73,6 +74,8 @@ _HELP = {
     "max_limit": "largest Recommend limit",
     "max_categories": "most categories in one Recommend",
     "max_pool": "most candidates scored per category in pooled mode",
+    "max_stream_records": "most products in one UpsertProducts stream (more: RESOURCE_EXHAUSTED, after the "
+    "first ones are stored)",
     "max_concurrent_calls": "RankerService calls in flight; one more gets RESOURCE_EXHAUSTED at once "
     "(0: no limit)",
     "exact_below": "pooled mode queries categories of at most this many products exactly (a scan "

@@ -31,3 +31,7 @@ class StoreLocked(StoreError):
 
 class EncoderUnavailable(RankerError):
     """The encoder service cannot be reached or did not answer in time: UNAVAILABLE."""
+
+
+class StreamTooLong(RankerError):
+    """An UpsertProducts stream carried more products than max_stream_records: RESOURCE_EXHAUSTED."""

@@ -24,6 +24,7 @@ from ranker_service.errors import (
     EncoderUnavailable,
     InvalidRequest,
     StoreError,
+    StreamTooLong,
     UnknownCategory,
     VersionMismatch,
 )
@@ -40,6 +41,7 @@ ERROR_CODES = {
     UnknownCategory: grpc.StatusCode.NOT_FOUND,
     EncoderUnavailable: grpc.StatusCode.UNAVAILABLE,
     StoreError: grpc.StatusCode.UNAVAILABLE,
+    StreamTooLong: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 MODES = {
     ranker_pb2.RETRIEVAL_MODE_UNSPECIFIED: Mode.POOLED,
@@ -209,7 +211,11 @@ class RankerApp:
                 await self._write(items, reply, ready, remaining)
 
         try:
+            too_long = False
             async for request in requests:
+                if reply.received == self.config.max_stream_records:
+                    too_long = True  # what came before is finished below; the rest is not read
+                    break
                 index = reply.received
                 reply.received += 1
                 problem = _record_problem(request.product)
@@ -228,6 +234,15 @@ class RankerApp:
             if batch:
                 tasks.append(asyncio.create_task(flush(batch)))
             await asyncio.gather(*tasks)
+            if too_long:
+                limit = self.config.max_stream_records
+                raise StreamTooLong(
+                    f"a stream may carry at most {limit} products: the first {limit} were processed "
+                    f"({reply.upserted} stored, {len(reply.failures)} failed) and the rest was not read; "
+                    "send the remaining products in another stream (ctl ingest sends --batch per stream)"
+                )
+        except StreamTooLong:
+            raise
         except BaseException as exc:
             for t in tasks:
                 t.cancel()

@@ -667,3 +667,25 @@ def test_calls_over_the_concurrency_limit_are_refused_at_once(loop, encoder, tmp
     finally:
         release.set()
         loop.call(limited.stop(grace=1))
+
+
+def test_a_stream_over_the_record_limit_is_refused_after_the_first_ones_are_stored(
+    loop, encoder, tmp_path, catalog
+):
+    short = start_ranker(loop, ranker_config(encoder.address, tmp_path / "store", max_stream_records=3))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{short.port}") as ch:
+            stub = ranker_pb2_grpc.RankerServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.UpsertProducts(stream(catalog[:5]), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert (
+                "at most 3 products: the first 3 were processed (3 stored, 0 failed)"
+                in refused.value.details()
+            )
+            stats = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest(), timeout=10)
+            assert stats.total_products == 3  # exactly the first three: nothing half-written
+            assert stub.UpsertProducts(stream(catalog[3:5]), timeout=60).upserted == 2  # the rest, resent
+            assert stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest(), timeout=10).total_products == 5
+    finally:
+        loop.call(short.stop(grace=1))
