@@ -43,7 +43,7 @@ async def local_services(
         EncoderConfig(model_repo=Path(model_repo), host=host, port=encoder_port, metrics_port=-1)
     )
     await encoder_server.begin()
-    await encoder_server.grpc_server.start()
+    await encoder_server.start()
     ranker = None
     try:
         await app.start()
@@ -63,5 +63,5 @@ async def local_services(
         if ranker is not None:
             await ranker.stop(grace=grace_s)
         await encoder_server.set_serving(False)
-        await encoder_server.grpc_server.stop(grace_s)
+        await encoder_server.stop(grace_s)
         await app.close()

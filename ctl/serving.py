@@ -220,6 +220,22 @@ class Server:
     health: health_aio.HealthServicer
     service_names: tuple[str, ...]
     metrics: Metrics
+    # Health checks alone on a plaintext port, for a TLS server whose probes cannot speak TLS (Kubernetes'
+    # gRPC probes, `ctl health` without --tls-ca); None when not asked for.
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        log.info("%s listening on port %d", ", ".join(self.service_names), self.port)
+        if self.health_server is not None:
+            await self.health_server.start()
+            log.info("plaintext health checks on port %d", self.health_port)
+
+    async def stop(self, grace: float) -> None:
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
+        await self.grpc_server.stop(grace)
 
     async def begin(self) -> None:
         """Before start: the services NOT_SERVING until their dependencies answer, and `liveness` SERVING
@@ -246,11 +262,13 @@ def build_server(
     max_concurrent_calls: int = 0,
     auth: grpc.aio.ServerInterceptor | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    health_address: str | None = None,
 ) -> Server:
     """A grpc.aio server with the service(s), health (NOT_SERVING until told) and reflection, bound to
     `address` ("host:port"; port 0 picks a free one, read back from `Server.port`). `max_concurrent_calls`
     (0: no limit) bounds the service's calls in flight; `auth` checks tokens (ctl.security.TokenAuth);
-    refused calls are counted in the metrics too; `credentials`: TLS."""
+    refused calls are counted in the metrics too; `credentials`: TLS; `health_address`: also answer health
+    checks (only them) in plaintext there."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -278,7 +296,14 @@ def build_server(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    return Server(server, port, health, service_names, metrics)
+    health_server, health_port = None, None
+    if health_address is not None:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_port = health_server.add_insecure_port(health_address)
+        if health_port == 0:
+            raise OSError(f"cannot bind {health_address} (health checks)")
+    return Server(server, port, health, service_names, metrics, health_server, health_port)
 
 
 async def serve_forever(
@@ -298,8 +323,7 @@ async def serve_forever(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    await server.grpc_server.start()
-    log.info("%s listening on port %d", ", ".join(server.service_names), server.port)
+    await server.start()
     try:
         if on_start is not None:
             await on_start()
@@ -308,7 +332,7 @@ async def serve_forever(
     finally:
         await server.set_serving(False)
         await server.health.enter_graceful_shutdown()  # a health probe may no longer turn it SERVING
-        await server.grpc_server.stop(grace)
+        await server.stop(grace)
         if on_stop is not None:
             await on_stop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -90,6 +90,13 @@ class EncoderConfig:
     tokens: str = field(
         default="", metadata=_help("tokens that may call the encoder: 'a,b' or '@FILE' (one per line)")
     )
+    health_port: int = field(
+        default=-1,
+        metadata=_help(
+            "also answer health checks (only them) in plaintext on this port, for probes of a TLS server "
+            "(-1: off, 0: any free port)"
+        ),
+    )
     protect_health: bool = field(
         default=False, metadata=_help("require a token for health checks and reflection too (true/false)")
     )

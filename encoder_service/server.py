@@ -44,6 +44,9 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
         max_concurrent_calls=config.max_concurrent_calls,
         auth=auth if auth.enabled else None,
         credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+        health_address=f"{config.address.rsplit(':', 1)[0]}:{config.health_port}"
+        if config.health_port >= 0
+        else None,
     )
     return server, app
 

@@ -46,6 +46,7 @@ class RankerConfig:
     read_tokens: str = ""
     write_tokens: str = ""
     protect_health: bool = False
+    health_port: int = -1  # plaintext health checks only (for probes of a TLS server); -1: off, 0: any
     encoder_token: str = ""
     encoder_tls_ca: str = ""
     encoder_tls_cert: str = ""
@@ -91,6 +92,8 @@ _HELP = {
     "read_tokens": "tokens that may call Recommend and GetCatalogStats: 'a,b' or '@FILE' (one per line)",
     "write_tokens": "tokens that may call UpsertProducts and DeleteProducts: 'a,b' or '@FILE'",
     "protect_health": "require a token for health checks and reflection too (true/false)",
+    "health_port": "also answer health checks (only them) in plaintext on this port, for probes of a TLS "
+    "server (-1: off, 0: any free port)",
     "encoder_token": "token sent to the encoder service",
     "encoder_tls_ca": "PEM CA of the encoder's certificate (TLS to the encoder)",
     "encoder_tls_cert": "PEM client certificate for the encoder (mutual TLS)",

@@ -78,6 +78,7 @@ class Ranker:
             max_concurrent_calls=config.max_concurrent_calls,
             auth=auth if auth.enabled else None,
             credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+            health_address=f"{config.host}:{config.health_port}" if config.health_port >= 0 else None,
         )
         self.store: ProductStore | None = None
         self._probe: asyncio.Task | None = None
@@ -105,7 +106,7 @@ class Ranker:
     async def start(self) -> None:
         """Starts serving (for tests and embedding; `run` is the command's lifecycle)."""
         await self.server.begin()
-        await self.server.grpc_server.start()
+        await self.server.start()
         await self.bring_up()
 
     async def bring_up(self) -> None:
@@ -147,7 +148,7 @@ class Ranker:
     async def stop(self, grace: float | None = None) -> None:
         await self.server.set_serving(False)
         await self.server.health.enter_graceful_shutdown()
-        await self.server.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        await self.server.stop(self.config.grace_s if grace is None else grace)
         await self.close()
 
 

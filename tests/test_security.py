@@ -6,6 +6,7 @@ with read or write tokens. Certificates are made for the test (tests/certs.py).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def servers(exported_repo, pki, tmp_path_factory):
         env={"CTL_RANKER_TLS_CERT": pki.server_cert, "CTL_RANKER_TLS_KEY": pki.server_key,
              "CTL_RANKER_TLS_CLIENT_CA": pki.ca, "CTL_RANKER_READ_TOKENS": READ_TOKEN,
              "CTL_RANKER_WRITE_TOKENS": f"@{token_file}", "CTL_RANKER_ENCODER_TOKEN": ENCODER_TOKEN,
-             "CTL_RANKER_ENCODER_TLS_CA": pki.ca},
+             "CTL_RANKER_ENCODER_TLS_CA": pki.ca, "CTL_RANKER_HEALTH_PORT": "0"},
     )  # fmt: skip
     try:
         _wait_serving(ranker.address, pki)  # SERVING: it reached the encoder over TLS with its token
@@ -163,6 +164,18 @@ def _ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         [sys.executable, "-m", "ctl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})}, check=False,
     )  # fmt: skip
+
+
+def test_probes_get_plaintext_health_on_their_own_port(servers):
+    _, ranker = servers
+    port = int(re.search(r"plaintext health checks on port (\d+)", ranker.output()).group(1))
+    with grpc.insecure_channel(f"localhost:{port}") as chan:
+        reply = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stats = ranker_pb2.GetCatalogStatsRequest()
+        code = _code(lambda: ranker_pb2_grpc.RankerServiceStub(chan).GetCatalogStats(stats, timeout=5))
+        assert code == grpc.StatusCode.UNIMPLEMENTED  # only health is there: no way around TLS and tokens
+    assert _ctl("health", f"localhost:{port}", "--service", "ctl.v1.RankerService").returncode == 0
 
 
 def test_ctl_clients_speak_tls_and_tokens(servers, pki, synth_dir, tmp_path):
