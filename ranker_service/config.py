@@ -18,6 +18,7 @@ class RankerConfig:
     metrics_port: int = 9465  # 0: any free port, -1: off
     encoder: str = "localhost:50051"
     encoder_timeout_s: float = 10.0
+    encoder_products_timeout_s: float = 300.0  # EncodeProducts during UpsertProducts (batch work)
     # Embedded store (qdrant-edge): a directory; {model_version} is replaced (one store per model).
     store_path: str = "ctl-store/{model_version}"
     # A Qdrant server/cluster instead (qdrant-client): URL, collection ({model_version} replaced), API key.
@@ -64,6 +65,8 @@ _HELP = {
     "metrics_port": "Prometheus /metrics port (0: any free port, -1: off)",
     "encoder": "the encoder service, host:port",
     "encoder_timeout_s": "deadline of every encoder call (a caller's shorter deadline wins)",
+    "encoder_products_timeout_s": "deadline of the encoder calls of UpsertProducts, which may queue behind a "
+    "slow model (a caller's shorter deadline wins)",
     "store_path": "embedded store directory; {model_version} is replaced",
     "qdrant_url": "use a Qdrant server/cluster at this URL instead of the embedded store",
     "collection": "Qdrant collection (with --qdrant-url); {model_version} is replaced",

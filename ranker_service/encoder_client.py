@@ -47,7 +47,9 @@ class ProductResult:
 
 
 class EncoderClient:
-    """Async client of ctl.v1.EncoderService; `timeout` caps every call (a caller's deadline may lower it)."""
+    """Async client of ctl.v1.EncoderService; `timeout` caps every call (a caller's deadline may lower it),
+    `products_timeout` the EncodeProducts calls of ingestion: batch work that may queue behind a slow model
+    (a CPU ResNet-50 encodes ~10 images/s, and a few streams put hundreds of images in its queue)."""
 
     def __init__(
         self,
@@ -55,11 +57,13 @@ class EncoderClient:
         timeout: float,
         max_message_bytes: int,
         *,
+        products_timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         token: str = "",
     ):
         self.address = address
         self.timeout = timeout
+        self.products_timeout = timeout if products_timeout is None else products_timeout
         self._channel = aio_channel(
             address,
             credentials,
@@ -73,8 +77,9 @@ class EncoderClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.info: ModelInfo | None = None
 
-    def _deadline(self, remaining: float | None) -> float:
-        return self.timeout if remaining is None else max(0.001, min(self.timeout, remaining))
+    def _deadline(self, remaining: float | None, cap: float | None = None) -> float:
+        cap = self.timeout if cap is None else cap
+        return cap if remaining is None else max(0.001, min(cap, remaining))
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> RankerError:
         code, details = exc.code(), exc.details()
@@ -133,7 +138,7 @@ class EncoderClient:
         try:
             reply = await self._stub.EncodeProducts(
                 encoder_pb2.EncodeProductsRequest(images=list(images)),
-                timeout=self._deadline(remaining),
+                timeout=self._deadline(remaining, self.products_timeout),
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "could not encode products") from exc

@@ -53,6 +53,7 @@ class Ranker:
             config.encoder,
             config.encoder_timeout_s,
             config.max_message_bytes,
+            products_timeout=config.encoder_products_timeout_s,
             credentials=channel_credentials(
                 config.encoder_tls_ca, config.encoder_tls_cert, config.encoder_tls_key
             ),

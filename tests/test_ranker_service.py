@@ -689,3 +689,23 @@ def test_a_stream_over_the_record_limit_is_refused_after_the_first_ones_are_stor
             assert stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest(), timeout=10).total_products == 5
     finally:
         loop.call(short.stop(grace=1))
+
+
+def test_ingestion_has_its_own_encoder_deadline(loop, exported_repo, tmp_path, catalog, scenes):
+    """An encoder that holds every pass 0.5 s (a slow model): the interactive deadline (0.3 s) fails
+    Recommend with UNAVAILABLE, while UpsertProducts' encoder calls get encoder_products_timeout_s."""
+    slow = start_encoder(exported_repo, "--max-wait-ms", "500")
+    wait_serving(slow.address)
+    ranker = start_ranker(loop, ranker_config(slow.address, tmp_path / "store", encoder_timeout_s=0.3))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ranker.port}") as ch:
+            stub = ranker_pb2_grpc.RankerServiceStub(ch)
+            assert stub.UpsertProducts(stream(catalog[:3]), timeout=60).upserted == 3
+            request = ranker_pb2.RecommendRequest(scene_image=scenes[0], categories=[catalog[0].category])
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Recommend(request, timeout=30)
+            assert late.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "DEADLINE_EXCEEDED" in late.value.details()
+    finally:
+        loop.call(ranker.stop(grace=1))
+        slow.stop()
