@@ -56,6 +56,14 @@ def parse_tokens(setting: str, what: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def parse_token(setting: str, what: str) -> str:
+    """The one token of a client setting ("TOKEN" or "@FILE"); "" when empty."""
+    tokens = parse_tokens(setting, what)
+    if len(tokens) > 1:
+        raise SecurityConfigError(f"{what}: give one token, not {len(tokens)}")
+    return tokens[0] if tokens else ""
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -156,10 +164,7 @@ def add_client_arguments(parser, env_prefix: str = "CTL_") -> None:
 
 def client_security(args) -> tuple[grpc.ChannelCredentials | None, str]:
     """(TLS credentials, token) from the flags of `add_client_arguments`."""
-    tokens = parse_tokens(args.token, "--token") if args.token else ()
-    if len(tokens) > 1:
-        raise SecurityConfigError("--token: give one token")
-    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key), tokens[0] if tokens else ""
+    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key), parse_token(args.token, "--token")
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):

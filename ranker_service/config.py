@@ -97,7 +97,7 @@ _HELP = {
     "protect_health": "require a token for health checks and reflection too (true/false)",
     "health_port": "also answer health checks (only them) in plaintext on this port, for probes of a TLS "
     "server (-1: off, 0: any free port)",
-    "encoder_token": "token sent to the encoder service",
+    "encoder_token": "token sent to the encoder service, or @FILE holding it",
     "encoder_tls_ca": "PEM CA of the encoder's certificate (TLS to the encoder)",
     "encoder_tls_cert": "PEM client certificate for the encoder (mutual TLS)",
     "encoder_tls_key": "PEM private key of --encoder-tls-cert",

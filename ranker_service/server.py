@@ -11,7 +11,15 @@ import contextlib
 import logging
 import time
 
-from ctl.security import READ, WRITE, TokenAuth, channel_credentials, parse_tokens, server_credentials
+from ctl.security import (
+    READ,
+    WRITE,
+    TokenAuth,
+    channel_credentials,
+    parse_token,
+    parse_tokens,
+    server_credentials,
+)
 from ctl.serving import Metrics, Server, build_server, serve_forever
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import RankerConfig
@@ -57,7 +65,7 @@ class Ranker:
             credentials=channel_credentials(
                 config.encoder_tls_ca, config.encoder_tls_cert, config.encoder_tls_key
             ),
-            token=config.encoder_token,
+            token=parse_token(config.encoder_token, "encoder_token"),
         )
         self.app = RankerApp(config, self.encoder, self.metrics)
         auth = TokenAuth(

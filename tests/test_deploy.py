@@ -17,7 +17,7 @@ from ctl.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "secure")
 SERVICE_NAMES = {"encoder": "ctl.v1.EncoderService", "ranker": "ctl.v1.RankerService"}
 SUBCOMMANDS = {"encoder": "serve-encoder", "ranker": "serve-ranker", "ingest": "ingest"}
 
@@ -96,7 +96,7 @@ def test_every_setting_is_one_the_code_reads(rendered, monkeypatch):
         "ENCODER": encoder_config(parser.parse_args(["serve-encoder"])),
         "RANKER": ranker_config(parser.parse_args(["serve-ranker"])),
         "INGEST": parser.parse_args(["ingest", *job["args"]]),
-        "": parser.parse_args(["serve-ranker"]),  # ctl's own: CTL_LOG_LEVEL
+        "": parser.parse_args(["health", "x"]),  # ctl's own: CTL_LOG_LEVEL, a client's CTL_TOKEN, CTL_TLS_*
     }
     for name, value in env.items():
         group, _, setting = name.removeprefix("CTL_").partition("_")
@@ -129,15 +129,20 @@ def test_ports_probes_services_and_addresses_agree(rendered):
         assert ports["grpc"] == int(env[f"CTL_{key}_PORT"]) and ports["metrics"] == int(
             env[f"CTL_{key}_METRICS_PORT"]
         )
+        # a TLS server is probed on its plaintext health-only port (gRPC probes cannot speak TLS)
+        probed = ports["grpc"]
+        if f"CTL_{key}_TLS_CERT" in env:
+            probed = ports["health"]
+            assert probed == int(env[f"CTL_{key}_HEALTH_PORT"]), part
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == ports["grpc"], (part, probe)
+            assert c[probe]["grpc"]["port"] == probed, (part, probe)
         assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAMES[part]
         assert c["livenessProbe"]["grpc"]["service"] == "liveness"
         service = {p["name"]: p for p in services[f"ctl-{part}"]["spec"]["ports"]}
         assert service["grpc"]["port"] == ports["grpc"] and service["grpc"]["targetPort"] == "grpc"
         policy = by_kind(docs, "NetworkPolicy")[f"ctl-{part}"]
         opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert opened == set(ports.values())
+        assert opened == {port for name, port in ports.items() if name != "health"}  # probes: the kubelet's
     assert env["CTL_RANKER_ENCODER"] == f"ctl-encoder:{env['CTL_ENCODER_PORT']}"
     assert env["CTL_INGEST_RANKER"] == f"ctl-ranker:{env['CTL_RANKER_PORT']}"
     encoder = pods["ctl-encoder"]
@@ -160,6 +165,14 @@ def test_ports_probes_services_and_addresses_agree(rendered):
     else:
         assert env["CTL_ENCODER_BACKEND"] == "torchscript" and "ctl-triton" not in pods
     assert mounts["models"] == env["CTL_ENCODER_MODEL_REPO"]
+    if overlay == "secure":  # every file a setting names is mounted where the setting points
+        for name in ("ctl-encoder", "ctl-ranker", "ctl-ingest"):
+            mounted = {m["mountPath"] for m in pods[name]["volumeMounts"]}
+            assert {"/etc/ctl/tls", "/etc/ctl/tokens"} <= mounted, name
+        files = [
+            v.lstrip("@") for k, v in env.items() if k.endswith(("_CERT", "_KEY", "_CA", "TOKEN", "TOKENS"))
+        ]
+        assert files and all(f.startswith(("/etc/ctl/tls/", "/etc/ctl/tokens/")) for f in files), files
     # only the ranker reaches the encoder and Qdrant
     ranker_only = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ctl-ranker"}}}
     assert by_kind(docs, "NetworkPolicy")["ctl-encoder"]["spec"]["ingress"][0]["from"] == [ranker_only]
@@ -182,7 +195,8 @@ def test_images_are_the_dockerfiles_of_this_version(rendered):
         assert f'ENTRYPOINT ["ctl", "{SUBCOMMANDS[part]}"]' in text
         assert "USER 10001" in text and c.get("securityContext", {}).get("allowPrivilegeEscalation") is False
         exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
-        assert exposed == {p["containerPort"] for p in c.get("ports", [])}, name
+        declared = {p["containerPort"] for p in c.get("ports", []) if p["name"] != "health"}  # optional port
+        assert exposed == declared, name
         bases = re.findall(r"^FROM (\S+)", text, re.M)
         assert all(re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", b) for b in bases), bases  # pinned
     # the ranker's and the ingestion job's images install no torch (no extras)
