@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -125,17 +126,21 @@ class EncoderApp:
             self.config.max_image_pixels,
         )
 
-    async def encode_scene(self, image: bytes) -> tuple[Scene, str]:
-        """A scene's embeddings and the model version."""
+    async def encode_scene(self, image: bytes, deadline_s: float | None = None) -> tuple[Scene, str]:
+        """A scene's embeddings and the model version; `deadline_s`: what the caller still waits."""
         info = self._info()
+        started = time.monotonic()
         pixels = await self.decode(image)
-        global_, local, attention = await self.scenes.submit(pixels[None])
+        global_, local, attention = await self.scenes.submit(pixels[None], _left(deadline_s, started))
         return Scene(global_[0], local[0], attention[0]), info.model_version
 
-    async def encode_products(self, images: Sequence[bytes]) -> tuple[list[ProductResult], str]:
+    async def encode_products(
+        self, images: Sequence[bytes], deadline_s: float | None = None
+    ) -> tuple[list[ProductResult], str]:
         """One result per image, in order; a bad image fails only its own result. Backend errors and
-        too many images fail the call."""
+        too many images fail the call. `deadline_s`: what the caller still waits."""
         info = self._info()
+        started = time.monotonic()
         limit = self.config.max_images_per_call
         if len(images) > limit:
             raise TooManyImages(
@@ -149,7 +154,9 @@ class EncoderApp:
         good = [i for i, outcome in enumerate(decoded) if not isinstance(outcome, BaseException)]
         results = [ProductResult(error=o) if isinstance(o, ImageError) else ProductResult() for o in decoded]
         if good:
-            style, key = await self.products.submit(np.stack([decoded[i] for i in good]))
+            style, key = await self.products.submit(
+                np.stack([decoded[i] for i in good]), _left(deadline_s, started)
+            )
             for row, i in enumerate(good):
                 results[i] = ProductResult(style=style[row], key=key[row])
         return results, info.model_version
@@ -157,3 +164,8 @@ class EncoderApp:
     def model_info(self) -> ModelInfoData:
         """The served model; BackendUnavailable until `start()` has finished."""
         return self._info()
+
+
+def _left(deadline_s: float | None, since: float) -> float | None:
+    """What remains of a deadline given at `since` (time.monotonic)."""
+    return None if deadline_s is None else deadline_s - (time.monotonic() - since)

@@ -6,7 +6,9 @@ many requests as fit in `max_batch` images, waiting at most `max_wait` after the
 forward pass and hands every request its slice of the outputs, in order. `workers` passes may be in flight
 at once: one for an in-process model (it already uses every core), several for Triton, whose own dynamic
 batcher merges what several workers and encoder replicas send. The queue is bounded in images:
-a request that would overflow it is refused at once (Overloaded), before it waits for anything.
+a request that would overflow it is refused at once (Overloaded), before it waits for anything; so is
+one whose caller's deadline would pass before the images queued ahead of it and its own are through, at
+the rate the recent passes ran (it would only time out, after taking its place in the queue).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -75,6 +78,7 @@ class MicroBatcher:
         self._closed = False
         self.pending_images = 0
         self.forward_passes = 0
+        self.images_per_s: float | None = None  # recent throughput of the passes (all workers)
 
     def start(self) -> None:
         """Starts the worker tasks on the running loop."""
@@ -95,9 +99,10 @@ class MicroBatcher:
     def running(self) -> bool:
         return any(not t.done() for t in self._tasks) and not self._closed
 
-    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+    async def submit(self, images: np.ndarray, deadline_s: float | None = None) -> tuple[np.ndarray, ...]:
         """The forward outputs for `images` [n, ...] (n >= 1), each [n, ...]. Requests larger than
-        `max_batch` are split into several queue entries (and possibly several passes)."""
+        `max_batch` are split into several queue entries (and possibly several passes). `deadline_s`: the
+        seconds the caller still waits (None: no deadline)."""
         n = len(images)
         if n < 1:
             raise ValueError("submit needs at least one image")
@@ -110,6 +115,17 @@ class MicroBatcher:
                 f"the {self.name} encoder is overloaded: {self.pending_images} images are waiting and "
                 f"{n} more would pass the limit of {self.max_queue}; retry later"
             )
+        if deadline_s is not None and self.images_per_s:
+            expected = (self.pending_images + n) / self.images_per_s
+            if expected > deadline_s:
+                if self._rejected is not None:
+                    self._rejected.inc(n)
+                raise Overloaded(
+                    f"the {self.name} encoder cannot finish {n} images within the call's deadline "
+                    f"({deadline_s:.2f} s): {self.pending_images} images are queued ahead and it encodes "
+                    f"about {self.images_per_s:.0f} images/s (~{expected:.2f} s); retry later or with a "
+                    "longer deadline"
+                )
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, n, self.max_batch):
@@ -189,11 +205,14 @@ class MicroBatcher:
             self._passes.inc()
         if self._batch_images is not None:
             self._batch_images.observe(len(images))
+        started = time.perf_counter()
         try:
             outputs = await self._forward(images)
         except Exception as exc:  # the backend's error is every request's error
             _fail(batch, exc)
             return
+        rate = len(images) * self.workers / max(time.perf_counter() - started, 1e-6)
+        self.images_per_s = rate if self.images_per_s is None else 0.7 * self.images_per_s + 0.3 * rate
         offset = 0
         for request in batch:
             n = len(request.images)

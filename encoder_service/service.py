@@ -30,14 +30,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     async def EncodeScene(
         self, request: encoder_pb2.EncodeSceneRequest, context: grpc.aio.ServicerContext
     ) -> encoder_pb2.EncodeSceneResponse:
-        scene, version = await self._app.encode_scene(request.image)
+        scene, version = await self._app.encode_scene(request.image, context.time_remaining())
         return encoder_pb2.EncodeSceneResponse(embedding=scene_to_proto(scene, version))
 
     @error_mapper(ERROR_CODES)
     async def EncodeProducts(
         self, request: encoder_pb2.EncodeProductsRequest, context: grpc.aio.ServicerContext
     ) -> encoder_pb2.EncodeProductsResponse:
-        results, version = await self._app.encode_products(request.images)
+        results, version = await self._app.encode_products(request.images, context.time_remaining())
         return encoder_pb2.EncodeProductsResponse(
             results=[_product_encoding(r, version) for r in results], model_version=version
         )

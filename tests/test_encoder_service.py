@@ -39,6 +39,7 @@ from encoder_service import (
     ImageError,
     ImageTooLarge,
     MicroBatcher,
+    Overloaded,
     decode_image,
     from_args,
 )
@@ -229,6 +230,33 @@ def test_batcher_workers_run_passes_concurrently():
 
     assert asyncio.run(peak_in_flight(3)) == 3
     assert asyncio.run(peak_in_flight(1)) == 1
+
+
+def test_batcher_refuses_at_once_what_cannot_finish_before_the_deadline():
+    """Passes of 0.1 s per image (10 images/s): with 5 images queued, a call with 0.2 s left is refused at
+    once with the numbers; one with 5 s left is accepted and served."""
+
+    async def scenario() -> None:
+        async def forward(images: np.ndarray) -> tuple[np.ndarray, ...]:
+            await asyncio.sleep(0.1 * len(images))
+            return (images * 2,)
+
+        batcher = MicroBatcher("t", forward, max_batch=1, max_wait_s=0.0, max_queue=64)
+        batcher.start()
+        await batcher.submit(np.ones((1, 1)), deadline_s=5.0)  # measures the rate
+        assert batcher.images_per_s is not None and 5 < batcher.images_per_s < 11
+        queued = [asyncio.create_task(batcher.submit(np.ones((1, 1)))) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match=r"cannot finish 1 images within the call's deadline \(0.20 s\)"):
+            await batcher.submit(np.ones((1, 1)), deadline_s=0.2)
+        assert time.monotonic() - started < 0.05  # at once, not after waiting in the queue
+        late = await batcher.submit(np.full((1, 1), 3.0), deadline_s=5.0)
+        assert float(late[0][0, 0]) == 6.0
+        await asyncio.gather(*queued)
+        await batcher.close()
+
+    asyncio.run(scenario())
 
 
 def test_batcher_gives_a_backend_error_to_every_request_of_the_batch():
