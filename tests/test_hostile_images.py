@@ -57,7 +57,8 @@ def expected_pictures() -> dict[str, bytes]:
         "one-pixel.png": _png(np.array([[[10, 200, 30]]])),
         "grayscale.png": _png(np.stack([gray] * 3, axis=-1)),
         "cmyk.jpg": _png(np.asarray(_decoded("cmyk.jpg").convert("RGB"))),
-        "rgba.png": _png(np.asarray(picture())),  # the alpha channel (all opaque) is dropped
+        "rgba.png": _png(np.asarray(picture())),  # all opaque: the picture itself
+        "transparent.png": _png(np.where(np.arange(80)[None, :, None] < 40, np.asarray(picture()), 255)),
         "gray-16bit.png": _png(np.stack([gray16] * 3, axis=-1)),
         "palette.png": _png(np.asarray(_decoded("palette.png").convert("RGB"))),
         "animated.gif": _png(np.asarray(_decoded("animated.gif").convert("RGB"))),  # the first frame

@@ -42,6 +42,11 @@ def preprocess(
         # top 8 bits instead
         values = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
         image = Image.fromarray(values.astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # transparent parts (product cut-outs) on white, as product photos are shot, not on whatever colour
+        # the hidden pixels happen to hold
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     if image.mode != "RGB":
         image = image.convert("RGB")
     if crop is not None:

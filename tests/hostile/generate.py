@@ -60,6 +60,8 @@ def corpus() -> dict[str, bytes]:
     exif[0x0112] = 6  # stored on its side: "rotate 90° clockwise to display"
     frames = [picture(), picture().transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
     gray16 = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    cutout = np.dstack([np.asarray(base), np.full(base.size[::-1], 255, np.uint8)])
+    cutout[:, 40:] = (0, 0, 0, 0)  # the right half transparent, its hidden colour black
     return {
         "zero-bytes.jpg": b"",
         "random-bytes.bin": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
@@ -73,6 +75,7 @@ def corpus() -> dict[str, bytes]:
         "grayscale.png": encoded(base.convert("L"), "PNG"),
         "cmyk.jpg": encoded(base.convert("CMYK"), "JPEG", quality=95),
         "rgba.png": encoded(base.convert("RGBA"), "PNG"),
+        "transparent.png": encoded(Image.fromarray(cutout, "RGBA"), "PNG"),
         "gray-16bit.png": encoded(gray16, "PNG"),
         "palette.png": encoded(base.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG"),
         "animated.gif": encoded(
