@@ -93,7 +93,8 @@ def _decode(data: bytes, max_bytes: int = 10**7, max_pixels: int = 10**7) -> np.
     ("mode", "fmt", "colour", "expected", "tolerance"),
     [
         ("RGB", "PNG", (200, 30, 60), (200, 30, 60), 0),
-        ("RGBA", "PNG", (10, 200, 30, 0), (10, 200, 30), 0),  # alpha dropped, colour kept
+        ("RGBA", "PNG", (10, 200, 30, 0), (255, 255, 255), 0),  # transparent: on white, hidden colour gone
+        ("RGBA", "PNG", (10, 200, 30, 128), (132, 227, 142), 1),  # half transparent: blended with white
         ("L", "PNG", 100, (100, 100, 100), 0),
         ("P", "PNG", 5, None, 0),
         ("CMYK", "JPEG", (0, 255, 255, 0), (255, 0, 0), 8),
