@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+STORE_WAIT_S = 1.0  # a store held by another process: say so after a second (a command, not a service)
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,17 @@ async def local_services(
         await app.start()
         await encoder_server.set_serving(True)
         encoder_address = f"{host}:{encoder_server.port}"
-        ranker = Ranker(
-            RankerConfig(
-                host=host, port=ranker_port, metrics_port=-1, encoder=encoder_address, store_path=store_path
-            )
+        config = RankerConfig(
+            host=host,
+            port=ranker_port,
+            metrics_port=-1,
+            encoder=encoder_address,
+            store_path=store_path,
+            startup_timeout_s=STORE_WAIT_S,
         )
-        await ranker.start()
+        starting = Ranker(config)
+        await starting.start()  # stops itself if it cannot come up
+        ranker = starting
         assert ranker.store is not None
         location = ranker.store.description
         log.info("local encoder on %s, ranker on %s:%d (%s)", encoder_address, host, ranker.port, location)

@@ -34,8 +34,9 @@ class SecurityConfigError(ValueError):
     """A TLS file or a token setting cannot be used."""
 
 
-def parse_tokens(setting: str, what: str) -> tuple[str, ...]:
-    """The tokens of a setting: "a,b" or "@/path/file" (one per line). Empty: none."""
+def parse_tokens(setting: str, what: str, min_length: int = 16) -> tuple[str, ...]:
+    """The tokens of a setting: "a,b" or "@/path/file" (one per line). Empty: none. Ours must be at least
+    16 characters; a key chosen by another system (Qdrant's) is taken as it is (`min_length=1`)."""
     setting = setting.strip()
     if setting.startswith("@"):
         path = Path(setting[1:])
@@ -48,17 +49,17 @@ def parse_tokens(setting: str, what: str) -> tuple[str, ...]:
         tokens = [t.strip() for t in setting.split(",")]
     tokens = [t for t in tokens if t]
     for token in tokens:
-        if len(token) < 16 or any(c.isspace() for c in token):
+        if len(token) < min_length or any(c.isspace() for c in token):
             raise SecurityConfigError(
-                f"{what}: every token must be at least 16 characters without spaces "
+                f"{what}: every token must be at least {min_length} characters without spaces "
                 f"(one has {len(token)}); generate one with `openssl rand -hex 32`"
             )
     return tuple(tokens)
 
 
-def parse_token(setting: str, what: str) -> str:
+def parse_token(setting: str, what: str, min_length: int = 16) -> str:
     """The one token of a client setting ("TOKEN" or "@FILE"); "" when empty."""
-    tokens = parse_tokens(setting, what)
+    tokens = parse_tokens(setting, what, min_length)
     if len(tokens) > 1:
         raise SecurityConfigError(f"{what}: give one token, not {len(tokens)}")
     return tokens[0] if tokens else ""

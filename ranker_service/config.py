@@ -25,6 +25,7 @@ class RankerConfig:
     qdrant_url: str = ""
     collection: str = "ctl_products_{model_version}"
     qdrant_api_key: str = ""
+    qdrant_tls_ca: str = ""  # PEM CA of the Qdrant server's certificate (an https:// URL)
     qdrant_timeout_s: float = 10.0
     qdrant_shards: int = 0  # when the collection is created; 0: the server's default
     qdrant_replication_factor: int = 0  # copies of each shard; 0: the server's default
@@ -37,8 +38,10 @@ class RankerConfig:
     exact_below: int = 200_000  # categories up to this size: exact candidate queries (a scan), not HNSW
     upsert_batch: int = 32  # images per EncodeProducts call, points per store upsert
     upsert_concurrency: int = 2  # encoder calls in flight per stream
-    probe_interval_s: float = 5.0  # how often health re-checks the encoder
-    startup_timeout_s: float = 120.0  # how long to wait for the encoder at start-up (0: forever)
+    probe_interval_s: float = 5.0  # how often health re-checks the encoder and the store
+    startup_timeout_s: float = (
+        120.0  # how long to wait for the encoder and the store at start-up (0: forever)
+    )
     grace_s: float = 10.0
     # Security (ctl/security.py): TLS for this server, tokens per scope, and how to reach the encoder.
     tls_cert: str = ""
@@ -70,7 +73,9 @@ _HELP = {
     "store_path": "embedded store directory; {model_version} is replaced",
     "qdrant_url": "use a Qdrant server/cluster at this URL instead of the embedded store",
     "collection": "Qdrant collection (with --qdrant-url); {model_version} is replaced",
-    "qdrant_api_key": "Qdrant API key (prefer the environment variable)",
+    "qdrant_api_key": "Qdrant API key, or @FILE holding it (prefer the environment variable or a file)",
+    "qdrant_tls_ca": "PEM CA that the Qdrant server's certificate must be signed by (https:// URL; default: "
+    "the system's CAs)",
     "qdrant_timeout_s": "Qdrant request timeout",
     "qdrant_shards": "shards of a new collection (a cluster; 0: the server's default)",
     "qdrant_replication_factor": "copies of each shard of a new collection (0: the server's default)",
@@ -86,8 +91,9 @@ _HELP = {
     "in the store, ~20 ms per 100k); larger ones through the store's HNSW index",
     "upsert_batch": "images per encoder call and points per store write during UpsertProducts",
     "upsert_concurrency": "encoder calls in flight per UpsertProducts stream",
-    "probe_interval_s": "seconds between encoder health probes",
-    "startup_timeout_s": "seconds to wait for the encoder at start-up (0: forever)",
+    "probe_interval_s": "seconds between health probes of the encoder and the store",
+    "startup_timeout_s": "seconds to wait at start-up for the encoder, and for a store that cannot be opened "
+    "yet (held by another process, server unreachable); then exit 1 (0: forever)",
     "grace_s": "seconds in-flight calls get at shutdown",
     "tls_cert": "PEM certificate of this server (with --tls-key: TLS)",
     "tls_key": "PEM private key of this server",

@@ -33,5 +33,9 @@ class EncoderUnavailable(RankerError):
     """The encoder service cannot be reached or did not answer in time: UNAVAILABLE."""
 
 
+class NotReady(RankerError):
+    """The ranker is starting (waiting for the encoder or the store): UNAVAILABLE, with what it waits for."""
+
+
 class StreamTooLong(RankerError):
     """An UpsertProducts stream carried more products than max_stream_records: RESOURCE_EXHAUSTED."""

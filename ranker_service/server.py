@@ -1,7 +1,9 @@
 """Builds and runs the ranker: waits for the encoder, opens the store for its model, serves, drains.
 
-Health is NOT_SERVING until the encoder has given its model info and the store is open, and goes back
-to NOT_SERVING while the encoder's own health check fails (probed every `probe_interval_s`).
+Health is NOT_SERVING until the encoder has given its model info and the store is open (both waited for,
+up to `startup_timeout_s`: a store still held by the ranker being replaced is opened once it is let go),
+and goes back to NOT_SERVING while the encoder's health check or the store's check fails (probed every
+`probe_interval_s`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from ctl.security import (
     READ,
     WRITE,
+    SecurityConfigError,
     TokenAuth,
     channel_credentials,
     parse_token,
@@ -24,26 +30,49 @@ from ctl.serving import Metrics, Server, build_server, serve_forever
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
-from ranker_service.errors import EncoderUnavailable
+from ranker_service.errors import EncoderUnavailable, StoreError
 from ranker_service.service import SERVICE_NAME, RankerApp, RankerServicer
 from ranker_service.store import ProductStore, open_client_store, open_edge_store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+LOOPBACK_HTTP = ("http://localhost", "http://127.0.0.1", "http://[::1]")
 
 # The scope each RankerService method needs when tokens are configured.
 METHOD_SCOPES = {"Recommend": READ, "GetCatalogStats": READ, "UpsertProducts": WRITE, "DeleteProducts": WRITE}
 
 
-async def open_store(config: RankerConfig, info: ModelInfo) -> ProductStore:
-    """The embedded store (default) or a Qdrant server's collection, for the encoder's model version."""
+def qdrant_credentials(config: RankerConfig) -> tuple[str | None, str | None]:
+    """The Qdrant API key (a value or @FILE) and the CA file to verify its TLS certificate with, checked
+    at start-up so that a bad setting exits 2 at once."""
+    key = parse_token(config.qdrant_api_key, "qdrant_api_key", min_length=1) or None
+    if config.qdrant_tls_ca:
+        try:
+            ssl.create_default_context(cafile=config.qdrant_tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise SecurityConfigError(f"qdrant_tls_ca: cannot load {config.qdrant_tls_ca}: {exc}") from exc
+    if key and config.qdrant_url.startswith("http://") and not config.qdrant_url.startswith(LOOPBACK_HTTP):
+        log.warning("the Qdrant API key goes in plaintext to %s: use an https:// URL", config.qdrant_url)
+    return key, config.qdrant_tls_ca or None
+
+
+async def open_store(
+    config: RankerConfig, info: ModelInfo, qdrant: tuple[str | None, str | None] = (None, None)
+) -> ProductStore:
+    """The embedded store (default) or a Qdrant server's collection, for the encoder's model version;
+    `qdrant` is what `qdrant_credentials` gave."""
     location = config.store_location(info.model_version)
     if config.qdrant_url:
+        api_key, tls_ca = qdrant
         return await open_client_store(
             config.qdrant_url,
             info.model_version,
             info.dim,
             collection=location,
-            api_key=config.qdrant_api_key or None,
+            api_key=api_key,
+            verify=tls_ca,
             timeout=config.qdrant_timeout_s,
             shards=config.qdrant_shards or None,
             replication_factor=config.qdrant_replication_factor or None,
@@ -89,6 +118,8 @@ class Ranker:
             credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
             health_address=f"{config.host}:{config.health_port}" if config.health_port >= 0 else None,
         )
+        # a bad key file or CA file: exit 2 now, not once the encoder answered
+        self._qdrant = qdrant_credentials(config) if config.qdrant_url else (None, None)
         self.store: ProductStore | None = None
         self._probe: asyncio.Task | None = None
 
@@ -96,32 +127,45 @@ class Ranker:
     def port(self) -> int:
         return self.server.port
 
-    async def _model_info(self) -> ModelInfo:
-        """Asks the encoder until it answers (it may start after us), up to startup_timeout_s."""
-        deadline = time.monotonic() + self.config.startup_timeout_s if self.config.startup_timeout_s else None
+    async def _until_up(
+        self, what: str, attempt: Callable[[], Awaitable[T]], transient: type[Exception]
+    ) -> T:
+        """Runs `attempt` until it stops raising `transient` (backing off 0.2 s to 5 s), up to
+        startup_timeout_s; meanwhile calls are answered UNAVAILABLE with the reason. A dependency that
+        starts after us, or a store still held by the ranker we replace, is waited for, not fatal."""
+        timeout = self.config.startup_timeout_s
+        deadline = time.monotonic() + timeout if timeout else None
         delay = 0.2
         while True:
             try:
-                return await self.encoder.model_info()
-            except EncoderUnavailable as exc:
+                return await attempt()
+            except transient as exc:
                 if deadline is not None and time.monotonic() + delay > deadline:
-                    raise EncoderUnavailable(
-                        f"gave up after {self.config.startup_timeout_s:.0f} s: {exc}"
-                    ) from exc
-                log.warning("waiting for the encoder: %s", exc)
+                    raise type(exc)(f"gave up after {timeout:.0f} s: {exc}") from exc
+                self.app.waiting_for = f"{what} ({exc})"
+                log.warning("waiting for %s: %s", what, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def start(self) -> None:
-        """Starts serving (for tests and embedding; `run` is the command's lifecycle)."""
+        """Starts serving (for tests and embedding; `run` is the command's lifecycle); stops again if the
+        encoder or the store never came up."""
         await self.server.begin()
         await self.server.start()
-        await self.bring_up()
+        try:
+            await self.bring_up()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
 
     async def bring_up(self) -> None:
-        """Encoder answered, store opened: SERVING, and the encoder probe starts."""
-        info = await self._model_info()
-        self.store = await open_store(self.config, info)
+        """Encoder answered, store opened: SERVING, and the dependency probe starts."""
+        self.app.waiting_for = f"the encoder at {self.config.encoder}"
+        info = await self._until_up(self.app.waiting_for, self.encoder.model_info, EncoderUnavailable)
+        self.app.waiting_for = "the store"
+        self.store = await self._until_up(
+            "the store", lambda: open_store(self.config, info, self._qdrant), StoreError
+        )
         self.app.attach(info, self.store)
         log.info(
             "model %s (%d regions, %d-d) from the encoder at %s; store: %s",
@@ -132,17 +176,32 @@ class Ranker:
             self.store.description,
         )
         await self.server.set_serving(True)
-        self._probe = asyncio.create_task(self._probe_encoder())
+        self._probe = asyncio.create_task(self._probe_dependencies(self.store))
 
-    async def _probe_encoder(self) -> None:
+    async def _failing_dependency(self, store: ProductStore) -> str | None:
+        """Why the ranker cannot serve now (encoder or store down), or None."""
+        if not await self.encoder.serving(timeout=min(2.0, self.config.probe_interval_s)):
+            return f"the encoder at {self.config.encoder} is not serving"
+        try:
+            await asyncio.wait_for(store.check(), timeout=max(2.0, self.config.qdrant_timeout_s))
+        except (StoreError, TimeoutError) as exc:
+            return f"the store is not serving: {exc or 'no answer in time'}"
+        return None
+
+    async def _probe_dependencies(self, store: ProductStore) -> None:
+        """Readiness follows the encoder and the store (liveness does not: a restart would not help)."""
         serving = True
         while True:
             await asyncio.sleep(self.config.probe_interval_s)
-            ok = await self.encoder.serving(timeout=min(2.0, self.config.probe_interval_s))
-            if ok != serving:
-                log.warning("encoder at %s is %s", self.config.encoder, "back" if ok else "not serving")
-                await self.server.set_serving(ok)
-                serving = ok
+            failing = await self._failing_dependency(store)
+            if (failing is None) != serving:
+                serving = failing is None
+                log.warning(
+                    "%s: %s",
+                    failing or "the encoder and the store are back",
+                    "SERVING" if serving else "NOT_SERVING",
+                )
+                await self.server.set_serving(serving)
 
     async def close(self) -> None:
         """Releases what `start` opened (after the gRPC server stopped)."""

@@ -23,6 +23,7 @@ from ranker_service.encoder_client import EncoderClient, ModelInfo
 from ranker_service.errors import (
     EncoderUnavailable,
     InvalidRequest,
+    NotReady,
     StoreError,
     StreamTooLong,
     UnknownCategory,
@@ -40,6 +41,7 @@ ERROR_CODES = {
     VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     UnknownCategory: grpc.StatusCode.NOT_FOUND,
     EncoderUnavailable: grpc.StatusCode.UNAVAILABLE,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
     StoreError: grpc.StatusCode.UNAVAILABLE,
     StreamTooLong: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
@@ -89,6 +91,7 @@ class RankerApp:
         self.config = config
         self.encoder = encoder
         self._ready: _Ready | None = None
+        self.waiting_for = "the encoder"  # what start-up waits for, told to callers until ready
         self.candidates = metrics.histogram(
             "ctl_ranker_candidates_scored", "products scored exactly per category of a Recommend", ["mode"]
         )
@@ -112,7 +115,7 @@ class RankerApp:
     @property
     def ready(self) -> _Ready:
         if self._ready is None:
-            raise EncoderUnavailable("the ranker is starting: waiting for the encoder and the store")
+            raise NotReady(f"the ranker is starting: waiting for {self.waiting_for}; try again later")
         return self._ready
 
     # --- Recommend -------------------------------------------------------------------------------------

@@ -253,9 +253,22 @@ def test_csv_catalog_into_the_embedded_store(exported_repo, synth_dir, tmp_path)
         finally:
             await s.close()
 
+    async def ingest_while_held():
+        s = await open_edge_store(str(store).replace("{model_version}", version), version, dim)
+        try:
+            start = time.monotonic()
+            held = await asyncio.to_thread(ctl, "ingest", str(path), *common, "--fresh")
+            return held, time.monotonic() - start
+        finally:
+            await s.close()
+
     counts, (point,) = asyncio.run(read_back())
     assert counts == dict(Counter(cat for _, cat in rows))
     assert point.metadata == {"brand": "b1", "season": "summer"} and point.category == rows[4][1]
+    # a command does not wait for a store that a running ranker holds: it says so and exits 1
+    held, took = asyncio.run(ingest_while_held())
+    assert held.returncode == 1 and "already open in another process" in held.stdout + held.stderr
+    assert took < 30, took
 
 
 def test_a_missing_catalog_is_a_usage_error(tmp_path):

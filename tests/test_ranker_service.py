@@ -23,10 +23,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from ctl.tensors import product_from_proto, scene_from_proto, to_tensor
 from ctl.v1 import embeddings_pb2, encoder_pb2, encoder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 from ranker_service.config import RankerConfig
+from ranker_service.errors import StoreError, StoreLocked
 from ranker_service.server import Ranker
 from ranker_service.store import open_edge_store
 from style_model.distances import hybrid_distances
-from tests.servers import LoopThread, Process, health, wait_serving
+from tests.servers import LoopThread, Process, health, wait_serving, wait_until
 
 CERTIFY = ranker_pb2.RETRIEVAL_MODE_CERTIFY
 EXHAUSTIVE = ranker_pb2.RETRIEVAL_MODE_EXHAUSTIVE
@@ -58,15 +59,17 @@ def encoder(exported_repo):
 
 
 def ranker_config(encoder_address: str, store: Path, **kw) -> RankerConfig:
+    settings = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": -1,
+        "probe_interval_s": 0.5,
+        "startup_timeout_s": 20,
+    }
     return RankerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=-1,
+        **{**settings, **kw},
         encoder=encoder_address,
         store_path=str(store / "{model_version}"),
-        probe_interval_s=0.5,
-        startup_timeout_s=20,
-        **kw,
     )
 
 
@@ -504,11 +507,12 @@ def test_ctl_health_command(ranker):
 
 
 def test_restart_on_the_same_store_keeps_the_catalog(loop, encoder, store_dir, tmp_path, ranker, stub):
-    """A second ranker on the same directory is refused while the first holds it; after the first stops,
-    a new one serves the same catalog. (Runs last among the tests that use the module's ranker.)"""
+    """A second ranker on the same directory gives up after its start-up timeout while the first holds it;
+    after the first stops, a new one serves the same catalog. (Runs last among the tests that use the
+    module's ranker; tests/test_faults.py has the one that waits and takes over.)"""
     before = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest())
-    with pytest.raises(Exception, match=r"(?i)lock|in use|already"):
-        start_ranker(loop, ranker_config(encoder.address, store_dir))
+    with pytest.raises(StoreLocked, match=r"gave up after 1 s: .*already open in another process"):
+        start_ranker(loop, ranker_config(encoder.address, store_dir, startup_timeout_s=1))
     loop.call(ranker.stop(grace=1))
     again = start_ranker(loop, ranker_config(encoder.address, store_dir))
     try:
@@ -517,6 +521,28 @@ def test_restart_on_the_same_store_keeps_the_catalog(loop, encoder, store_dir, t
         assert after == before and after.total_products > 0
     finally:
         loop.call(again.stop(grace=1))
+
+
+def test_readiness_follows_the_store(loop, encoder, tmp_path):
+    """A store that stops answering (a Qdrant server gone) turns readiness NOT_SERVING, liveness stays
+    SERVING, and it comes back by itself. The fault is injected into the real store's check(): this
+    machine has no Qdrant server to stop (tests/test_faults.py has the real unreachable URL at start-up)."""
+    r = start_ranker(loop, ranker_config(encoder.address, tmp_path))
+    address = f"127.0.0.1:{r.port}"
+    try:
+        assert health(address) == health_pb2.HealthCheckResponse.SERVING
+        real_check = r.store.check
+
+        async def unreachable() -> None:
+            raise StoreError("cannot reach Qdrant at http://qdrant:6333 (check the collection): refused")
+
+        r.store.check = unreachable
+        wait_until(lambda: health(address) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        assert health(address, "liveness") == health_pb2.HealthCheckResponse.SERVING
+        r.store.check = real_check
+        wait_until(lambda: health(address) == health_pb2.HealthCheckResponse.SERVING, timeout=10)
+    finally:
+        loop.call(r.stop(grace=1))
 
 
 def test_encoder_down_gives_unavailable_quickly_and_recovers(loop, exported_repo, tmp_path, scenes):

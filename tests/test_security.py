@@ -6,10 +6,17 @@ with read or write tokens. Certificates are made for the test (tests/certs.py).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.server
 import re
+import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -17,6 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctl.security import bearer, channel_credentials
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
+from ranker_service.config import RankerConfig
+from ranker_service.encoder_client import ModelInfo
+from ranker_service.errors import StoreError
+from ranker_service.server import open_store, qdrant_credentials
 from tests.certs import PKI, make_pki
 from tests.servers import REPO, Process
 
@@ -214,3 +225,59 @@ def test_unusable_security_settings_stop_the_server_with_a_clear_message(tmp_pat
     assert missing.returncode == 2 and "nope.key" in missing.stderr + missing.stdout
     help_text = _ctl("serve-ranker", "--help", env={"CTL_RANKER_READ_TOKENS": READ_TOKEN}).stdout
     assert "--read-tokens" in help_text and READ_TOKEN not in help_text
+    for setting in (["--qdrant-tls-ca", str(tmp_path / "nope-ca.pem")], ["--qdrant-api-key", "@/nope/key"]):
+        bad = _ctl("serve-ranker", "--port", "0", "--qdrant-url", "https://localhost:6333", *setting)
+        assert bad.returncode == 2 and "nope" in bad.stderr + bad.stdout, setting
+
+
+@contextlib.contextmanager
+def _https_listener(pki: PKI) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """An HTTPS listener with the test CA's server certificate that records the headers of each request
+    and answers 503. NOT a Qdrant server (this machine has none): it shows what the ranker puts on the
+    wire towards one, which is the part of the Qdrant connection that is ours."""
+    seen: list[dict[str, str]] = []
+
+    class Record(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_PUT = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://localhost:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_qdrant_connection_verifies_tls_with_the_given_ca_and_sends_the_api_key(pki, tmp_path):
+    key_file = tmp_path / "qdrant-api-key"
+    key_file.write_text("qdrant-key-from-a-secret\n")
+    info = ModelInfo("v1", input_size=64, grid=2, regions=4, dim=32, backend="test", max_batch_images=32)
+
+    def open_with(config: RankerConfig) -> None:
+        asyncio.run(open_store(config, info, qdrant_credentials(config)))
+
+    with _https_listener(pki) as (url, seen):
+        config = RankerConfig(
+            qdrant_url=url, qdrant_api_key=f"@{key_file}", qdrant_tls_ca=pki.ca, qdrant_timeout_s=5
+        )
+        with pytest.raises(StoreError, match=re.escape(f"Qdrant at {url} answered 503")):
+            open_with(config)  # past the TLS handshake: the server's certificate was verified with the CA
+        assert seen and all(h.get("api-key") == "qdrant-key-from-a-secret" for h in seen)
+        seen.clear()
+        with pytest.raises(StoreError, match=r"cannot reach Qdrant .*CERTIFICATE_VERIFY_FAILED"):
+            open_with(replace(config, qdrant_tls_ca=""))  # the system's CAs do not know the test CA
+        assert not seen  # no request, so no key, reached a server that could not be verified

@@ -416,9 +416,11 @@ def test_closed_store_raises_store_closed(backend: Backend) -> None:
 
     async def scenario() -> None:
         store = await loaded(backend, points)
+        await store.check()  # open: serves
         await store.close()
         await store.close()  # twice is fine
         calls = [
+            store.check(),
             store.upsert(points),
             store.search(np.zeros((1, DIM), np.float32), Query("shoes"), 5),
             store.scroll(Query("shoes"), 5),
@@ -431,6 +433,21 @@ def test_closed_store_raises_store_closed(backend: Backend) -> None:
         for call in calls:
             with pytest.raises(StoreClosed):
                 await call
+
+    run(scenario())
+
+
+def test_client_store_check_fails_when_its_collection_is_gone(tmp_path: Path) -> None:
+    """Health probes call check(): a collection deleted under the ranker (by hand, by another tool) makes
+    it fail, naming the collection, where the next Recommend would otherwise fail."""
+
+    async def scenario() -> None:
+        store = await open_client_store(None, VERSION, DIM, path=tmp_path / "q", collection="mine")
+        await store.check()
+        await store._live().delete_collection("mine")
+        with pytest.raises(StoreError, match=r"collection 'mine' .* is gone"):
+            await store.check()
+        await store.close()
 
     run(scenario())
 

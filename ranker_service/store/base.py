@@ -127,5 +127,9 @@ class ProductStore(ABC):
         """Build indexes after a bulk load (HNSW); a no-op where the engine does it by itself."""
 
     @abstractmethod
+    async def check(self) -> None:
+        """Raise StoreError unless the store can serve now (health probes call it: cheap, no scan)."""
+
+    @abstractmethod
     async def close(self) -> None:
         """Flush and release the store; later calls raise StoreClosed. Calling it twice is fine."""

@@ -12,6 +12,7 @@ made by this adapter (or by a server too old to keep collection metadata) and is
 from __future__ import annotations
 
 import math
+import ssl
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -220,6 +221,14 @@ class QdrantClientStore(ProductStore):
         """Nothing to do: a Qdrant server builds HNSW by itself, and local mode has no index."""
         self._live()
 
+    async def check(self) -> None:
+        """One light request: the server answers and the collection still exists."""
+        client = self._live()
+        with _map_errors("check the collection", self._where):
+            exists = await client.collection_exists(self.collection)
+        if not exists:
+            raise StoreError(f"the collection {self.collection!r} at {self._where} is gone (deleted?)")
+
     async def close(self) -> None:
         """Close the connection (local mode: release the folder's lock); a second call does nothing."""
         client, self._client = self._client, None
@@ -304,7 +313,7 @@ async def open_client_store(
     collection: str = "ctl_products",
     api_key: str | None = None,
     https: bool | None = None,
-    verify: bool | str | None = None,
+    verify: bool | str | ssl.SSLContext | None = None,
     prefer_grpc: bool = False,
     timeout: float = 10,
     location: str | None = None,
@@ -339,6 +348,8 @@ async def open_client_store(
         if local:
             client = AsyncQdrantClient(location=location, path=None if path is None else str(path))
         else:
+            if isinstance(verify, str):
+                verify = ssl.create_default_context(cafile=verify)  # httpx's way for a CA file
             extra: dict[str, Any] = {} if verify is None else {"verify": verify}
             # No background version probe: the collection lookup below already fails fast when unreachable.
             client = AsyncQdrantClient(

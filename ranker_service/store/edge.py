@@ -272,6 +272,10 @@ class EdgeStore(ProductStore):
         with _map_errors("optimize", self.path):
             shard.optimize()
 
+    async def check(self) -> None:
+        """In-process: the store can serve as long as it is open."""
+        self._live()
+
     async def close(self) -> None:
         """Flush, then release the directory's lock; a second call does nothing."""
         shard, self._shard = self._shard, None
