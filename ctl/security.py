@@ -16,15 +16,12 @@ every ctl command that calls a server takes (`add_client_arguments`, `client_sec
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grpc
 
 from ctl.serving import rewrap
-
-log = logging.getLogger(__name__)
 
 READ, WRITE = "read", "write"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
