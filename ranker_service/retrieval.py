@@ -12,9 +12,10 @@ Three modes (DESIGN.md §2):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -65,33 +66,78 @@ class Result:
 @dataclass
 class _MeanKey:
     key: NDArray[np.float32] | None
-    at: float
+    at: float  # monotonic time it was computed
+    changed: bool = False  # products of the category changed since (or while) it was computed
 
 
 @dataclass
 class Retriever:
-    """Ranks a store's products for scenes. Keeps each category's mean attention key (a sample's mean,
-    refreshed after `mean_key_ttl_s` or when this process changes the category)."""
+    """Ranks a store's products for scenes. Keeps each category's mean attention key (the mean over a
+    sample of its products) for the pooled query; a key older than `mean_key_ttl_s`, or of a category this
+    process changed (at most every `changed_key_after_s`: a stream of upserts would otherwise keep the
+    event loop busy reading samples), is still used while a background task recomputes it, so that only a
+    category's first query waits for the sample (none after `warm()`)."""
 
     store: ProductStore
     mean_key_ttl_s: float = 300.0
+    changed_key_after_s: float = 2.0  # a changed category's key is recomputed at most this often
     max_pool: int = 10_000
     exact_below: int = 200_000  # categories up to this size get exact candidate queries
     _mean_keys: dict[str, _MeanKey] = field(default_factory=dict)
+    _refreshing: dict[str, asyncio.Task[NDArray[np.float32] | None]] = field(default_factory=dict)
+    _changes: dict[str, int] = field(default_factory=dict)  # per category: forget() calls so far
 
-    def forget(self, categories) -> None:
-        """Products of these categories changed: recompute their mean keys on next use."""
+    def forget(self, categories: Iterable[str]) -> None:
+        """Products of these categories changed: their mean keys are recomputed on next use."""
         for c in categories:
-            self._mean_keys.pop(c, None)
+            self._changes[c] = self._changes.get(c, 0) + 1
+            if (cached := self._mean_keys.get(c)) is not None:
+                cached.changed = True
 
     async def mean_key(self, category: str) -> NDArray[np.float32] | None:
         cached = self._mean_keys.get(category)
-        if cached is not None and time.monotonic() - cached.at < self.mean_key_ttl_s:
-            return cached.key
+        if cached is None or cached.key is None:  # never computed, or the category was empty then
+            return await asyncio.shield(self._refresh(category))  # one computation for concurrent callers
+        age = time.monotonic() - cached.at
+        if age >= self.mean_key_ttl_s or (cached.changed and age >= self.changed_key_after_s):
+            self._refresh(category)
+        return cached.key
+
+    async def warm(self) -> None:
+        """Compute every category's mean key in the background (at start-up), so that first queries do
+        not wait for them either."""
+        for category in await self.store.counts_by_category():
+            self._refresh(category)
+
+    def _refresh(self, category: str) -> asyncio.Task[NDArray[np.float32] | None]:
+        """The running recomputation of a category's mean key, started if there is none."""
+        task = self._refreshing.get(category)
+        if task is None or task.done():  # (a done task's callback may not have run yet)
+            task = asyncio.create_task(self._compute_mean_key(category))
+            self._refreshing[category] = task
+            task.add_done_callback(lambda t: self._refreshed(category, t))
+        return task
+
+    def _refreshed(self, category: str, task: asyncio.Task[NDArray[np.float32] | None]) -> None:
+        if self._refreshing.get(category) is task:
+            del self._refreshing[category]
+        if not task.cancelled() and task.exception() is not None:  # the old key stays in use
+            log.warning("mean attention key of %r not refreshed: %s", category, task.exception())
+
+    async def _compute_mean_key(self, category: str) -> NDArray[np.float32] | None:
+        changes = self._changes.get(category, 0)
         points, _ = await self.store.scroll(Query(category), MEAN_KEY_SAMPLE)
         key = np.mean([p.attention for p in points], axis=0).astype(np.float32) if points else None
-        self._mean_keys[category] = _MeanKey(key, time.monotonic())
+        # changed while the sample was read: keep the key, but as changed (recomputed again)
+        self._mean_keys[category] = _MeanKey(key, time.monotonic(), self._changes.get(category, 0) != changes)
         return key
+
+    async def close(self) -> None:
+        """Stop the background recomputations (before the store closes)."""
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def recommend(self, scene: Scene, ask: Ask) -> Result:
         category = ask.query.category

@@ -166,7 +166,7 @@ class Ranker:
         self.store = await self._until_up(
             "the store", lambda: open_store(self.config, info, self._qdrant), StoreError
         )
-        self.app.attach(info, self.store)
+        await self.app.attach(info, self.store)
         log.info(
             "model %s (%d regions, %d-d) from the encoder at %s; store: %s",
             info.model_version,
@@ -209,6 +209,7 @@ class Ranker:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        await self.app.close()
         if self.store is not None:
             await self.store.close()
         await self.encoder.close()

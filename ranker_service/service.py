@@ -107,10 +107,16 @@ class RankerApp:
             "ctl_ranker_upsert_records", "UpsertProducts records, by outcome", ["outcome"]
         )
 
-    def attach(self, info: ModelInfo, store: ProductStore) -> None:
-        self._ready = _Ready(
-            info, store, Retriever(store, max_pool=self.config.max_pool, exact_below=self.config.exact_below)
-        )
+    async def attach(self, info: ModelInfo, store: ProductStore) -> None:
+        """Ready to serve: the model is known and the store open; mean keys are computed in the background."""
+        retriever = Retriever(store, max_pool=self.config.max_pool, exact_below=self.config.exact_below)
+        await retriever.warm()
+        self._ready = _Ready(info, store, retriever)
+
+    async def close(self) -> None:
+        """Stop background work on the store (before it closes)."""
+        if self._ready is not None:
+            await self._ready.retriever.close()
 
     @property
     def ready(self) -> _Ready:

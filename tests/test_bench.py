@@ -47,3 +47,15 @@ def test_load_benchmark_runs_clients_for_a_bounded_time_without_errors(exported_
     row = next(line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit())
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert int(cells[0].replace(",", "")) > 0 and cells[5] == "none"
+
+
+def test_recommend_while_ingesting_benchmark_prints_its_table(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.recommend_while_ingesting", "--products", "2000", "--rounds", "10",
+         "--work", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "10 rounds of 32 upserts into category-00" in done.stdout
+    row = done.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
+    assert len(row) == 5 and all(float(cell) > 0 for cell in row)
