@@ -39,9 +39,7 @@ class RankerConfig:
     upsert_batch: int = 32  # images per EncodeProducts call, points per store upsert
     upsert_concurrency: int = 2  # encoder calls in flight per stream
     probe_interval_s: float = 5.0  # how often health re-checks the encoder and the store
-    startup_timeout_s: float = (
-        120.0  # how long to wait for the encoder and the store at start-up (0: forever)
-    )
+    startup_timeout_s: float = 120.0  # wait for the encoder and the store at start-up (0: forever)
     grace_s: float = 10.0
     # Security (ctl/security.py): TLS for this server, tokens per scope, and how to reach the encoder.
     tls_cert: str = ""

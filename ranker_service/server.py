@@ -36,8 +36,6 @@ from ranker_service.store import ProductStore, open_client_store, open_edge_stor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
 LOOPBACK_HTTP = ("http://localhost", "http://127.0.0.1", "http://[::1]")
 
 # The scope each RankerService method needs when tokens are configured.
@@ -133,6 +131,7 @@ class Ranker:
         """Runs `attempt` until it stops raising `transient` (backing off 0.2 s to 5 s), up to
         startup_timeout_s; meanwhile calls are answered UNAVAILABLE with the reason. A dependency that
         starts after us, or a store still held by the ranker we replace, is waited for, not fatal."""
+        self.app.waiting_for = what
         timeout = self.config.startup_timeout_s
         deadline = time.monotonic() + timeout if timeout else None
         delay = 0.2
@@ -160,9 +159,8 @@ class Ranker:
 
     async def bring_up(self) -> None:
         """Encoder answered, store opened: SERVING, and the dependency probe starts."""
-        self.app.waiting_for = f"the encoder at {self.config.encoder}"
-        info = await self._until_up(self.app.waiting_for, self.encoder.model_info, EncoderUnavailable)
-        self.app.waiting_for = "the store"
+        encoder = f"the encoder at {self.config.encoder}"
+        info = await self._until_up(encoder, self.encoder.model_info, EncoderUnavailable)
         self.store = await self._until_up(
             "the store", lambda: open_store(self.config, info, self._qdrant), StoreError
         )
