@@ -28,6 +28,33 @@ class Scene(NamedTuple):
     attention: F32
 
 
+# How far from 1 the norm of an accepted embedding may be (fp16 round trips, other producers' vectors).
+UNIT_TOLERANCE = 1e-3
+
+
+def unit_rows(array: NDArray, name: str, tolerance: float = UNIT_TOLERANCE) -> F32:
+    """`array` [..., D] with each row scaled to unit length, once every row's norm is within `tolerance` of 1
+    (TensorError otherwise). The ranker's distances, d = 2 − S, and its certificate hold for unit vectors
+    only: a row of norm 0.9991 used as given moves its distance by 0.0018, far more than the certificate's
+    slack, so what is accepted is made exact (in float64, then float32: norms within ~1e-7 of 1)."""
+    a = np.asarray(array, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=-1, keepdims=True)
+    bad = ~(np.abs(norms - 1.0) <= tolerance)  # NaN fails too
+    if bad.any():
+        shown = np.round(norms[bad], 4).tolist()[:4]
+        raise TensorError(f"{name}: vectors must be unit length (within {tolerance:g}); norms {shown}")
+    return (a / norms).astype(np.float32)
+
+
+def unit_scene(scene: Scene, name: str = "scene_embedding") -> Scene:
+    """The scene with each of its vectors made unit length (`unit_rows`)."""
+    return Scene(
+        unit_rows(scene.global_, f"{name}.global"),
+        unit_rows(scene.local, f"{name}.local"),
+        unit_rows(scene.attention, f"{name}.attention"),
+    )
+
+
 # Tensor.values goes through its wire form: proto3 packs a repeated float as one block of little-endian
 # float32s (field 2, wire type 2), which numpy reads and writes whole. Through the message API every value
 # is a Python float: ~200 µs for a scene's 4,224 values, against ~3 µs this way.

@@ -14,7 +14,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctl.security import aio_channel
-from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto
+from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
 from ranker_service.errors import EncoderUnavailable, InvalidRequest, RankerError
 
@@ -124,8 +124,10 @@ class EncoderClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "could not encode the scene") from exc
         info = self._require_info()
-        try:
-            scene = scene_from_proto(reply.embedding, info.regions, info.dim)
+        try:  # unit length by construction, like a precomputed embedding (ctl.tensors.unit_rows)
+            scene = unit_scene(
+                scene_from_proto(reply.embedding, info.regions, info.dim), "the scene's embedding"
+            )
         except TensorError as exc:
             raise EncoderUnavailable(
                 f"encoder at {self.address} answered a malformed embedding: {exc}"
@@ -146,7 +148,14 @@ class EncoderClient:
         results = []
         for r in reply.results:
             if r.WhichOneof("result") == "embedding":
-                style, key = product_from_proto(r.embedding, info.dim)
+                try:
+                    style, key = product_from_proto(r.embedding, info.dim)
+                    style, key = unit_rows(style, "style"), unit_rows(key, "attention key")
+                except TensorError as exc:  # the model broke its contract for this image
+                    results.append(
+                        ProductResult(code="INTERNAL", message=f"the encoder answered a bad embedding: {exc}")
+                    )
+                    continue
                 results.append(ProductResult(style=style, key=key))
             else:
                 results.append(

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from ctl.serving import Metrics, error_mapper
-from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto
+from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import embeddings_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
@@ -55,7 +55,6 @@ MODE_PROTO = {Mode.POOLED: ranker_pb2.RETRIEVAL_MODE_POOLED, **{v: k for k, v in
 DEFAULT_LIMIT = 10
 MAX_ID_BYTES = 512
 MAX_DELETE = 10_000
-UNIT_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -65,15 +64,6 @@ class _Ready:
     info: ModelInfo
     store: ProductStore
     retriever: Retriever
-
-
-def _check_unit(name: str, *arrays: np.ndarray) -> None:
-    for a in arrays:
-        norms = np.linalg.norm(a, axis=-1)
-        if np.any(np.abs(norms - 1.0) > UNIT_TOLERANCE):
-            raise InvalidRequest(
-                f"{name}: vectors must be unit length (norms {np.round(norms, 4).tolist()[:4]})"
-            )
 
 
 def _text(value: str, name: str, limit: int = MAX_ID_BYTES) -> str:
@@ -200,9 +190,7 @@ class RankerApp:
                 f"scene_embedding was made by model {emb.model_version}; "
                 f"this ranker serves {info.model_version}"
             )
-        scene = scene_from_proto(emb, info.regions, info.dim)
-        _check_unit("scene_embedding", scene.global_, scene.local, scene.attention)
-        return scene
+        return unit_scene(scene_from_proto(emb, info.regions, info.dim))
 
     # --- UpsertProducts --------------------------------------------------------------------------------
 
@@ -363,8 +351,7 @@ def _embedding(emb: embeddings_pb2.ProductEmbedding, info: ModelInfo) -> tuple[n
             f"embedding made by model {emb.model_version}; this catalog holds {info.model_version}"
         )
     style, key = product_from_proto(emb, info.dim)
-    _check_unit("embedding", style, key)
-    return style, key
+    return unit_rows(style, "embedding.style"), unit_rows(key, "embedding.attention_key")
 
 
 def _point(product: ranker_pb2.Product, style, key, version: str) -> ProductPoint:

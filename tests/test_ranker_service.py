@@ -20,7 +20,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from ctl.tensors import product_from_proto, scene_from_proto, to_tensor
+from ctl.tensors import (
+    Scene,
+    product_from_proto,
+    product_to_proto,
+    scene_from_proto,
+    scene_to_proto,
+    to_tensor,
+)
 from ctl.v1 import embeddings_pb2, encoder_pb2, encoder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 from ranker_service.config import RankerConfig
 from ranker_service.errors import StoreError, StoreLocked
@@ -735,3 +742,68 @@ def test_ingestion_has_its_own_encoder_deadline(loop, exported_repo, tmp_path, c
     finally:
         loop.call(ranker.stop(grace=1))
         slow.stop()
+
+
+def _at_cosine(c: float, axis: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A unit vector whose cosine with the unit vector `axis` is `c`."""
+    u = rng.standard_normal(axis.shape)
+    u -= (u @ axis) * axis
+    return (c * axis + np.sqrt(1 - c * c) * u / np.linalg.norm(u)).astype(np.float32)
+
+
+def test_near_unit_embeddings_are_normalised_so_certify_stays_exact(stub, brute_force):
+    """Issue 14 #2. A product of norm 0.9991 is accepted (within the 1e-3 tolerance). Stored as given, its
+    computed distance 1 + n² − n·S(p) is 0.0018 lower than 2 − S(p), which the certificate assumes: certify
+    stopped after the first round with A "certified" while the exhaustive ranking put the shrunken Q first.
+    Built so that every region's local embedding is the same (then S(p) = U(p) = (f_s + f_L)·f_p): A scores
+    1.0008, 140 unit fillers 0.9992..1.0007, Q (unit: 1.0) only 0.9991 once shrunk."""
+    info, _, _ = brute_force
+    rng = np.random.default_rng(14)
+    dim, version = info.embedding_dim, info.model_version
+    e1 = np.zeros(dim, np.float32)
+    e1[0] = 1
+    scene = scene_to_proto(
+        Scene(
+            e1,
+            np.tile(e1, (info.regions, 1)),
+            np.stack([_at_cosine(0, e1, rng) for _ in range(info.regions)]),
+        ),
+        version,
+    )
+    key = _at_cosine(0.0, e1, rng)
+
+    def product(pid: str, style: np.ndarray) -> ranker_pb2.Product:
+        emb = product_to_proto(style, key, version)
+        return ranker_pb2.Product(product_id=pid, category="NearUnit", embedding=emb)
+
+    fillers = [
+        product(f"f{i}", _at_cosine(c / 2, e1, rng)) for i, c in enumerate(np.linspace(0.9993, 1.0006, 140))
+    ]
+    a = product("A", _at_cosine(0.5004, e1, rng))
+    q = product("Q", 0.9991 * _at_cosine(0.5, e1, rng))
+    reply = stub.UpsertProducts(stream([a, *fillers, q]))
+    assert reply.upserted == 142 and not reply.failures
+    try:
+        answers = {}
+        for mode in (CERTIFY, EXHAUSTIVE):
+            got = stub.Recommend(
+                ranker_pb2.RecommendRequest(
+                    scene_embedding=scene, categories=["NearUnit"], limit=1, mode=mode
+                )
+            ).results[0]
+            answers[mode] = ([p.product_id for p in got.products], got.certified, got.candidates_scored)
+        assert answers[EXHAUSTIVE][0] == ["A"], answers  # Q, normalised, scores 1.0 < A's 1.0008
+        assert answers[CERTIFY][:2] == (["A"], True), answers
+        assert answers[CERTIFY][2] < 142, answers  # it did stop early, with a sound certificate
+        # Q is stored as a unit vector: its distance with the scene is exactly 2 - 1.0
+        stored = stub.Recommend(
+            ranker_pb2.RecommendRequest(
+                scene_embedding=scene, categories=["NearUnit"], limit=142, mode=EXHAUSTIVE
+            )
+        ).results[0]
+        by_id = {p.product_id: p.distance for p in stored.products}
+        assert abs(by_id["Q"] - 1.0) < 1e-5, by_id["Q"]
+    finally:
+        stub.DeleteProducts(
+            ranker_pb2.DeleteProductsRequest(product_ids=["A", "Q", *(f.product_id for f in fillers)])
+        )
