@@ -1,0 +1,377 @@
+"""Settings of the services and of `ctl`'s commands: typed, checked, and read only by the command that uses
+them. A malformed variable of one command never breaks another; a bad setting stops its command with exit
+status 2 and one line naming the flag or the variable (issue 14, item 10)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctl.cli import build_parser
+from ctl.cli import main as ctl_main
+from ranker_service import config as ranker_config
+from ranker_service import errors as ranker_errors
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The ranker's settings as deploy/ manifests, docs and scripts know them: names and defaults must not change.
+RANKER_DEFAULTS = {
+    "host": "0.0.0.0",
+    "port": 50052,
+    "metrics_port": 9465,
+    "encoder": "localhost:50051",
+    "encoder_timeout_s": 10.0,
+    "encoder_products_timeout_s": 300.0,
+    "store_path": "ctl-store/{model_version}",
+    "qdrant_url": "",
+    "collection": "ctl_products_{model_version}",
+    "qdrant_api_key": "",
+    "qdrant_tls_ca": "",
+    "qdrant_timeout_s": 10.0,
+    "qdrant_shards": 0,
+    "qdrant_replication_factor": 0,
+    "max_message_bytes": 64 * 1024 * 1024,
+    "max_limit": 1000,
+    "max_categories": 32,
+    "max_pool": 10_000,
+    "max_stream_records": 100_000,
+    "max_concurrent_calls": 64,
+    "exact_below": 200_000,
+    "upsert_batch": 32,
+    "upsert_concurrency": 2,
+    "probe_interval_s": 5.0,
+    "startup_timeout_s": 120.0,
+    "grace_s": 10.0,
+    "tls_cert": "",
+    "tls_key": "",
+    "tls_client_ca": "",
+    "read_tokens": "",
+    "write_tokens": "",
+    "protect_health": False,
+    "health_port": -1,
+    "encoder_token": "",
+    "encoder_tls_ca": "",
+    "encoder_tls_cert": "",
+    "encoder_tls_key": "",
+}
+
+# Values that no setting may take: the service would hang (upsert_concurrency 0: a semaphore nobody can
+# pass), flap (probe_interval_s 0: health checks with no time to answer), bind nothing, or wait forever.
+BAD_VALUES = [
+    ("port", -1),
+    ("port", 65536),
+    ("metrics_port", -2),
+    ("metrics_port", 70000),
+    ("health_port", -2),
+    ("health_port", 65536),
+    ("encoder_timeout_s", 0.0),
+    ("encoder_timeout_s", -1.0),
+    ("encoder_timeout_s", math.nan),
+    ("encoder_timeout_s", math.inf),
+    ("encoder_products_timeout_s", 0.0),
+    ("qdrant_timeout_s", 0.0),
+    ("probe_interval_s", 0.0),
+    ("probe_interval_s", 0.01),
+    ("startup_timeout_s", -1.0),
+    ("startup_timeout_s", math.inf),
+    ("grace_s", -1.0),
+    ("qdrant_shards", -1),
+    ("qdrant_replication_factor", -1),
+    ("max_message_bytes", 0),
+    ("max_limit", 0),
+    ("max_categories", 0),
+    ("max_pool", 0),
+    ("max_stream_records", 0),
+    ("max_concurrent_calls", -1),
+    ("exact_below", -1),
+    ("upsert_batch", 0),
+    ("upsert_concurrency", 0),
+    ("host", ""),
+    ("encoder", ""),
+    ("store_path", ""),
+    ("collection", ""),
+]
+
+# Edge values that mean something (documented in the help): they stay accepted.
+MEANINGFUL_EDGES = {
+    "port": 0,
+    "metrics_port": -1,
+    "health_port": 0,
+    "startup_timeout_s": 0.0,
+    "grace_s": 0.0,
+    "max_concurrent_calls": 0,
+    "exact_below": 0,
+    "qdrant_shards": 0,
+    "qdrant_replication_factor": 0,
+    "probe_interval_s": 0.5,  # what the tests use
+}
+
+
+def _ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CTL_")}
+    return subprocess.run(
+        [sys.executable, "-m", "ctl.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, "CTL_OFFLINE": "1", **(env or {})},
+        check=False,
+    )
+
+
+def _ranker_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["serve-ranker", *argv])
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _var(name: str) -> str:
+    return "CTL_RANKER_" + name.upper()
+
+
+@pytest.fixture(autouse=True)
+def _no_ctl_environment(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("CTL_RANKER", "CTL_ENCODER_", "CTL_INGEST_", "CTL_LOG_LEVEL")):
+            monkeypatch.delenv(name)
+
+
+# ---------------------------------------------------------------- one command's settings, not the others'
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("CTL_RANKER_PORT", "abc"),
+        ("CTL_RANKER_GRACE_S", "soon"),
+        ("CTL_RANKER_PROTECT_HEALTH", "maybe"),
+        ("CTL_INGEST_BATCH", "abc"),
+        ("CTL_INGEST_STREAMS", "4.5"),
+        ("CTL_INGEST_RETRIES", "many"),
+        ("CTL_ENCODER_PORT", "abc"),
+    ],
+)
+def test_a_malformed_variable_of_one_command_does_not_break_the_others(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    parser = build_parser()
+    assert parser.parse_args(["synth", "--out", "x"]).scenes == 6000
+    assert parser.parse_args(["health", "localhost:1"]).address == "localhost:1"
+    assert "serve-ranker" in parser.format_help()
+
+
+def test_ctl_subcommands_run_with_a_malformed_ranker_variable(tmp_path):
+    env = {"CTL_RANKER_PORT": "abc", "CTL_INGEST_BATCH": "abc"}
+    usage = _ctl("synth", "--help", env=env)
+    assert usage.returncode == 0 and "Traceback" not in usage.stderr, usage.stderr
+    missing = _ctl("snapshot", str(tmp_path / "no-store"), str(tmp_path / "x.tar.gz"), env=env)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr
+
+
+# ---------------------------------------------------------------- serve-ranker: exit 2, one line, named
+
+# Start-up settings that make the old code fail fast instead of serving (it took the bad values as fine).
+_QUICK = {"port": "0", "metrics_port": "-1", "startup_timeout_s": "1", "encoder": "127.0.0.1:9"}
+
+
+@pytest.mark.parametrize(
+    "argv, env, named",
+    [
+        ([], {"CTL_RANKER_PORT": "abc"}, "CTL_RANKER_PORT='abc'"),
+        ([], {"CTL_RANKER_PORT": "70000"}, "CTL_RANKER_PORT='70000'"),
+        ([], {"CTL_RANKER_PROTECT_HEALTH": "maybe"}, "CTL_RANKER_PROTECT_HEALTH='maybe'"),
+        ([], {"CTL_RANKER_UPSERT_CONCURRENCY": "0"}, "CTL_RANKER_UPSERT_CONCURRENCY='0'"),
+        (["--upsert-concurrency", "0"], {}, "--upsert-concurrency=0"),
+        (["--probe-interval-s", "0"], {}, "--probe-interval-s=0"),
+        (["--upsert-batch", "0"], {}, "--upsert-batch=0"),
+    ],
+)
+def test_serve_ranker_refuses_a_bad_setting_with_one_line_naming_it(tmp_path, argv, env, named):
+    quick = [
+        part
+        for name, value in _QUICK.items()
+        if _flag(name) not in argv and _var(name) not in env  # the case's own setting is not overridden
+        for part in (_flag(name), value)
+    ]
+    done = _ctl("serve-ranker", *quick, "--store-path", str(tmp_path / "s"), *argv, env=env)
+    output = (done.stderr + done.stdout).strip()
+    assert done.returncode == 2, output
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1 and named in output, output
+    assert not (tmp_path / "s").exists()  # refused before anything started
+
+
+def test_ranker_cli_main_returns_2_for_a_bad_setting(monkeypatch, caplog):
+    from ranker_service.cli import main
+
+    monkeypatch.setenv("CTL_RANKER_PROBE_INTERVAL_S", "0")
+    assert main(_ranker_args([])) == 2
+    (record,) = caplog.records
+    assert "CTL_RANKER_PROBE_INTERVAL_S='0'" in record.getMessage()
+
+
+# ---------------------------------------------------------------- RankerConfig: typed and checked
+
+
+def test_names_and_defaults_are_unchanged():
+    config = ranker_config.RankerConfig()
+    assert {name: getattr(config, name) for name in RANKER_DEFAULTS} == RANKER_DEFAULTS
+    assert set(RANKER_DEFAULTS) == {f.name for f in __import__("dataclasses").fields(config)}
+    assert ranker_config.from_args(_ranker_args([]), {}) == config
+    text = build_parser()._subparsers._group_actions[0].choices["serve-ranker"].format_help()
+    for name in RANKER_DEFAULTS:
+        assert _flag(name) in text and _var(name) in text, name
+
+
+def test_flag_beats_environment_beats_default():
+    args = _ranker_args(["--port", "7000", "--upsert-batch", "8", "--protect-health", "yes"])
+    env = {"CTL_RANKER_PORT": "7001", "CTL_RANKER_MAX_POOL": "500", "CTL_RANKER_GRACE_S": "2.5"}
+    config = ranker_config.from_args(args, env)
+    assert (config.port, config.upsert_batch, config.protect_health) == (7000, 8, True)
+    assert (config.max_pool, config.grace_s) == (500, 2.5)
+    assert (config.metrics_port, config.upsert_concurrency) == (9465, 2)
+
+
+def test_the_environment_is_read_when_the_command_runs_not_when_the_parser_is_built(monkeypatch):
+    args = _ranker_args([])  # built and parsed with no CTL_RANKER_* set
+    monkeypatch.setenv("CTL_RANKER_PORT", "7002")
+    assert ranker_config.from_args(args).port == 7002  # os.environ by default
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("true", True), ("YES", True), ("on", True), ("1", True), ("false", False), ("no", False), ("", False)],
+)
+def test_booleans_read_like_words(text, expected):
+    assert ranker_config.from_args(_ranker_args([]), {"CTL_RANKER_PROTECT_HEALTH": text}).protect_health is (
+        expected
+    )
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("port", "abc", "CTL_RANKER_PORT='abc': expected int"),
+        ("port", "5.5", "CTL_RANKER_PORT='5.5': expected int"),
+        ("grace_s", "soon", "CTL_RANKER_GRACE_S='soon': expected float"),
+        ("protect_health", "maybe", "CTL_RANKER_PROTECT_HEALTH='maybe': expected true or false"),
+    ],
+)
+def test_a_malformed_variable_is_named(name, text, expected):
+    with pytest.raises(ranker_errors.ConfigError) as caught:
+        ranker_config.from_args(_ranker_args([]), {_var(name): text})
+    assert str(caught.value) == expected
+
+
+def test_config_error_is_a_ranker_error_and_a_value_error():
+    assert issubclass(ranker_errors.ConfigError, ranker_errors.RankerError)
+    assert issubclass(ranker_errors.ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("name, bad", BAD_VALUES, ids=[f"{n}={v}" for n, v in BAD_VALUES])
+def test_a_value_that_makes_no_sense_is_refused_wherever_it_comes_from(name, bad):
+    with pytest.raises(ranker_errors.ConfigError, match=f"^{name}="):
+        ranker_config.RankerConfig(**{name: bad})
+    with pytest.raises(ranker_errors.ConfigError, match=f"^{_var(name)}="):
+        ranker_config.from_args(_ranker_args([]), {_var(name): str(bad)})
+    if bad != "":  # argparse takes "" for a string flag too
+        flagged = _ranker_args([f"{_flag(name)}={bad}"])
+    else:
+        flagged = _ranker_args([_flag(name), ""])
+    with pytest.raises(ranker_errors.ConfigError, match=f"^{_flag(name)}="):
+        ranker_config.from_args(flagged, {})
+
+
+@pytest.mark.parametrize("name, value", sorted(MEANINGFUL_EDGES.items()))
+def test_edge_values_that_mean_something_are_accepted(name, value):
+    assert getattr(ranker_config.RankerConfig(**{name: value}), name) == value
+    assert getattr(ranker_config.from_args(_ranker_args([]), {_var(name): str(value)}), name) == value
+
+
+def test_help_shows_the_defaults_never_the_environment_or_a_secret(monkeypatch):
+    secret = "qdrant-key-0123456789abcdef"
+    monkeypatch.setenv("CTL_RANKER_QDRANT_API_KEY", secret)
+    monkeypatch.setenv("CTL_RANKER_ENCODER_TOKEN", secret)
+    monkeypatch.setenv("CTL_RANKER_PORT", "abc")
+    parser = argparse.ArgumentParser(prog="ctl")
+    ranker_config.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert secret not in text and "abc" not in text
+    assert "(env CTL_RANKER_PORT; default 50052)" in text
+    for name in RANKER_DEFAULTS:
+        if "key" in name or "token" in name:
+            assert f"(env {_var(name)})" in text, name  # no default shown
+
+
+# ---------------------------------------------------------------- the encoder's config: unchanged, shared
+
+
+def test_the_encoder_reads_its_variables_the_same_way():
+    from encoder_service.cli import add_parser
+    from encoder_service.config import from_args
+    from encoder_service.errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="ctl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve-encoder", "--port", "7000"])
+    config = from_args(args, {"CTL_ENCODER_PORT": "7001", "CTL_ENCODER_PROTECT_HEALTH": "on"})
+    assert (config.port, config.protect_health) == (7000, True)
+    with pytest.raises(ConfigError, match="^CTL_ENCODER_PROTECT_HEALTH='maybe': expected true or false$"):
+        from_args(args, {"CTL_ENCODER_PROTECT_HEALTH": "maybe"})
+    with pytest.raises(ConfigError, match="^CTL_ENCODER_MAX_BATCH='x': expected int$"):
+        from_args(args, {"CTL_ENCODER_MAX_BATCH": "x"})
+    with pytest.raises(ConfigError, match="^max_batch=0: expected a positive number$"):
+        from_args(args, {"CTL_ENCODER_MAX_BATCH": "0"})  # its own checks and messages, as before
+
+
+# ---------------------------------------------------------------- ctl ingest and ctl's own settings
+
+
+@pytest.mark.parametrize("name, text", [("BATCH", "abc"), ("STREAMS", "4.5"), ("RETRIES", "many")])
+def test_ingest_names_a_malformed_variable_and_exits_2(monkeypatch, capsys, name, text):
+    monkeypatch.setenv(f"CTL_INGEST_{name}", text)
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["ingest", "catalog.jsonl"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"CTL_INGEST_{name}" in err and repr(text) in err and "Traceback" not in err
+
+
+def test_ingest_reads_its_variables_and_flags_still_win(monkeypatch):
+    monkeypatch.setenv("CTL_INGEST_BATCH", "16")
+    monkeypatch.setenv("CTL_INGEST_STREAMS", "3")
+    monkeypatch.setenv("CTL_INGEST_RANKER", "ranker:1")
+    args = build_parser().parse_args(["ingest", "catalog.jsonl", "--streams", "5"])
+    assert (args.batch, args.streams, args.retries, args.ranker) == (16, 5, 5, "ranker:1")
+
+
+def test_a_bad_log_level_stops_any_command_with_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CTL_LOG_LEVEL", "chatty")
+    assert ctl_main(["snapshot", str(tmp_path / "none"), str(tmp_path / "x.tar.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CTL_LOG_LEVEL" in err and "'chatty'" in err, err
+    assert ctl_main(["--log-level", "loud", "snapshot", str(tmp_path / "n"), str(tmp_path / "x")]) == 2
+    assert "--log-level" in capsys.readouterr().err
+
+
+def test_restore_reads_the_ranker_store_path_when_it_runs(monkeypatch, tmp_path):
+    parser = build_parser()
+    monkeypatch.setenv("CTL_RANKER_STORE_PATH", str(tmp_path / "from-env"))
+    args = parser.parse_args(["restore", "archive.tar.gz"])
+    from ctl.cli import restore_target
+
+    assert restore_target(args) == str(tmp_path / "from-env")
+    monkeypatch.delenv("CTL_RANKER_STORE_PATH")
+    assert restore_target(args) == "ctl-store/{model_version}"
+    assert restore_target(parser.parse_args(["restore", "a", "b/{model_version}"])) == "b/{model_version}"
