@@ -4,8 +4,10 @@ CSV with metadata into the embedded store, and the HTML report opened in headles
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
+from ctl.ingest import IngestConfig, format_summary, ingest
 from ctl.ingest.catalog import read_catalog
 from ctl.local import local_services
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
@@ -275,3 +278,191 @@ def test_a_missing_catalog_is_a_usage_error(tmp_path):
     result = ctl("ingest", str(tmp_path / "nope.jsonl"), "--ranker", "127.0.0.1:1")
     assert result.returncode == 2
     assert "nope.jsonl: no such catalog file" in result.stderr
+
+
+# --- the journal against the store it describes (issue 14, item 7) ----------------------------------------
+
+
+@contextlib.contextmanager
+def ranker_on(loop, exported_repo, store: Path):
+    """An encoder and a ranker on loopback with the embedded store in `store` (per model version)."""
+    cm = local_services(exported_repo, str(store / "{model_version}"))
+    services = loop.call(cm.__aenter__())
+    try:
+        yield services
+    finally:
+        loop.call(cm.__aexit__(None, None, None))
+
+
+def small_catalog(synth_dir: Path, path: Path, first: int, n: int) -> list[dict]:
+    """`n` products of the generated set (from the `first`-th), image paths absolute, as JSON lines."""
+    categories = json.loads((synth_dir / "fashion-cat.json").read_text())
+    rows = [
+        {"product_id": sig, "category": cat, "image": str(synth_dir / "images" / f"{sig}.jpg")}
+        for sig, cat in sorted(categories.items())[first : first + n]
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def by_category(rows: list[dict]) -> dict[str, int]:
+    return dict(Counter(r["category"] for r in rows))
+
+
+def test_a_wiped_store_gets_the_whole_catalog_again(loop, exported_repo, synth_dir, tmp_path):
+    """The store is deleted with the ranker stopped and a fresh ranker starts on the same path: the
+    journal (same target, same model) says everything landed, the store holds nothing; the rerun sends it
+    all again and says why."""
+    path = tmp_path / "catalog.jsonl"
+    rows = small_catalog(synth_dir, path, 0, 24)
+    store = tmp_path / "store"
+    with ranker_on(loop, exported_repo, store) as services:
+        first = ctl("ingest", str(path), "--ranker", services.ranker_address)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert summary_number(first.stdout, "ingested now") == 24
+    shutil.rmtree(store)
+    with (
+        ranker_on(loop, exported_repo, store) as services,
+        grpc.insecure_channel(services.ranker_address) as channel,
+    ):
+        assert stats(ranker_pb2_grpc.RankerServiceStub(channel)).total_products == 0
+        again = ctl("ingest", str(path), "--ranker", services.ranker_address)
+        after = stats(ranker_pb2_grpc.RankerServiceStub(channel))
+    out = again.stdout + again.stderr
+    assert after.total_products == 24, out
+    assert dict(after.products_by_category) == by_category(rows)
+    assert again.returncode == 0, out
+    assert summary_number(again.stdout, "ingested now") == 24
+    assert summary_number(again.stdout, "already ingested") == 0
+    assert summary_number(again.stdout, "re-sent") == 24
+    category, count = sorted(by_category(rows).items())[0]
+    assert (
+        f"the store holds 0 products of {category!r} but the journal recorded {count} ingested: "
+        f"re-sending the catalog's records of {category!r}" in out
+    )
+
+
+def test_products_deleted_from_the_store_are_sent_again(loop, exported_repo, synth_dir, tmp_path):
+    """DeleteProducts through the ranker, then a rerun: the deleted ones are sent again. Products of the
+    same categories from another catalog (more in the store than the journal recorded) and products taken
+    out of both the catalog and the store are no reason to distrust the journal."""
+    path = tmp_path / "catalog.jsonl"
+    rows = small_catalog(synth_dir, path, 0, 24)
+    with (
+        ranker_on(loop, exported_repo, tmp_path / "store") as services,
+        grpc.insecure_channel(services.ranker_address) as channel,
+    ):
+        stub = ranker_pb2_grpc.RankerServiceStub(channel)
+        args = ["--ranker", services.ranker_address]
+        assert ctl("ingest", str(path), *args).returncode == 0
+        counts = by_category(rows)
+        big = max(counts, key=counts.get)
+        others = [r["product_id"] for r in rows if r["category"] != big]
+        gone = [*[r["product_id"] for r in rows if r["category"] == big][:3], others[0]]
+        deleted = stub.DeleteProducts(ranker_pb2.DeleteProductsRequest(product_ids=gone), timeout=10)
+        assert deleted.deleted == 4 and stats(stub).total_products == 20
+
+        again = ctl("ingest", str(path), *args)
+        out = again.stdout + again.stderr
+        assert stats(stub).total_products == 24, out
+        assert dict(stats(stub).products_by_category) == counts
+        assert again.returncode == 0, out
+        resent = {r["category"] for r in rows if r["product_id"] in gone}
+        assert summary_number(again.stdout, "re-sent") == sum(counts[c] for c in resent)
+        assert summary_number(again.stdout, "ingested now") == sum(counts[c] for c in resent)
+        assert summary_number(again.stdout, "already ingested") == 24 - sum(counts[c] for c in resent)
+        assert (
+            f"the store holds {counts[big] - 3} products of {big!r} but the journal recorded "
+            f"{counts[big]} ingested: re-sending the catalog's records of {big!r}" in out
+        )
+
+        # now trusted again: nothing is sent
+        third = ctl("ingest", str(path), *args)
+        assert third.returncode == 0 and summary_number(third.stdout, "ingested now") == 0, third.stdout
+        assert summary_number(third.stdout, "already ingested") == 24
+
+        # another catalog in the same categories: the store holds more than this journal recorded
+        other = tmp_path / "other.jsonl"
+        extra = small_catalog(synth_dir, other, 24, 12)
+        assert ctl("ingest", str(other), *args).returncode == 0
+        assert stats(stub).total_products == 36
+        fourth = ctl("ingest", str(path), *args)
+        assert summary_number(fourth.stdout, "ingested now") == 0, fourth.stdout + fourth.stderr
+        assert summary_number(fourth.stdout, "re-sent") == 0
+
+        # products taken out of the catalog and deleted from the store: not sent, nothing re-sent
+        kept = [r for r in rows if r["product_id"] not in gone]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        stub.DeleteProducts(ranker_pb2.DeleteProductsRequest(product_ids=gone), timeout=10)
+        fifth = ctl("ingest", str(path), *args)
+        out = fifth.stdout + fifth.stderr
+        assert fifth.returncode == 0, out
+        assert summary_number(fifth.stdout, "ingested now") == 0, out
+        assert summary_number(fifth.stdout, "already ingested") == len(kept)
+        assert stats(stub).total_products == len(kept) + len(extra)
+
+
+class _DeleteAfterTheFirstStream(grpc.aio.StreamUnaryClientInterceptor):
+    """Deletes `ids` through another channel once the job's first UpsertProducts stream is answered."""
+
+    def __init__(self, address: str, ids: list[str]):
+        self.address, self.ids, self.done = address, ids, False
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        call = await continuation(client_call_details, request_iterator)
+        await call
+        if not self.done:
+            self.done = True
+            async with grpc.aio.insecure_channel(self.address) as side:
+                request = ranker_pb2.DeleteProductsRequest(product_ids=self.ids)
+                await ranker_pb2_grpc.RankerServiceStub(side).DeleteProducts(request, timeout=10)
+        return call
+
+
+def test_products_deleted_during_the_job_are_reported_and_a_rerun_sends_them(
+    loop, exported_repo, synth_dir, tmp_path
+):
+    path = tmp_path / "catalog.jsonl"
+    rows = small_catalog(synth_dir, path, 0, 12)
+    config = IngestConfig(catalog=path, batch=4, streams=1)
+    gone = [r["product_id"] for r in rows[:2]]  # in the first stream
+    with ranker_on(loop, exported_repo, tmp_path / "store") as services:
+        deleting = _DeleteAfterTheFirstStream(services.ranker_address, gone)
+
+        async def job():
+            async with grpc.aio.insecure_channel(services.ranker_address, interceptors=[deleting]) as ch:
+                return await ingest(config, ch)
+
+        summary = loop.call(job())
+        assert deleting.done and summary.ingested == 12 and not summary.failures
+        lost = Counter(r["category"] for r in rows[:2])
+        assert summary.short == {c: (by_category(rows)[c] - n, by_category(rows)[c]) for c, n in lost.items()}
+        assert not summary.ok and "STORE SHORT" in format_summary(config, summary)
+
+        again = ctl("ingest", str(path), "--ranker", services.ranker_address)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert summary_number(again.stdout, "re-sent") == sum(by_category(rows)[c] for c in lost)
+        with grpc.insecure_channel(services.ranker_address) as channel:
+            after = stats(ranker_pb2_grpc.RankerServiceStub(channel))
+        assert dict(after.products_by_category) == by_category(rows)
+
+
+def test_the_journal_counts_the_catalogs_ingested_products_per_category(tmp_path):
+    from ctl.ingest.journal import Journal, Outcome
+
+    path = tmp_path / "c.journal"
+    journal = Journal(path, "store A", "v1")
+    journal.record(
+        [("a", Outcome("d1", True, 1, category="Shoes")), ("b", Outcome("d2", True, 2, category="Bags"))]
+    )
+    journal.record([("c", Outcome("d3", False, 3, "INVALID_ARGUMENT", "corrupt", "Shoes"))])
+    journal.close()
+    with path.open("a") as f:  # a journal written before categories were recorded
+        f.write(json.dumps({"id": "old", "digest": "d4", "ok": True, "line": 4}) + "\n")
+    again = Journal(path, "store A", "v1")
+    assert again.get("a").category == "Shoes" and again.get("old").category == ""
+    catalog = {"a": "Shoes", "b": "Hats", "c": "Shoes", "old": "Shoes", "new": "Shoes"}
+    # b was journaled as a bag: the catalog moved it (it is sent again); c failed; new is not journaled
+    assert again.ingested_by_category(catalog) == {"Shoes": 2}
+    assert again.ingested_by_category({"a": "Shoes"}) == {"Shoes": 1}  # gone from the catalog: not counted
+    again.close()

@@ -62,16 +62,6 @@ def read_catalog(
         yield from _read_jsonl(path, metadata_columns)
 
 
-def count_records(path: Path, fmt: str | None = None) -> int:
-    """How many records `read_catalog` will yield (for progress), without checking them."""
-    if not Path(path).is_file():
-        raise CatalogError(f"{path}: no such catalog file")
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        if catalog_format(Path(path), fmt) == "csv":
-            return max(0, sum(1 for row in csv.reader(f) if any(cell.strip() for cell in row)) - 1)
-        return sum(1 for line in f if line.strip())
-
-
 def _read_jsonl(path: Path, metadata_columns: tuple[str, ...]) -> Iterator[CatalogRecord]:
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):

@@ -1,12 +1,25 @@
 """`ctl ingest`: stream a product catalog to the ranker's UpsertProducts, resumably.
 
-The catalog is read once, in order. Each record is decided before anything is sent: unreadable ones,
-missing image files and duplicate ids with different data fail here; records the journal already holds
-with the same content are skipped; the rest go out in batches, one UpsertProducts stream per batch,
+The catalog is read twice, in order: once for its ids and categories (the progress total, and the check
+below), then for sending. Each record is decided before anything is sent: unreadable ones, missing image
+files and duplicate ids with different data fail here; records the journal already holds with the same
+content are skipped; the rest go out in batches, one UpsertProducts stream per batch,
 `streams` batches in flight. Outcomes are journaled only once the ranker has answered for the whole
 stream, so a killed job loses at most the batches in flight (sent again on the next run: upserts are
 idempotent). A stream that fails on UNAVAILABLE and the like is retried with backoff; if it still fails
 the job stops sending, and every record not ingested is listed in the error report with the reason.
+
+The journal is checked against the store, at the start and at the end. The store can have lost what the
+journal says landed (wiped, restored from an older copy, products deleted through DeleteProducts) while
+the target's name and model version stay the same. At the start, for each category, the number of the
+catalog's products the journal records as ingested is compared with the store's count
+(GetCatalogStats): a store that holds fewer cannot hold them all, so the journal is not trusted for that
+category and its journaled records are sent again (upserts are idempotent), with a warning that says so.
+A store that holds more (products from other sources) is fine. At the end the same comparison tells
+whether the store still holds what was ingested (it may have changed during the job): if not, the job
+says so and exits non-zero, and a rerun sends what is missing. Counts cannot see a product deleted from
+a category that other sources filled back up; a per-product check would need a presence query in the
+ranker's API, which has none.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from ctl.ingest.catalog import CatalogRecord, count_records, read_catalog
+from ctl.ingest.catalog import CatalogRecord, read_catalog
 from ctl.ingest.journal import Journal, Outcome
 from ctl.progress import progress_bar
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
@@ -93,15 +106,20 @@ class Summary:
     records: int = 0
     ingested: int = 0  # sent and stored by this run
     already: int = 0  # skipped: the journal holds the same content
+    resent: int = 0  # of `ingested`: journaled, sent again (the store held fewer of their category)
     duplicates: int = 0  # skipped: an identical earlier record of the catalog
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str = ""  # why the job stopped sending, if it did
     model_version: str = ""
+    # category -> (products in the store, products the journal recorded as ingested), where the store held
+    # fewer: at the start (those categories were sent again), and after the job (the store lost some since)
+    untrusted: dict[str, tuple[int, int]] = field(default_factory=dict)
+    short: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.stopped
+        return not self.failures and not self.stopped and not self.short
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,7 @@ class _Item:
     record: CatalogRecord
     digest: str
     image: bytes
+    resent: bool = False  # the journal holds it, but its category was not trusted
 
 
 def _digest(record: CatalogRecord, image: bytes) -> str:
@@ -127,6 +146,7 @@ class _Planner:
         self.journal = journal
         self.summary = summary
         self.bar = bar
+        self.untrusted = set(summary.untrusted)  # categories whose journaled records are sent again
         self.records: Iterator[CatalogRecord] = read_catalog(
             config.catalog, config.format, config.metadata_columns
         )
@@ -183,11 +203,13 @@ class _Planner:
             return None
         done = self.journal.get(record.product_id)
         if done is not None and done.digest == digest:
-            if done.ok:
-                self.summary.already += 1
-            else:
+            if not done.ok:
                 self._fail(record, done.code, done.reason)
-            return None
+                return None
+            if record.category not in self.untrusted:
+                self.summary.already += 1
+                return None
+            return _Item(record, digest, image, resent=True)
         return _Item(record, digest, image)
 
 
@@ -239,14 +261,71 @@ async def catalog_stats(
             await asyncio.sleep(0.5)
 
 
+def catalog_index(config: IngestConfig) -> tuple[int, dict[str, str]]:
+    """The catalog's record count, and the category of each product id as the job will decide it (its
+    first readable record). Raises CatalogError before anything is sent."""
+    total, categories = 0, {}
+    for record in read_catalog(config.catalog, config.format, config.metadata_columns):
+        total += 1
+        if not record.problem:
+            categories.setdefault(record.product_id, record.category)
+    return total, categories
+
+
+def fewer_in_store(
+    journal: Journal, catalog: dict[str, str], stats: ranker_pb2.CatalogStats
+) -> dict[str, tuple[int, int]]:
+    """Categories where the store holds fewer products than the journal says landed from this catalog:
+    category -> (in the store, journaled as ingested)."""
+    held = stats.products_by_category
+    return {
+        category: (held.get(category, 0), count)
+        for category, count in sorted(journal.ingested_by_category(catalog).items())
+        if held.get(category, 0) < count
+    }
+
+
+def _distrust(summary: Summary, untrusted: dict[str, tuple[int, int]]) -> None:
+    summary.untrusted = untrusted
+    for category, (held, count) in untrusted.items():
+        log.warning(
+            "the store holds %d products of %r but the journal recorded %d ingested: "
+            "re-sending the catalog's records of %r",
+            held,
+            category,
+            count,
+            category,
+        )
+
+
+async def _check_after(stub, journal: Journal, catalog: dict[str, str], summary: Summary) -> None:
+    """After the job: does the store hold (at least) what the journal says landed?"""
+    try:
+        stats = await catalog_stats(stub)
+    except grpc.aio.AioRpcError as exc:
+        summary.stopped = f"{exc.code().name}: {exc.details()} (asking the store's counts after the job)"
+        log.error("GetCatalogStats failed: %s", summary.stopped)
+        return
+    summary.short = fewer_in_store(journal, catalog, stats)
+    for category, (held, count) in summary.short.items():
+        log.error(
+            "after the job the store holds %d products of %r but %d were ingested (products deleted or the "
+            "store replaced during the job?): run the job again to send them",
+            held,
+            category,
+            count,
+        )
+
+
 async def ingest(config: IngestConfig, channel: grpc.aio.Channel) -> Summary:
     """Runs the job against the ranker behind `channel`; the error report is written before returning."""
     started = time.monotonic()
-    total = count_records(config.catalog, config.format)  # CatalogError before anything is sent
+    total, catalog = await asyncio.to_thread(catalog_index, config)  # CatalogError before anything is sent
     stub = ranker_pb2_grpc.RankerServiceStub(channel)
     stats = await catalog_stats(stub)
     summary = Summary(model_version=stats.model_version)
     journal = Journal(config.journal_path, stats.store, stats.model_version, fresh=config.fresh)
+    _distrust(summary, fewer_in_store(journal, catalog, stats))
     queue: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=config.streams)
     try:
         with progress_bar(total, "ingest", "product") as bar:
@@ -269,6 +348,8 @@ async def ingest(config: IngestConfig, channel: grpc.aio.Channel) -> Summary:
                     bar.update(len(items))
 
             await asyncio.gather(produce(), *(consume() for _ in range(config.streams)))
+        if not summary.stopped:
+            await _check_after(stub, journal, catalog, summary)
     finally:
         journal.close()
         summary.seconds = time.monotonic() - started
@@ -289,11 +370,14 @@ async def _stream(stub, items: list[_Item], config: IngestConfig, journal: Journ
     entries = []
     for index, it in enumerate(items):
         f = failed.get(index)
+        category = it.record.category
         if f is None:
-            entries.append((it.record.product_id, Outcome(it.digest, True, it.record.line)))
+            outcome = Outcome(it.digest, True, it.record.line, category=category)
+            entries.append((it.record.product_id, outcome))
+            summary.resent += it.resent
         else:
             if f.error.code in PERMANENT:  # the same content would fail again: never sent twice
-                outcome = Outcome(it.digest, False, it.record.line, f.error.code, f.error.message)
+                outcome = Outcome(it.digest, False, it.record.line, f.error.code, f.error.message, category)
                 entries.append((it.record.product_id, outcome))
             summary.failures.append(
                 Failure(it.record.line, it.record.product_id, f.error.code, f.error.message)
@@ -325,6 +409,7 @@ def format_summary(config: IngestConfig, summary: Summary) -> str:
         f"catalog {config.catalog}: {summary.records} records (model {summary.model_version})",
         f"  ingested now          {summary.ingested:>8}",
         f"  already ingested      {summary.already:>8}   (journal {config.journal_path})",
+        f"  re-sent               {summary.resent:>8}   (journaled; the store held fewer of their category)",
         f"  identical duplicates  {summary.duplicates:>8}",
         f"  failed                {len(summary.failures):>8}   (report {config.errors_path})",
         f"  took {summary.seconds:.1f} s ({sent_rate:.1f} products/s ingested)",
@@ -334,6 +419,27 @@ def format_summary(config: IngestConfig, summary: Summary) -> str:
         for f in summary.failures:
             by_code[f.code] = by_code.get(f.code, 0) + 1
         lines.append("  failures by status: " + ", ".join(f"{k} {v}" for k, v in sorted(by_code.items())))
+    lines += _by_category(
+        summary.untrusted,
+        "  the store held {held} products of {category!r} but the journal recorded {count} ingested: "
+        "re-sending its records",
+    )
+    lines += _by_category(
+        summary.short,
+        "  STORE SHORT: the store holds {held} products of {category!r} but {count} were ingested "
+        "(changed during the job?) — run the same command again to send them",
+    )
     if summary.stopped:
         lines.append(f"  STOPPED: {summary.stopped} — run the same command again to continue")
     return "\n".join(lines)
+
+
+def _by_category(counts: dict[str, tuple[int, int]], template: str, shown: int = 10) -> list[str]:
+    """One line per category (the first `shown`; the log has them all)."""
+    lines = [
+        template.format(category=category, held=held, count=count)
+        for category, (held, count) in list(counts.items())[:shown]
+    ]
+    if len(counts) > shown:
+        lines.append(f"  ... and {len(counts) - shown} more categories (see the log)")
+    return lines
