@@ -51,7 +51,8 @@ def run_demo(config: DemoConfig) -> int:
 
     root = config.out
     data, run, repo = root / "data", root / "run", root / "triton_repo"
-    if (data / "fashion.json").exists():
+    # generate() writes fashion.json, then fashion-cat.json: a dataset cut short has no category file
+    if (data / "fashion.json").exists() and (data / "fashion-cat.json").exists():
         log.info("reusing the synthetic dataset in %s", data)
     else:
         log.info("step 1/6: synthetic dataset (%d scenes) -> %s", config.scenes, data)
@@ -75,17 +76,28 @@ def run_demo(config: DemoConfig) -> int:
 
 
 def write_catalog(data: Path, path: Path) -> Path:
-    """The demo catalog: every categorised product of the dataset that has an image, as JSON lines."""
+    """The demo catalog: every categorised product of the dataset that has an image, as JSON lines
+    (products whose image file is missing are left out, and counted in a warning)."""
     from style_model.data.stl import load_dataset
 
     dataset = load_dataset(data)
-    lines = []
+    lines, missing = [], []
     for category, products in sorted(dataset.products_by_category.items()):
         for sig in products:
             image = dataset.image_path(sig)
-            if image.exists():
-                row = {"product_id": sig, "category": category, "image": str(image.relative_to(path.parent))}
-                lines.append(json.dumps({**row, "metadata": {"source": "synthetic"}}))
+            if not image.exists():
+                missing.append(sig)
+                continue
+            row = {"product_id": sig, "category": category, "image": str(image.relative_to(path.parent))}
+            lines.append(json.dumps({**row, "metadata": {"source": "synthetic"}}))
+    if missing:
+        log.warning(
+            "demo catalog: %d products have no image file in %s (e.g. %s): left out of %s",
+            len(missing),
+            data,
+            ", ".join(missing[:3]),
+            path,
+        )
     path.write_text("".join(line + "\n" for line in lines))
     return path
 
