@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Gauge
 
 from ctl.serving import Metrics
 from ctl.tensors import Scene
@@ -73,6 +74,14 @@ class EncoderApp:
             rejected=rejected.labels("product"),
             **common,
         )
+        queued = Gauge(
+            "ctl_encoder_queue_images",
+            "images admitted and waiting for a forward pass, by encoder (back to 0 when idle)",
+            ["encoder"],
+            registry=metrics.registry,
+        )
+        for batcher in (self.scenes, self.products):
+            queued.labels(batcher.name).set_function(lambda b=batcher: b.pending_images)
         self._pool: ThreadPoolExecutor | None = None
         self._started = False
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -89,11 +88,18 @@ class MicroBatcher:
                 self._tasks.append(task)
 
     def _worker_done(self, task: asyncio.Task) -> None:
-        """A worker that died of a bug must not leave callers waiting forever."""
+        """A worker that died of a bug must not leave callers waiting forever (its own batch was failed
+        by `_work`); when it was the last one, what is queued is failed too and leaves the count."""
         if not task.cancelled() and task.exception() is not None:
             log.error("the %s batcher stopped", self.name, exc_info=task.exception())
-            _fail(list(self._queue), BackendUnavailable(f"the {self.name} encoder stopped: see the log"))
-            self._queue.clear()
+            if not any(not t.done() for t in self._tasks):
+                self._drop_queue(BackendUnavailable(f"the {self.name} encoder stopped: see the log"))
+
+    def _drop_queue(self, exc: BaseException) -> None:
+        """Fails every queued request with `exc` and takes its images off the count."""
+        _fail(list(self._queue), exc)
+        self.pending_images -= sum(len(r.images) for r in self._queue)
+        self._queue.clear()
 
     @property
     def running(self) -> bool:
@@ -144,14 +150,16 @@ class MicroBatcher:
             return parts[0]  # type: ignore[return-value]
         return tuple(np.concatenate(arrays) for arrays in zip(*parts))  # type: ignore[arg-type]
 
+    def _drop_abandoned(self) -> None:
+        """Drops the requests at the head of the queue whose callers went away (deadline passed,
+        client gone): they leave the queue and the count, and nothing else does."""
+        while self._queue and self._queue[0].future.done():
+            self.pending_images -= len(self._queue.popleft().images)
+
     def _take(self) -> _Request | None:
-        """The next queued request whose caller still waits; dropped ones leave the count."""
-        while self._queue:
-            request = self._queue.popleft()
-            if not request.future.done():
-                return request
-            self.pending_images -= len(request.images)
-        return None
+        """The next queued request whose caller still waits (the abandoned ones before it dropped)."""
+        self._drop_abandoned()
+        return self._queue.popleft() if self._queue else None
 
     async def _next_batch(self, batch: list[_Request]) -> None:
         """Fills `batch` (the caller's, so that a cancellation can fail what it already holds)."""
@@ -165,10 +173,8 @@ class MicroBatcher:
         size = len(first.images)
         deadline = first.arrived + self.max_wait_s
         while size < self.max_batch:
+            self._drop_abandoned()
             if self._queue:
-                if self._queue[0].future.done():
-                    self._take()  # drops it
-                    continue
                 if size + len(self._queue[0].images) > self.max_batch:
                     break
                 request = self._queue.popleft()
@@ -189,48 +195,53 @@ class MicroBatcher:
         try:
             while True:
                 batch = []
-                await self._next_batch(batch)
-                self.pending_images -= sum(len(r.images) for r in batch)
+                try:
+                    await self._next_batch(batch)
+                finally:  # taken: in a pass now, or failed below; either way no longer queued
+                    self.pending_images -= sum(len(r.images) for r in batch)
                 live = [r for r in batch if not r.future.done()]  # callers cancelled while it formed
                 if live:
                     await self._run(live)
         except asyncio.CancelledError:
             _fail(batch, BackendUnavailable(f"the {self.name} encoder is shutting down"))
             raise
+        except BaseException as exc:  # a bug: the batch in hand is failed too (`_worker_done` logs it)
+            _fail(batch, BackendUnavailable(f"the {self.name} encoder stopped: {type(exc).__name__}: {exc}"))
+            raise
 
     async def _run(self, batch: list[_Request]) -> None:
-        images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
+        """One forward pass; its outcome (outputs or error) goes to every request of the batch."""
         self.forward_passes += 1
         if self._passes is not None:
             self._passes.inc()
-        if self._batch_images is not None:
-            self._batch_images.observe(len(images))
         started = time.perf_counter()
         try:
+            images = batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
+            if self._batch_images is not None:
+                self._batch_images.observe(len(images))
             outputs = await self._forward(images)
-        except Exception as exc:  # the backend's error is every request's error
+            answers = []
+            offset = 0
+            for request in batch:
+                n = len(request.images)
+                answers.append(tuple(o[offset : offset + n] for o in outputs))
+                offset += n
+        except Exception as exc:  # the backend's error (or unstackable inputs) is every request's error
             _fail(batch, exc)
             return
         rate = len(images) * self.workers / max(time.perf_counter() - started, 1e-6)
         self.images_per_s = rate if self.images_per_s is None else 0.7 * self.images_per_s + 0.3 * rate
-        offset = 0
-        for request in batch:
-            n = len(request.images)
+        for request, answer in zip(batch, answers):
             if not request.future.done():
-                request.future.set_result(tuple(o[offset : offset + n] for o in outputs))
-            offset += n
+                request.future.set_result(answer)
 
     async def close(self) -> None:
         """Stops the workers; requests still queued (or in passes being cancelled) get BackendUnavailable."""
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        _fail(list(self._queue), BackendUnavailable(f"the {self.name} encoder is shutting down"))
-        self._queue.clear()
-        self.pending_images = 0
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # one that died of a bug was logged
+        self._drop_queue(BackendUnavailable(f"the {self.name} encoder is shutting down"))
 
 
 def _fail(batch: list[_Request], exc: BaseException) -> None:

@@ -510,6 +510,60 @@ def test_full_queue_is_resource_exhausted_at_once(start_encoder):
     assert [r.WhichOneof("result") for r in first.result().results] == ["embedding"] * 3
 
 
+def test_calls_that_time_out_or_are_cancelled_leave_no_queue_behind(start_encoder):
+    """Issue 14, item 1, through gRPC: a flood of calls whose deadlines pass while they wait (or whose
+    clients go away) among ordinary ones, against a small queue. Every ordinary call is answered (served,
+    or refused at once while the queue is full: never lost), the queue gauge returns to 0, and afterwards
+    ordinary calls all succeed (before the fix, lost requests held the queue full for ever)."""
+    server = start_encoder(max_batch=4, max_wait_ms=0, max_queue=24).wait_serving()
+    registry = server.server.metrics.registry
+    scene = encoder_pb2.EncodeSceneRequest(image=_photo(70))
+    products = encoder_pb2.EncodeProductsRequest(images=[_photo(71 + i) for i in range(3)])
+    ordinary, short, dropped = [], [], []
+    for i in range(400):
+        kind, call = i % 5, server.stub.EncodeScene if i % 2 else server.stub.EncodeProducts
+        request = scene if i % 2 else products
+        if kind == 0:
+            ordinary.append(call.future(request, timeout=30))
+        elif kind == 4:
+            dropped.append(call.future(request, timeout=60))
+        else:
+            short.append(call.future(request, timeout=0.002 * (1 + i % 13)))
+        if kind == 4 and i % 3 == 0:
+            for future in dropped[-3:]:
+                future.cancel()  # the client goes away mid-call
+    codes = {grpc.StatusCode.OK: 0, grpc.StatusCode.RESOURCE_EXHAUSTED: 0}
+    for future in ordinary:
+        code = future.code()
+        assert code in codes, f"an ordinary call ended {code}: {future.details()}"
+        codes[code] += 1
+    for future in short:
+        assert future.code() in (
+            grpc.StatusCode.OK,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ), future.details()
+    for future in dropped:
+        future.cancel()
+
+    def queued() -> dict[str, float | None]:
+        return {
+            e: registry.get_sample_value("ctl_encoder_queue_images", {"encoder": e})
+            for e in ("scene", "product")
+        }
+
+    _wait_until(lambda: queued() == {"scene": 0, "product": 0}, timeout=60)  # only bounds a failure
+    for i in range(12):  # ordinary calls after the flood: all served
+        if i % 2:
+            assert _scene(server.stub, _photo(80 + i)).embedding.model_version
+        else:
+            assert [r.WhichOneof("result") for r in _products(server.stub, products.images).results] == [
+                "embedding"
+            ] * 3
+    assert (server.app.scenes.pending_images, server.app.products.pending_images) == (0, 0)
+    assert queued() == {"scene": 0, "product": 0}
+
+
 def test_graceful_shutdown_finishes_the_call_in_flight(start_encoder):
     server = start_encoder(max_wait_ms=500, grace_s=10).wait_serving()
     call = server.stub.EncodeScene.future(encoder_pb2.EncodeSceneRequest(image=_photo(60)), timeout=30)
