@@ -207,8 +207,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Unpack a snapshot into a new store folder, checked before it is moved into place: 0, or 1."""
     from ctl.snapshot import SnapshotError, restore
 
+    target = restore_target(args)
+    if not target.strip():
+        logging.getLogger("ctl.restore").error("CTL_RANKER_STORE_PATH is empty: give the folder to create")
+        return 2
     try:
-        folder, manifest = restore(args.archive, args.store_path)
+        folder, manifest = restore(args.archive, target)
     except SnapshotError as exc:
         logging.getLogger("ctl.restore").error("%s", exc)
         return 1
@@ -254,8 +258,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", default=None, help="domain, when the folder has several (fashion, home)")
 
 
-def _env_ranker_store() -> str:
-    return os.environ.get("CTL_RANKER_STORE_PATH", "ctl-store/{model_version}")
+def restore_target(args: argparse.Namespace) -> str:
+    """Where `ctl restore` unpacks: the folder given, else where `ctl serve-ranker` would open its store
+    (CTL_RANKER_STORE_PATH, else its default). Read when the command runs: only this variable, so that
+    another malformed CTL_RANKER_* setting does not stop a restore."""
+    if args.store_path is not None:
+        return args.store_path
+    from ranker_service.config import RankerConfig
+
+    return os.environ.get("CTL_RANKER_STORE_PATH", RankerConfig.store_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "store_path",
         nargs="?",
-        default=_env_ranker_store(),
+        default=None,
         help="the folder to create; {model_version} is replaced (default: CTL_RANKER_STORE_PATH or "
         "ctl-store/{model_version})",
     )
@@ -390,7 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    level = args.log_level.upper()
+    if level not in logging.getLevelNamesMapping():
+        print(
+            f"ctl: --log-level (env CTL_LOG_LEVEL) {args.log_level!r}: expected one of "
+            "DEBUG, INFO, WARNING, ERROR, CRITICAL",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
     from style_model.errors import StyleModelError
 
     try:

@@ -1,21 +1,19 @@
 """The encoder service's settings: one typed record, built from flags and CTL_ENCODER_* variables here only.
 
 Every field has a flag (`--max-batch`) and an environment variable (`CTL_ENCODER_MAX_BATCH`), both derived
-from the field name; a flag given on the command line wins over the variable, which wins over the default.
+from the field name (ctl/settings.py); a flag given on the command line wins over the variable, which wins
+over the default. The variables are read when `serve-encoder` runs, not while `ctl`'s parser is built.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctl.serving import parse_bool
+from ctl import settings
 from encoder_service.errors import ConfigError
 
 ENV_PREFIX = "CTL_ENCODER_"
@@ -145,56 +143,13 @@ class EncoderConfig:
         return self.max_batch * 4
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _env_var(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _types() -> dict[str, Any]:
-    """Each field's parser: its type, or parse_bool for booleans (bool("false") is True)."""
-    return {
-        name: parse_bool if kind is bool else kind
-        for name, kind in typing.get_type_hints(EncoderConfig).items()
-    }
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per EncoderConfig field. Defaults stay None so that `from_args` can tell a given flag
     from an absent one (and fall back to the environment)."""
-    types = _types()
-    for f in dataclasses.fields(EncoderConfig):
-        shown = "" if "token" in f.name else f"; default {f.default}"  # never print secrets
-        help_text = f"{f.metadata['help']} (env {_env_var(f.name)}{shown})"
-        parser.add_argument(
-            _flag(f.name),
-            dest=f.name,
-            type=types[f.name],
-            choices=f.metadata.get("choices"),
-            default=None,
-            help=help_text.replace("%", "%%"),
-        )
-
-
-def _parse_env(name: str, text: str, kind: Any) -> Any:
-    try:
-        return kind(text)
-    except (ValueError, argparse.ArgumentTypeError):
-        raise ConfigError(f"{_env_var(name)}={text!r}: expected {kind.__name__}") from None
+    settings.add_arguments(parser, EncoderConfig, ENV_PREFIX, secrets=("token",))
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> EncoderConfig:
     """The config from parsed flags, then CTL_ENCODER_* variables (`environ`, default os.environ),
     then the defaults. Raises ConfigError naming the flag or variable that is wrong."""
-    environ = os.environ if environ is None else environ
-    types = _types()
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(EncoderConfig):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
-        elif _env_var(f.name) in environ:
-            values[f.name] = _parse_env(f.name, environ[_env_var(f.name)], types[f.name])
-    return EncoderConfig(**values)
+    return settings.from_args(EncoderConfig, args, environ, ENV_PREFIX, ConfigError)

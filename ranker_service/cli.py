@@ -1,4 +1,4 @@
-"""`ctl serve-ranker`: the ranker service's command."""
+"""`ctl serve-ranker`: the ranker service's command, configured by flags or CTL_RANKER_* variables."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import asyncio
 import logging
 
 from ranker_service.config import add_arguments, from_args
+from ranker_service.errors import ConfigError, RankerError
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds `serve-ranker` (its flags from RankerConfig) to the `ctl` subcommands; sets func=main."""
     parser = subparsers.add_parser(
         "serve-ranker",
         help="serve Recommend and catalog ingestion (gRPC ctl.v1.RankerService)",
         description="Serves ctl.v1.RankerService with health checking, reflection and Prometheus metrics. "
-        "Product vectors live in the embedded Qdrant engine (a directory) or a Qdrant server (--qdrant-url).",
+        "Product vectors live in the embedded Qdrant engine (a directory) or a Qdrant server (--qdrant-url). "
+        "Every flag also reads a CTL_RANKER_* environment variable; a flag given wins.",
     )
     add_arguments(parser)
     parser.set_defaults(func=main)
@@ -24,15 +27,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs until SIGTERM/SIGINT: 0 after a clean stop, 2 for an unusable TLS file or token setting, 1 when
-    it cannot start (encoder never answered, store locked or made by another model, port taken). Logging
-    is set up by the caller (`ctl`)."""
+    """Runs until SIGTERM/SIGINT: 0 after a clean stop, 2 for a bad setting (one line naming it) or an
+    unusable TLS file or token setting, 1 when it cannot start (encoder never answered, store locked or made
+    by another model, port taken). Logging is set up by the caller (`ctl`)."""
     from ctl.security import SecurityConfigError
-    from ranker_service.errors import RankerError
     from ranker_service.server import run
 
     try:
-        asyncio.run(run(from_args(args)))
+        config = from_args(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        asyncio.run(run(config))
     except SecurityConfigError as exc:
         log.error("ranker service cannot start: %s", exc)
         return 2

@@ -39,3 +39,7 @@ class NotReady(RankerError):
 
 class StreamTooLong(RankerError):
     """An UpsertProducts stream carried more products than max_stream_records: RESOURCE_EXHAUSTED."""
+
+
+class ConfigError(RankerError, ValueError):
+    """A setting (flag or CTL_RANKER_* variable) is malformed or out of range; the message names it."""
