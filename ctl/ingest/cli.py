@@ -18,8 +18,24 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def _env(name: str, default=None):
+def _env(name: str, default: str | None = None) -> str | None:
+    """The text of CTL_INGEST_<name>, as a flag's default: argparse converts a text default with the flag's
+    type only when `ctl ingest` itself is parsed, so a malformed variable never breaks another command."""
     return os.environ.get(f"CTL_INGEST_{name}", default)
+
+
+def _whole_number(variable: str):
+    """The type of a count flag whose default is `variable`'s text: an int, or an error naming both."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number, got {text!r} (the flag or {variable})"
+            ) from None
+
+    return parse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,13 +71,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=_env("STORE_PATH", "ctl-store/{model_version}"),
         help="with --embedded: the store directory ({model_version} is replaced; default %(default)s)",
     )
-    p.add_argument(
-        "--batch", type=int, default=int(_env("BATCH", 64)), help="records per stream (default %(default)s)"
-    )
-    p.add_argument(
-        "--streams", type=int, default=int(_env("STREAMS", 4)), help="streams in flight (default %(default)s)"
-    )
-    p.add_argument("--retries", type=int, default=int(_env("RETRIES", 5)), help="retries of a failed stream")
+    for name, default, text in (
+        ("batch", "64", "records per stream"),
+        ("streams", "4", "streams in flight"),
+        ("retries", "5", "retries of a failed stream"),
+    ):
+        variable = f"CTL_INGEST_{name.upper()}"
+        p.add_argument(
+            f"--{name}",
+            type=_whole_number(variable),
+            default=_env(name.upper(), default),
+            help=f"{text} (env {variable}; default {default})",
+        )
     p.add_argument("--journal", type=Path, help="journal file (default: CATALOG.journal)")
     p.add_argument("--errors", type=Path, help="error report (default: CATALOG.errors.jsonl)")
     p.add_argument("--fresh", action="store_true", help="ignore the journal: send every record again")
