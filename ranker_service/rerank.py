@@ -12,6 +12,7 @@ Pure functions over arrays; inputs are never modified; no Python loop per produc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +22,7 @@ from ctl.tensors import Scene
 from style_model.distances import attention_weights, hybrid_distances
 
 F32 = NDArray[np.float32]
+_SCREEN_MARGIN = 1e-4  # far above float32's error on distances of unit vectors (~1e-6)
 
 
 class Ranked(NamedTuple):
@@ -49,26 +51,47 @@ def bound_queries(scene: Scene) -> F32:
     return (scene.global_[None, :] + scene.local).astype(np.float32)
 
 
-def rank(scene: Scene, styles: NDArray, keys: NDArray, limit: int) -> Ranked:
-    """Exact hybrid distances of N products [N, D] and the best `limit`, ties broken by input order."""
-    if len(styles) == 0:
+def rank(
+    scene: Scene, styles: NDArray, keys: NDArray, limit: int, tiebreak: Sequence[str] | None = None
+) -> Ranked:
+    """Exact hybrid distances of N products [N, D] and the best `limit`. Equal distances are ordered by
+    `tiebreak` (e.g. product ids: the same answer whichever order the candidates came in), else by input
+    order, also at the cut-off: of ten copies of one product, the first ones are kept.
+
+    Distances are screened in float32, then the products near the cut-off are scored again in float64 and
+    rounded to float32: float32 BLAS gives equal rows results that differ in the last bit depending on
+    their position in the batch, so copies of one product would not tie, and modes would disagree."""
+    n = len(styles)
+    if n == 0:
         empty = np.zeros(0, dtype=np.float32)
         return Ranked(
             np.zeros(0, dtype=np.intp), empty, empty, empty, np.zeros((0, len(scene.local)), np.float32)
         )
-    d = hybrid_distances(scene.global_, scene.local, scene.attention, styles, keys)
-    k = min(limit, len(styles))
-    if k < len(styles):
-        top = np.argpartition(d.hybrid, k - 1)[:k]
-        order = top[np.lexsort((top, d.hybrid[top]))]
+    k = min(limit, n)
+    near = np.arange(n)
+    if k < n:
+        screen = hybrid_distances(scene.global_, scene.local, scene.attention, styles, keys).hybrid
+        near = np.flatnonzero(screen <= np.partition(screen, k - 1)[k - 1] + _SCREEN_MARGIN)
+    as64 = [np.asarray(a, dtype=np.float64) for a in scene]
+    exact = hybrid_distances(*as64, *(np.asarray(a)[near].astype(np.float64) for a in (styles, keys)))
+    d = exact.hybrid.astype(np.float32)
+    if k < len(near):
+        kth = np.partition(d, k - 1)[k - 1]
+        below = np.flatnonzero(d < kth)
+        tied = np.flatnonzero(d == kth)
+        if tiebreak is not None and len(tied) > k - len(below):
+            tied = tied[np.argsort(np.array([tiebreak[near[i]] for i in tied]), kind="stable")]
+        chosen = np.concatenate([below, tied[: k - len(below)]])
     else:
-        order = np.lexsort((np.arange(len(styles)), d.hybrid))
+        chosen = np.arange(len(near))
+    second = near[chosen] if tiebreak is None else np.array([tiebreak[near[i]] for i in chosen])
+    best = chosen[np.lexsort((second, d[chosen]))]
     return Ranked(
-        order,
-        d.hybrid[order].astype(np.float32),
-        d.global_[order].astype(np.float32),
-        d.local[order].astype(np.float32),
-        d.attention[order].astype(np.float32),
+        near[best],
+        d[best],
+        exact.global_[best].astype(np.float32),
+        exact.local[best].astype(np.float32),
+        exact.attention[best].astype(np.float32),
     )
 
 

@@ -146,6 +146,8 @@ class Retriever:
             known = sorted(await self.store.counts_by_category())
             shown = ", ".join(known[:20]) + (" …" if len(known) > 20 else "")
             raise UnknownCategory(f"no products in category {category!r}; the catalog has: {shown or 'none'}")
+        if ask.query.conditions or ask.query.exclude_ids:
+            size = await self.store.count(ask.query)  # the products the filters leave: all there is to rank
         if ask.mode is Mode.EXHAUSTIVE:
             return await self._exhaustive(scene, ask, size)
         if ask.mode is Mode.CERTIFY:
@@ -153,10 +155,9 @@ class Retriever:
         pool = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         q = pooled_query(scene, await self.mean_key(category))
         (hits,) = await self.store.search(q[None, :], ask.query, pool, exact=size <= self.exact_below)
-        # the whole category came back: nothing was left unscored
-        return _result(
-            scene, ask, hits.points, hits.styles, hits.keys, size, certified=len(hits) == size, rounds=1
-        )
+        # everything that matches came back: nothing was left unscored
+        everything = len(hits) >= size
+        return _result(scene, ask, hits.ids, hits.points, hits.styles, hits.keys, size, everything, 1)
 
     async def _exhaustive(self, scene: Scene, ask: Ask, size: int) -> Result:
         points: list[ProductPoint] = []
@@ -168,7 +169,8 @@ class Retriever:
                 break
         styles = np.stack([p.style for p in points]) if points else _empty(scene)
         keys = np.stack([p.attention for p in points]) if points else _empty(scene)
-        return _result(scene, ask, points, styles, keys, size, certified=True, rounds=1)
+        ids = [p.product_id for p in points]
+        return _result(scene, ask, ids, points, styles, keys, size, certified=True, rounds=1)
 
     async def _certify(self, scene: Scene, ask: Ask, size: int) -> Result:
         q = pooled_query(scene, await self.mean_key(ask.query.category))
@@ -200,6 +202,7 @@ class _Seen:
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
+        self.order: list[str] = []  # the ids in the order they were first seen (row order)
         self.sources: list[tuple[Sequence[ProductPoint], int]] = []
         self.styles: list[NDArray[np.float32]] = []
         self.keys: list[NDArray[np.float32]] = []
@@ -209,19 +212,20 @@ class _Seen:
         if not new:
             return
         self.ids.update(hits.ids[i] for i in new)
+        self.order.extend(hits.ids[i] for i in new)
         self.sources.extend((hits.points, i) for i in new)
         self.styles.append(hits.styles[new])
         self.keys.append(hits.keys[new])
 
     def candidates(
         self, scene: Scene
-    ) -> tuple[Sequence[ProductPoint], NDArray[np.float32], NDArray[np.float32]]:
-        """The products seen, and their styles and keys stacked."""
+    ) -> tuple[list[str], Sequence[ProductPoint], NDArray[np.float32], NDArray[np.float32]]:
+        """The products seen (ids, products), and their styles and keys stacked."""
         if not self.sources:
-            return [], _empty(scene), _empty(scene)
+            return [], [], _empty(scene), _empty(scene)
         styles, keys = np.concatenate(self.styles), np.concatenate(self.keys)
         self.styles, self.keys = [styles], [keys]
-        return _Sourced(self.sources), styles, keys
+        return self.order, _Sourced(self.sources), styles, keys
 
 
 class _Sourced(Sequence[ProductPoint]):
@@ -247,18 +251,19 @@ def _empty(scene: Scene) -> NDArray[np.float32]:
 def _result(
     scene: Scene,
     ask: Ask,
+    ids: Sequence[str],
     points: Sequence[ProductPoint],
     styles: NDArray[np.float32],
     keys: NDArray[np.float32],
     size: int,
-    *,
     certified: bool,
     rounds: int,
 ) -> Result:
-    """Exact rerank of the candidates (row i of `styles`, `keys`: points[i]); keeps the best `ask.limit`."""
+    """Exact rerank of the candidates (row i of `styles`, `keys`: ids[i], points[i]); keeps the best
+    `ask.limit`, equal distances ordered by product id (the same answer in every mode)."""
     if not points:
         styles = keys = _empty(scene)
-    ranked = rank(scene, styles, keys, ask.limit)
+    ranked = rank(scene, styles, keys, ask.limit, tiebreak=ids)
     return Result(
         category=ask.query.category,
         products=[points[i] for i in ranked.order],

@@ -197,15 +197,33 @@ class RankerApp:
     async def upsert(
         self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining: float | None
     ) -> ranker_pb2.UpsertProductsResponse:
+        """Batches of `upsert_batch` records are encoded concurrently (`upsert_concurrency`), but a product
+        sent twice is written in the order sent: a batch waits, before its write, for the earlier batches
+        that hold one of its products. So the last record of a product wins, as if the stream were applied
+        one record at a time; `upserted` counts distinct products stored."""
         ready = self.ready
         reply = ranker_pb2.UpsertProductsResponse(model_version=ready.info.model_version)
         gate = asyncio.Semaphore(self.config.upsert_concurrency)
         tasks: list[asyncio.Task] = []
         batch: list[tuple[int, ranker_pb2.Product]] = []
+        writer: dict[str, asyncio.Task] = {}  # the latest batch holding each product id
+        stored: set[str] = set()
 
-        async def flush(items):
+        async def flush(items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task]) -> None:
             async with gate:
-                await self._write(items, reply, ready, remaining)
+                points = await self._prepare(items, reply, ready, remaining)
+            if earlier:  # outside the gate: those batches may still wait for it
+                await asyncio.wait(earlier)
+            await self._store(points, ready)
+            stored.update(p.product_id for p in points)
+            reply.upserted = len(stored)
+
+        def start(items: list[tuple[int, ranker_pb2.Product]]) -> None:
+            ids = {p.product_id for _, p in items}
+            earlier = {writer[i] for i in ids if i in writer}
+            task = asyncio.create_task(flush(items, earlier))
+            tasks.append(task)
+            writer.update(dict.fromkeys(ids, task))
 
         try:
             too_long = False
@@ -223,13 +241,13 @@ class RankerApp:
                 if len(batch) >= self.config.upsert_batch:
                     await gate.acquire()  # back-pressure: stop reading while the encoder is busy
                     gate.release()
-                    tasks.append(asyncio.create_task(flush(batch)))
+                    start(batch)
                     batch = []
                     for t in tasks:
                         if t.done() and t.exception() is not None:
                             raise t.exception()
             if batch:
-                tasks.append(asyncio.create_task(flush(batch)))
+                start(batch)
             await asyncio.gather(*tasks)
             if too_long:
                 limit = self.config.max_stream_records
@@ -257,16 +275,19 @@ class RankerApp:
         )
         return reply
 
-    async def _write(self, items, reply, ready: _Ready, remaining: float | None) -> None:
-        """Encode what needs encoding, check precomputed embeddings, write the good points in one upsert."""
+    async def _prepare(
+        self, items: list[tuple[int, ranker_pb2.Product]], reply, ready: _Ready, remaining: float | None
+    ) -> list[ProductPoint]:
+        """The points of a batch, in record order: precomputed embeddings checked, images encoded; records
+        that cannot be stored are listed in `reply.failures`."""
         info = ready.info
-        points: list[ProductPoint] = []
+        points: dict[int, ProductPoint] = {}
         images = [(i, p) for i, p in items if p.WhichOneof("content") == "image"]
         for index, product in items:
             if product.WhichOneof("content") != "embedding":
                 continue
             try:
-                points.append(_point(product, *_embedding(product.embedding, info), info.model_version))
+                points[index] = _point(product, *_embedding(product.embedding, info), info.model_version)
             except (InvalidRequest, TensorError) as exc:
                 _fail(reply, index, product.product_id, "INVALID_ARGUMENT", str(exc))
             except VersionMismatch as exc:
@@ -290,11 +311,13 @@ class RankerApp:
                 if r.style is None:
                     _fail(reply, index, product.product_id, r.code, f"image: {r.message}")
                 else:
-                    points.append(_point(product, r.style, r.key, info.model_version))
+                    points[index] = _point(product, r.style, r.key, info.model_version)
+        return [points[i] for i in sorted(points)]  # a product listed twice: the store keeps the last
+
+    async def _store(self, points: list[ProductPoint], ready: _Ready) -> None:
         if points:
             await ready.store.upsert(points)
             ready.retriever.forget({p.category for p in points})
-            reply.upserted += len(points)
             self.upsert_batch.observe(len(points))
             self.records.labels("stored").inc(len(points))
 

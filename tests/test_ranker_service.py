@@ -366,6 +366,71 @@ def test_precomputed_embeddings_are_ingested_as_given(stub, encoder_stub, catalo
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _at_cosine(c: float, axis: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A unit vector whose cosine with the unit vector `axis` is `c`."""
+    u = rng.standard_normal(axis.shape)
+    u -= (u @ axis) * axis
+    return (c * axis + np.sqrt(1 - c * c) * u / np.linalg.norm(u)).astype(np.float32)
+
+
+def test_near_unit_embeddings_are_normalised_so_certify_stays_exact(stub, brute_force):
+    """Issue 14 #2. A product of norm 0.9991 is accepted (within the 1e-3 tolerance). Stored as given, its
+    computed distance 1 + n² − n·S(p) is 0.0018 lower than 2 − S(p), which the certificate assumes: certify
+    stopped after the first round with A "certified" while the exhaustive ranking put the shrunken Q first.
+    Built so that every region's local embedding is the same (then S(p) = U(p) = (f_s + f_L)·f_p): A scores
+    1.0008, 140 unit fillers 0.9992..1.0007, Q (unit: 1.0) only 0.9991 once shrunk."""
+    info, _, _ = brute_force
+    rng = np.random.default_rng(14)
+    dim, version = info.embedding_dim, info.model_version
+    e1 = np.zeros(dim, np.float32)
+    e1[0] = 1
+    scene = scene_to_proto(
+        Scene(
+            e1,
+            np.tile(e1, (info.regions, 1)),
+            np.stack([_at_cosine(0, e1, rng) for _ in range(info.regions)]),
+        ),
+        version,
+    )
+    key = _at_cosine(0.0, e1, rng)
+
+    def product(pid: str, style: np.ndarray) -> ranker_pb2.Product:
+        emb = product_to_proto(style, key, version)
+        return ranker_pb2.Product(product_id=pid, category="NearUnit", embedding=emb)
+
+    fillers = [
+        product(f"f{i}", _at_cosine(c / 2, e1, rng)) for i, c in enumerate(np.linspace(0.9993, 1.0006, 140))
+    ]
+    a = product("A", _at_cosine(0.5004, e1, rng))
+    q = product("Q", 0.9991 * _at_cosine(0.5, e1, rng))
+    reply = stub.UpsertProducts(stream([a, *fillers, q]))
+    assert reply.upserted == 142 and not reply.failures
+    try:
+        answers = {}
+        for mode in (CERTIFY, EXHAUSTIVE):
+            got = stub.Recommend(
+                ranker_pb2.RecommendRequest(
+                    scene_embedding=scene, categories=["NearUnit"], limit=1, mode=mode
+                )
+            ).results[0]
+            answers[mode] = ([p.product_id for p in got.products], got.certified, got.candidates_scored)
+        assert answers[EXHAUSTIVE][0] == ["A"], answers  # Q, normalised, scores 1.0 < A's 1.0008
+        assert answers[CERTIFY][:2] == (["A"], True), answers
+        assert answers[CERTIFY][2] < 142, answers  # it did stop early, with a sound certificate
+        # Q is stored as a unit vector: its distance with the scene is exactly 2 - 1.0
+        stored = stub.Recommend(
+            ranker_pb2.RecommendRequest(
+                scene_embedding=scene, categories=["NearUnit"], limit=142, mode=EXHAUSTIVE
+            )
+        ).results[0]
+        by_id = {p.product_id: p.distance for p in stored.products}
+        assert abs(by_id["Q"] - 1.0) < 1e-5, by_id["Q"]
+    finally:
+        stub.DeleteProducts(
+            ranker_pb2.DeleteProductsRequest(product_ids=["A", "Q", *(f.product_id for f in fillers)])
+        )
+
+
 def test_delete_removes_products_from_results_and_stats(stub, scenes, catalog, brute_force):
     _, _, ranking = brute_force
     category = categories_of(catalog)[1]
@@ -744,66 +809,48 @@ def test_ingestion_has_its_own_encoder_deadline(loop, exported_repo, tmp_path, c
         slow.stop()
 
 
-def _at_cosine(c: float, axis: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A unit vector whose cosine with the unit vector `axis` is `c`."""
-    u = rng.standard_normal(axis.shape)
-    u -= (u @ axis) * axis
-    return (c * axis + np.sqrt(1 - c * c) * u / np.linalg.norm(u)).astype(np.float32)
+def test_the_last_record_of_a_product_in_a_stream_wins(loop, encoder, encoder_stub, tmp_path, catalog):
+    """Issue 14 #6. One stream sends product X twice: first as an image in category Old (its batch waits for
+    the encoder), later as a precomputed embedding in category New (its batch needs no encoder, so it was
+    written first, and the older record landed over it). Sent in order, the last record must win, also
+    within one batch (embeddings were written before images), and `upserted` counts X once."""
+    ranker = start_ranker(loop, ranker_config(encoder.address, tmp_path / "store", upsert_batch=4))
+    emb = encoder_stub.EncodeProducts(encoder_pb2.EncodeProductsRequest(images=[catalog[9].image]))
+    embedding = emb.results[0].embedding
 
-
-def test_near_unit_embeddings_are_normalised_so_certify_stays_exact(stub, brute_force):
-    """Issue 14 #2. A product of norm 0.9991 is accepted (within the 1e-3 tolerance). Stored as given, its
-    computed distance 1 + n² − n·S(p) is 0.0018 lower than 2 − S(p), which the certificate assumes: certify
-    stopped after the first round with A "certified" while the exhaustive ranking put the shrunken Q first.
-    Built so that every region's local embedding is the same (then S(p) = U(p) = (f_s + f_L)·f_p): A scores
-    1.0008, 140 unit fillers 0.9992..1.0007, Q (unit: 1.0) only 0.9991 once shrunk."""
-    info, _, _ = brute_force
-    rng = np.random.default_rng(14)
-    dim, version = info.embedding_dim, info.model_version
-    e1 = np.zeros(dim, np.float32)
-    e1[0] = 1
-    scene = scene_to_proto(
-        Scene(
-            e1,
-            np.tile(e1, (info.regions, 1)),
-            np.stack([_at_cosine(0, e1, rng) for _ in range(info.regions)]),
-        ),
-        version,
-    )
-    key = _at_cosine(0.0, e1, rng)
-
-    def product(pid: str, style: np.ndarray) -> ranker_pb2.Product:
-        emb = product_to_proto(style, key, version)
-        return ranker_pb2.Product(product_id=pid, category="NearUnit", embedding=emb)
-
-    fillers = [
-        product(f"f{i}", _at_cosine(c / 2, e1, rng)) for i, c in enumerate(np.linspace(0.9993, 1.0006, 140))
-    ]
-    a = product("A", _at_cosine(0.5004, e1, rng))
-    q = product("Q", 0.9991 * _at_cosine(0.5, e1, rng))
-    reply = stub.UpsertProducts(stream([a, *fillers, q]))
-    assert reply.upserted == 142 and not reply.failures
-    try:
-        answers = {}
-        for mode in (CERTIFY, EXHAUSTIVE):
-            got = stub.Recommend(
-                ranker_pb2.RecommendRequest(
-                    scene_embedding=scene, categories=["NearUnit"], limit=1, mode=mode
-                )
-            ).results[0]
-            answers[mode] = ([p.product_id for p in got.products], got.certified, got.candidates_scored)
-        assert answers[EXHAUSTIVE][0] == ["A"], answers  # Q, normalised, scores 1.0 < A's 1.0008
-        assert answers[CERTIFY][:2] == (["A"], True), answers
-        assert answers[CERTIFY][2] < 142, answers  # it did stop early, with a sound certificate
-        # Q is stored as a unit vector: its distance with the scene is exactly 2 - 1.0
-        stored = stub.Recommend(
-            ranker_pb2.RecommendRequest(
-                scene_embedding=scene, categories=["NearUnit"], limit=142, mode=EXHAUSTIVE
-            )
-        ).results[0]
-        by_id = {p.product_id: p.distance for p in stored.products}
-        assert abs(by_id["Q"] - 1.0) < 1e-5, by_id["Q"]
-    finally:
-        stub.DeleteProducts(
-            ranker_pb2.DeleteProductsRequest(product_ids=["A", "Q", *(f.product_id for f in fillers)])
+    def product(pid: str, category: str, image: bytes | None = None) -> ranker_pb2.Product:
+        if image is not None:
+            return ranker_pb2.Product(product_id=pid, category=category, image=image, metadata={"v": "old"})
+        return ranker_pb2.Product(
+            product_id=pid, category=category, embedding=embedding, metadata={"v": "new"}
         )
+
+    across_batches = [
+        product("X", "Old", catalog[0].image),
+        *(product(f"o{i}", "Old", catalog[i].image) for i in range(1, 4)),
+        product("X", "New"),
+        *(product(f"n{i}", "New") for i in range(3)),
+    ]
+    within_a_batch = [product("Y", "Old", catalog[5].image), product("Y", "New")]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ranker.port}") as ch:
+            stub = ranker_pb2_grpc.RankerServiceStub(ch)
+            reply = stub.UpsertProducts(stream(across_batches + within_a_batch), timeout=120)
+            assert reply.received == 10 and not reply.failures
+            assert reply.upserted == 8  # X and Y once each
+            stats = stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest(), timeout=10)
+            assert dict(stats.products_by_category) == {"Old": 3, "New": 5}
+            new = stub.Recommend(
+                ranker_pb2.RecommendRequest(
+                    scene_embedding=_any_scene(stub, encoder_stub, catalog), categories=["New"], limit=10
+                ),
+                timeout=30,
+            ).results[0]
+            metadata = {p.product_id: dict(p.metadata) for p in new.products}
+            assert metadata["X"] == metadata["Y"] == {"v": "new"}
+    finally:
+        loop.call(ranker.stop(grace=1))
+
+
+def _any_scene(stub, encoder_stub, catalog) -> embeddings_pb2.SceneEmbedding:
+    return encoder_stub.EncodeScene(encoder_pb2.EncodeSceneRequest(image=catalog[0].image)).embedding

@@ -53,6 +53,23 @@ def test_rank_breaks_ties_by_input_order_and_handles_small_and_empty_inputs():
     assert len(rank(scene, styles[:0], keys[:0], 5).order) == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(2, 300), distinct=st.integers(1, 6), k=st.integers(1, 40))
+def test_ties_at_the_cut_off_are_broken_by_input_order(seed, n, distinct, k):
+    """Issue 14 #8: a catalog of a few products each listed many times (one image under several ids):
+    the top k is the first k of a stable sort, whichever of the tied copies fall at the cut-off."""
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng)
+    styles, keys = products(rng, distinct)
+    pick = rng.integers(0, distinct, n)
+    d = hybrid_distances(scene.global_, scene.local, scene.attention, styles, keys).hybrid[pick]
+    ranked = rank(scene, styles[pick], keys[pick], k)
+    assert ranked.order.tolist() == np.argsort(d, kind="stable")[:k].tolist()
+    ids = [f"id{(7 * i) % n:04d}" for i in range(n)]  # another order than the input's
+    by_id = rank(scene, styles[pick], keys[pick], k, tiebreak=ids)
+    assert by_id.order.tolist() == sorted(range(n), key=lambda i: (d[i], ids[i]))[:k]
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31), clusters=st.sampled_from([0, 3]))
 def test_bound_is_above_the_exact_score(seed, clusters):

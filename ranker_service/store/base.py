@@ -115,8 +115,9 @@ class ProductStore(ABC):
         """Remove these products; unknown ids are ignored."""
 
     @abstractmethod
-    async def count(self, category: str | None = None) -> int:
-        """Exact number of products, in one category or in all."""
+    async def count(self, where: Query | str | None = None) -> int:
+        """Exact number of products: all (None), of one category (a str), or matching a Query (its
+        category, conditions and exclusions)."""
 
     @abstractmethod
     async def counts_by_category(self) -> dict[str, int]:

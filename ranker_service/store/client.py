@@ -199,9 +199,9 @@ class QdrantClientStore(ProductStore):
         with _map_errors("delete points", self._where):
             await client.delete(self.collection, qm.PointIdsList(points=ids), wait=True)
 
-    async def count(self, category: str | None = None) -> int:
+    async def count(self, where: Query | str | None = None) -> int:
         client = self._live()
-        flt = None if category is None else _filter(Query(category))
+        flt = None if where is None else _filter(Query(where) if isinstance(where, str) else where)
         with _map_errors("count points", self._where):
             result = await client.count(self.collection, count_filter=flt, exact=True)
         return int(result.count)

@@ -257,10 +257,18 @@ class EdgeStore(ProductStore):
             shard.update(qe.UpdateOperation.delete_points(ids))
         self._table.remove(ids)
 
-    async def count(self, category: str | None = None) -> int:
-        """From this store's own copy (exact: it is the only writer)."""
-        self._live()
-        return len(self._table) if category is None else self._table.count(category)
+    async def count(self, where: Query | str | None = None) -> int:
+        """From this store's own copy (exact: it is the only writer); a Query with conditions or
+        exclusions is counted by the engine, exactly."""
+        shard = self._live()
+        if where is None:
+            return len(self._table)
+        if isinstance(where, str):
+            return self._table.count(where)
+        if not where.conditions and not where.exclude_ids:
+            return self._table.count(where.category)
+        with _map_errors("count points", self.path):
+            return int(shard.count(qe.CountRequest(exact=True, filter=_filter(where))))
 
     async def counts_by_category(self) -> dict[str, int]:
         self._live()
