@@ -6,6 +6,7 @@ UNAVAILABLE); INVALID_ARGUMENT about an image becomes InvalidRequest with the en
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ctl.security import aio_channel
 from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
-from ranker_service.errors import EncoderUnavailable, InvalidRequest, RankerError
+from ranker_service.errors import EncoderUnavailable, InvalidRequest, RankerError, UnsupportedModel
+from style_model.distances import SERVED_ATTENTION
 
 _UNAVAILABLE = (
     grpc.StatusCode.UNAVAILABLE,
@@ -44,6 +46,22 @@ class ProductResult:
     key: np.ndarray | None = None
     code: str = ""
     message: str = ""
+
+
+def _check_servable(msg: encoder_pb2.ModelInfo, address: str) -> None:
+    """UnsupportedModel unless the model ranks the way this ranker does (its config's attention, when the
+    encoder knows the config: the in-process backend always does, Triton through the exported config)."""
+    try:
+        config = json.loads(msg.model_config_json) if msg.model_config_json else {}
+    except ValueError:
+        config = {}
+    attention = config.get("attention", SERVED_ATTENTION) if isinstance(config, dict) else SERVED_ATTENTION
+    if attention != SERVED_ATTENTION:
+        raise UnsupportedModel(
+            f"the encoder at {address} serves model {msg.model_version}, trained with "
+            f"attention={attention!r}; this ranker ranks with attention={SERVED_ATTENTION!r}, so its answers "
+            f"would not be the model's: serve a model trained with --attention {SERVED_ATTENTION}"
+        )
 
 
 class EncoderClient:
@@ -96,6 +114,7 @@ class EncoderClient:
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "did not give its model info") from exc
+        _check_servable(msg, self.address)
         self.info = ModelInfo(
             model_version=msg.model_version,
             input_size=msg.input_size,

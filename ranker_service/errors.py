@@ -13,6 +13,10 @@ class VersionMismatch(RankerError):
     """Embeddings or a store were made by another model version than the serving one: FAILED_PRECONDITION."""
 
 
+class UnsupportedModel(RankerError):
+    """The encoder's model cannot be served by this ranker (e.g. another attention): the ranker exits."""
+
+
 class UnknownCategory(RankerError):
     """No product of the requested category is in the catalog: NOT_FOUND."""
 

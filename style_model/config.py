@@ -11,10 +11,10 @@ import hashlib
 import json
 from typing import Any, Literal
 
+from style_model.distances import ATTENTIONS
 from style_model.errors import ConfigError
 
 BACKBONES = ("resnet50", "resnet18", "small", "colorhist")
-ATTENTIONS = ("paper", "seed")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

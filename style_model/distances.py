@@ -22,6 +22,11 @@ from numpy.typing import ArrayLike, NDArray
 
 Array = NDArray[np.floating]
 
+ATTENTIONS = ("paper", "seed")
+# What serving ranks with (the ranker's rerank and certificate): export refuses models trained otherwise,
+# and the ranker refuses an encoder whose model says otherwise.
+SERVED_ATTENTION = "paper"
+
 
 class HybridDistances(NamedTuple):
     """Per-product distances [N] and the region attention weights [N, R] that produced them."""
@@ -54,8 +59,8 @@ def squared_distances(a: ArrayLike, b: ArrayLike) -> Array:
 
 def attention_weights(scene_attention: ArrayLike, keys: ArrayLike, attention: str = "paper") -> Array:
     """Region weights [N, R] for products with attention keys [N, D] against h_i [R, D]."""
-    if attention not in ("paper", "seed"):
-        raise ValueError(f"attention={attention!r}: expected 'paper' or 'seed'")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected one of {', '.join(ATTENTIONS)}")
     logits = squared_distances(keys, scene_attention)  # [N, R]
     if attention == "paper":
         logits = -logits

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from style_model.bank import weights_fingerprint
 from style_model.config import ModelConfig
+from style_model.distances import SERVED_ATTENTION
+from style_model.errors import RunError
 from style_model.model import StyleModel, to_unit
 from style_model.train import load_run
 
@@ -61,8 +63,11 @@ def _trace(module: nn.Module, size: int) -> torch.jit.ScriptModule:
         return torch.jit.trace(module.eval(), example, check_trace=False)
 
 
-def config_pbtxt(name: str, size: int, outputs: list[tuple[str, list[int]]], version: str) -> str:
-    """Triton model config: pytorch_libtorch, dynamic batching, GPU instances (DESIGN.md §2)."""
+def config_pbtxt(
+    name: str, size: int, outputs: list[tuple[str, list[int]]], version: str, model_config: str = ""
+) -> str:
+    """Triton model config: pytorch_libtorch, dynamic batching, GPU instances (DESIGN.md §2). Parameters:
+    the model version and the model's config (JSON), which the encoder reads through Triton."""
     out_blocks = ",\n".join(
         f'  {{\n    name: "{n}"\n    data_type: TYPE_FP32\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
         for n, dims in outputs
@@ -94,6 +99,10 @@ parameters {{
   key: "model_version"
   value: {{ string_value: "{version}" }}
 }}
+parameters {{
+  key: "model_config"
+  value: {{ string_value: {json.dumps(model_config)} }}
+}}
 """
 
 
@@ -108,8 +117,9 @@ def output_dims(config: ModelConfig) -> dict[str, list[tuple[str, list[int]]]]:
 
 def model_configs(config: ModelConfig, version: str) -> dict[str, str]:
     """The config.pbtxt text of both encoders for a model config and version."""
+    text = json.dumps(config.to_dict(), sort_keys=True)
     return {
-        name: config_pbtxt(name, config.input_size, outputs, version)
+        name: config_pbtxt(name, config.input_size, outputs, version, text)
         for name, outputs in output_dims(config).items()
     }
 
@@ -117,9 +127,15 @@ def model_configs(config: ModelConfig, version: str) -> dict[str, str]:
 def export(run: Path | str, out: Path | str) -> dict:
     """Write OUT/{scene_encoder,product_encoder}/{config.pbtxt,1/model.pt} and OUT/model_info.json."""
     model, info = load_run(run)
+    cfg = model.config
+    if cfg.attention != SERVED_ATTENTION:
+        raise RunError(
+            f"{run} was trained with attention={cfg.attention!r} (an evaluation baseline), but serving ranks "
+            f"with attention={SERVED_ATTENTION!r}: its answers would not be the model's. "
+            f"Train with --attention {SERVED_ATTENTION} to serve it"
+        )
     model = model.to(memory_format=torch.contiguous_format).eval()
     out = Path(out)
-    cfg = model.config
     version = model_version(model)
     size = cfg.input_size
     extra = {"model_version": version, "model_config": json.dumps(cfg.to_dict(), sort_keys=True)}

@@ -30,7 +30,7 @@ from ctl.tensors import (
 )
 from ctl.v1 import embeddings_pb2, encoder_pb2, encoder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 from ranker_service.config import RankerConfig
-from ranker_service.errors import StoreError, StoreLocked
+from ranker_service.errors import StoreError, StoreLocked, UnsupportedModel
 from ranker_service.server import Ranker
 from ranker_service.store import open_edge_store
 from style_model.distances import hybrid_distances
@@ -854,3 +854,29 @@ def test_the_last_record_of_a_product_in_a_stream_wins(loop, encoder, encoder_st
 
 def _any_scene(stub, encoder_stub, catalog) -> embeddings_pb2.SceneEmbedding:
     return encoder_stub.EncodeScene(encoder_pb2.EncodeSceneRequest(image=catalog[0].image)).embedding
+
+
+def test_the_ranker_refuses_a_model_trained_with_another_attention(loop, exported_repo, tmp_path):
+    """Issue 14 #3, the sibling of export's refusal: an encoder serving a model whose config says
+    attention='seed' (exported before export refused them) is not served with the paper's attention: the
+    ranker stops at start-up, naming the attention, instead of answering with another model's ranking."""
+    import shutil
+
+    import torch
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repo, repo)
+    for name in ("scene_encoder", "product_encoder"):
+        path = repo / name / "1" / "model.pt"
+        extra = {"model_version": "", "model_config": ""}
+        module = torch.jit.load(str(path), _extra_files=extra)
+        config = json.loads(extra["model_config"])
+        extra["model_config"] = json.dumps({**config, "attention": "seed"}, sort_keys=True)
+        torch.jit.save(module, str(path), _extra_files=extra)
+    seed_encoder = start_encoder(repo)
+    try:
+        wait_serving(seed_encoder.address)
+        with pytest.raises(UnsupportedModel, match="attention='seed'"):
+            start_ranker(loop, ranker_config(seed_encoder.address, tmp_path / "store"))
+    finally:
+        seed_encoder.stop()

@@ -277,3 +277,16 @@ def test_training_on_stl_metadata_without_images_says_what_is_missing(stl_dir, t
     assert "examples-report.json" in str(info.value)
     report = json.loads((tmp_path / "run" / "examples-report.json").read_text())
     assert len(report["missing_images"]) > 10000
+
+
+def test_export_refuses_a_model_trained_with_the_seed_attention(synth_dir, tmp_path):
+    """Issue 14 #3: the ranker ranks with the paper's attention (softmax of −distance); a model trained with
+    `--attention seed` was exported anyway and served with the other attention. Export says so instead,
+    and writes nothing."""
+    from style_model.export import export
+
+    run = tmp_path / "seed-run"
+    train(TrainConfig(**{**TINY, "epochs": 1, "max_examples": 32, "attention": "seed"}), synth_dir, run)
+    with pytest.raises(RunError, match="attention='seed'.*--attention paper"):
+        export(run, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
