@@ -15,14 +15,14 @@ from style_model.data.synth import CATEGORIES, COMPLEMENT, SynthConfig, generate
 from style_model.errors import DatasetError
 
 
-def test_real_stl_metadata_builds_in_seconds(stl_dir):
+def test_real_stl_metadata_builds(stl_dir):
     start = time.perf_counter()
     dataset = load_dataset(stl_dir)
     examples, report = build_examples(dataset, check_images=False)
-    elapsed = time.perf_counter() - start
+    # printed, not asserted: a test does not depend on the machine's speed
+    print(f"{time.perf_counter() - start:.1f} s for 14k pairs (the upstream file has 72k)")
     assert dataset.domain == "fashion"  # home.json is absent, so fashion is the only domain
     assert len(dataset.pairs) == 14320 and len(dataset.categories) == 38111
-    assert elapsed < 10, f"{elapsed:.1f} s for 14k pairs; the upstream file has 72k"
     # every pair made an example or is listed with its reason
     assert len(examples) + len(report.skipped) == 14320
     assert set(report.skipped_by_reason) <= {"crop too small"}

@@ -144,10 +144,9 @@ def test_a_store_held_by_another_ranker_is_waited_for_and_served_once_let_go(
         before = _recommend(old.address, scene, timeout=30)
 
         new = _ranker(encoder, store)
-        start = time.monotonic()
         with pytest.raises(grpc.RpcError) as refused:
             _recommend(new.address, scene, timeout=3)
-        assert time.monotonic() - start < 3
+        # UNAVAILABLE, not DEADLINE_EXCEEDED: refused before the call's deadline, not kept waiting
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "waiting for the store" in refused.value.details()
         assert "already open in another process" in refused.value.details()

@@ -287,6 +287,6 @@ def test_export_refuses_a_model_trained_with_the_seed_attention(synth_dir, tmp_p
 
     run = tmp_path / "seed-run"
     train(TrainConfig(**{**TINY, "epochs": 1, "max_examples": 32, "attention": "seed"}), synth_dir, run)
-    with pytest.raises(RunError, match="attention='seed'.*--attention paper"):
+    with pytest.raises(RunError, match=r"attention='seed'.*--attention paper"):
         export(run, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
