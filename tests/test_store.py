@@ -9,6 +9,7 @@ congruence tests. Coroutines run with asyncio.run (no pytest-asyncio), one event
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 import subprocess
@@ -282,6 +283,7 @@ def test_random_filters_match_reference(backend: Backend) -> None:
             if got != want:
                 print(f"case {i} failed on {backend.name}: {query}\n got  {got}\n want {want}")
             assert got == want
+            assert await store.count(query) == sum(matches(p, query) for p in points), query
             if i % 10 == 0:  # scroll with the same filter returns exactly the matching products
                 page, offset = await store.scroll(query, len(points))
                 assert offset is None
@@ -376,6 +378,36 @@ def test_reopen_keeps_data(backend: Backend) -> None:
         assert len(got) == len(points) - 1
         for p, want in zip(got, points[1:]):
             assert_same_point(p, want)
+        await store.close()
+
+    run(scenario())
+
+
+def test_edge_store_normalises_vectors_stored_off_unit_length(tmp_path: Path) -> None:
+    """Issue 14 #2, for catalogs stored before the ranker normalised what it accepts: vectors within 1e-3 of
+    unit length were stored as given. Opening the store makes them unit vectors, in the engine too (its
+    exact search scores are the dot products with the unit vectors); unit ones are left as they are."""
+    points = catalog(300)
+    shrunk = [
+        dataclasses.replace(p, style=p.style * 0.9991, attention=p.attention * 1.0008) for p in points[:40]
+    ]
+    query = unit_rows(np.random.default_rng(9), 1)
+
+    async def scenario() -> None:
+        store = await open_edge_store(tmp_path / "s", VERSION, DIM)
+        await store.upsert(shrunk + points[40:])
+        assert await store.normalise_stored() == 40
+        assert await store.normalise_stored() == 0
+        await store.close()
+        store = await open_edge_store(tmp_path / "s", VERSION, DIM)
+        assert await store.normalise_stored() == 0
+        for p, want in zip(await store.retrieve([p.product_id for p in points]), points):
+            np.testing.assert_allclose(p.style, want.style, atol=1e-6)
+            np.testing.assert_allclose(p.attention, want.attention, atol=1e-6)
+        for category in CATEGORIES:
+            (hits,) = await store.search(query, Query(category), 60, exact=True)
+            np.testing.assert_allclose(hits.scores, hits.styles @ query[0], atol=1e-6)
+            np.testing.assert_allclose(np.linalg.norm(hits.styles, axis=1), 1.0, atol=1e-6)
         await store.close()
 
     run(scenario())

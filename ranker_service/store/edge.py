@@ -17,7 +17,9 @@ Facts about qdrant-edge-py 0.9.0 that shape this module (checked against the ins
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import uuid
 from collections.abc import Sequence
@@ -43,8 +45,12 @@ from ranker_service.store._points import (
 )
 from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, ProductStore, Query, point_id
 from ranker_service.store.table import ProductTable
+from style_model.distances import l2_normalize
+
+log = logging.getLogger(__name__)
 
 META_FILE = "ctl_store.json"
+UNIT_STORED = 1e-5  # a stored vector further from unit length is normalised when the store opens
 _ENGINE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge when it creates a shard
 
 
@@ -171,6 +177,24 @@ class EdgeStore(ProductStore):
                 table.put(r.id, point)
             if offset is None:
                 return table
+
+    async def normalise_stored(self) -> int:
+        """Store as unit vectors the products stored otherwise (by ctl before it normalised what it accepts:
+        within 1e-3 of unit length), so that distances and certify's proof hold for them too; how many."""
+        off = self._table.not_unit(UNIT_STORED)
+        for start in range(0, len(off), 4096):
+            points = list(self._table.hits([uuid.UUID(int=i) for i in off[start : start + 4096]]).points)
+            await self.upsert(
+                [
+                    dataclasses.replace(p, style=l2_normalize(p.style), attention=l2_normalize(p.attention))
+                    for p in points
+                ]
+            )
+        if off:
+            log.warning(
+                "%s: %d products stored with vectors not of unit length, normalised", self.path, len(off)
+            )
+        return len(off)
 
     def _live(self) -> qe.EdgeShard:
         """The open shard; StoreClosed once `close()` was called."""
@@ -328,4 +352,10 @@ async def open_edge_store(
     except BaseException:
         shard.close()
         raise
-    return EdgeStore(shard, root, model_version, dim)
+    store = EdgeStore(shard, root, model_version, dim)
+    try:
+        await store.normalise_stored()
+    except BaseException:
+        await store.close()
+        raise
+    return store

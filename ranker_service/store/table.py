@@ -75,6 +75,15 @@ class ProductTable:
                 self._info[row] = None
                 self._free.append(row)
 
+    def not_unit(self, tolerance: float) -> list[int]:
+        """Point ids (as ints) of the products whose style or key is not unit length within `tolerance`."""
+        pids = list(self._rows)
+        rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(pids))
+        off = np.zeros(len(rows), dtype=bool)
+        for vectors in (self._styles, self._keys):
+            off |= ~(np.abs(np.linalg.norm(vectors[rows], axis=1) - 1.0) <= tolerance)
+        return [pids[i] for i in np.flatnonzero(off)]
+
     def hits(self, pids: Sequence[uuid.UUID | str], scores: Sequence[float] | None = None) -> Hits:
         """The products under `pids` (KeyError for one this table does not hold), as Hits with `scores`.
         Vectors and infos are taken now (later writes do not reach them); ProductPoints are made on access."""
