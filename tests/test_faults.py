@@ -2,17 +2,24 @@
 that cannot be opened (held by another ranker, as in a rolling update on one volume; a Qdrant URL that does
 not answer).
 
+Models that change under running services (issue 14 item 4): an encoder restarted with another model (and
+its files replaced under it while it runs), and the collection behind a Qdrant alias moved to another model's.
+
 (Other faults live beside the parts they hit: the encoder killed, tests/test_ranker_service.py; Triton
-killed, tests/test_triton_encoder.py; the store's lock, tests/test_store.py.)
+killed or restarted with another model, tests/test_triton_encoder.py; the store's lock and a moved alias
+at the store level, tests/test_store.py.)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +28,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from ctl.v1 import ranker_pb2, ranker_pb2_grpc
-from tests.servers import REPO, Process, health, wait_serving, wait_until
+from ctl.v1 import encoder_pb2, ranker_pb2, ranker_pb2_grpc
+from ranker_service import server as ranker_server
+from ranker_service.config import RankerConfig
+from ranker_service.server import Ranker
+from ranker_service.store import open_client_store
+from tests.servers import REPO, Encoder, Process, encoder_config, health, wait_serving, wait_until
 
 PRODUCTS = 120
 
@@ -53,6 +64,12 @@ def test_ranker_killed_during_ingestion_the_job_retries_and_the_catalog_ends_com
         {"product_id": sig, "category": cat, "image": str(synth_dir / "images" / f"{sig}.jpg")}
         for sig, cat in sorted(categories.items())[:PRODUCTS]
     ]
+    # The 31st image is a named pipe, fed only once the ranker was killed: the job cannot finish before the
+    # kill however fast the machine is.
+    blocking = tmp_path / "blocking.jpg"
+    os.mkfifo(blocking)
+    blocked_image = Path(rows[30]["image"]).read_bytes()
+    rows[30]["image"] = str(blocking)
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
     journal = tmp_path / "catalog.jsonl.journal"
@@ -81,10 +98,14 @@ def test_ranker_killed_during_ingestion_the_job_retries_and_the_catalog_ends_com
             time.sleep(0.005)
         ranker.stop(kill=True)  # SIGKILL in the middle of the job's streams
         assert ranker.proc.returncode == -signal.SIGKILL
-        assert _landed(journal) < PRODUCTS, "the job finished before the ranker was killed"
+        assert _landed(journal) < PRODUCTS and job.poll() is None
+        # the pipe's writing end, opened once the job's reader gets there (maybe after the restart)
+        feeder = threading.Thread(target=blocking.write_bytes, args=(blocked_image,), daemon=True)
+        feeder.start()
         time.sleep(1.0)
         ranker = Process(*ranker_args)  # the same port and store: the job's retries reach it
         out, _ = job.communicate(timeout=240)
+        feeder.join(10)
         assert job.returncode == 0, out
         assert "retry" in out  # the job saw the ranker go and retried
         with grpc.insecure_channel(ranker.address) as channel:
@@ -194,3 +215,202 @@ def test_an_unreachable_qdrant_server_is_reported_and_waited_for(exported_repo, 
     finally:
         ranker.stop()
         encoder.stop()
+
+
+# ---- models that change under running services (issue 14 item 4)
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _repo_of_version(exported_repo: Path, out: Path, version: str) -> Path:
+    """A copy of an exported repository whose encoders say another model version (what the next `ctl
+    export` writes; the weights do not matter here: the version is the contract)."""
+    import torch
+
+    from style_model.export import EXTRA_FILES
+
+    shutil.copytree(exported_repo, out)
+    old = json.loads((out / "model_info.json").read_text())["model_version"]
+    for path in out.glob("*/1/model.pt"):
+        extra = dict.fromkeys(EXTRA_FILES, "")
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        torch.jit.save(module, str(path), _extra_files={**extra, "model_version": version})
+    for path in [out / "model_info.json", *out.glob("*/config.pbtxt")]:
+        path.write_text(path.read_text().replace(old, version))
+    return out
+
+
+def _start_ranker(loop, config: RankerConfig) -> Ranker:
+    async def start() -> Ranker:
+        ranker = Ranker(config)  # built on the loop that runs it
+        await ranker.start()
+        return ranker
+
+    return loop.call(start())
+
+
+def _products(images: list[Path]):
+    for i, path in enumerate(images):
+        yield ranker_pb2.UpsertProductsRequest(
+            product=ranker_pb2.Product(product_id=f"p{i}", category="shoes", image=path.read_bytes())
+        )
+
+
+def _stays(address: str, status: int, seconds: float) -> bool:
+    """The health is `status` at every look for `seconds` (several probe cycles)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if health(address) != status:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_an_encoder_restarted_with_another_model_keeps_the_ranker_not_serving(
+    loop, exported_repo, synth_dir, tmp_path
+):
+    """The ranker opened its catalog for the model the encoder gave at start, and looked at that model only
+    then: an encoder restarted with a new model (a rollout) answered SERVING, so the ranker turned SERVING
+    again while every Recommend was refused. Now each probe reads the encoder's model info again: the ranker
+    stays NOT_SERVING, saying why, and Recommend/UpsertProducts are FAILED_PRECONDITION naming both models,
+    until the encoder of its catalog's model is back.
+
+    The sibling on the encoder's side: the TorchScript files replaced under a running encoder change
+    nothing it answers (it serves the modules it loaded, labelled with their version) until it restarts."""
+    images = sorted((synth_dir / "images").glob("*.jpg"))
+    served = shutil.copytree(exported_repo, tmp_path / "served")  # the folder the encoder runs from
+    old = json.loads((served / "model_info.json").read_text())["model_version"]
+    new = f"{old}-next"
+    _repo_of_version(exported_repo, tmp_path / "next", new)
+    port = _free_port()
+    encoder = Encoder(loop, encoder_config(served, port=port)).wait_serving()
+    config = RankerConfig(
+        host="127.0.0.1", port=0, metrics_port=-1, encoder=f"127.0.0.1:{port}",
+        store_path=str(tmp_path / "store" / "{model_version}"), probe_interval_s=0.2, startup_timeout_s=20,
+    )  # fmt: skip
+    ranker = _start_ranker(loop, config)
+    address = f"127.0.0.1:{ranker.port}"
+    scene = images[-1].read_bytes()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = ranker_pb2_grpc.RankerServiceStub(channel)
+            assert stub.UpsertProducts(_products(images[:6]), timeout=60).upserted == 6
+            before = _recommend(address, scene, timeout=30)
+            assert before.model_version == old
+
+            for name in ("scene_encoder", "product_encoder"):  # a new export copied over the running one
+                shutil.copy2(tmp_path / "next" / name / "1" / "model.pt", served / name / "1" / "model.pt")
+            info = encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5)
+            assert info.model_version == old
+            assert _stays(address, SERVING, 1.0)
+            assert _recommend(address, scene, timeout=30) == before
+
+            encoder.close()  # restarted: it loads what its folder holds now
+            encoder = Encoder(loop, encoder_config(served, port=port)).wait_serving()
+            assert encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest()).model_version == new
+            wait_until(lambda: health(address) == NOT_SERVING, timeout=10)
+            assert _stays(address, NOT_SERVING, 1.5), "the ranker serves a catalog of another model"
+            assert health(address, "liveness") == SERVING
+            for call in (
+                lambda: _recommend(address, scene, timeout=30),
+                lambda: stub.UpsertProducts(_products(images[6:7]), timeout=60),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+                assert old in refused.value.details() and new in refused.value.details()
+
+            encoder.close()  # the catalog's model back
+            for name in ("scene_encoder", "product_encoder"):
+                shutil.copy2(exported_repo / name / "1" / "model.pt", served / name / "1" / "model.pt")
+            encoder = Encoder(loop, encoder_config(served, port=port)).wait_serving()
+            wait_until(lambda: health(address) == SERVING, timeout=10)
+            assert _recommend(address, scene, timeout=30) == before
+    finally:
+        loop.call(ranker.stop(grace=1))
+        encoder.close()
+
+
+def test_a_ranker_on_a_qdrant_alias_moved_to_another_model_refuses_until_it_is_moved_back(
+    loop, exported_repo, synth_dir, tmp_path, monkeypatch
+):
+    """`--collection` naming an alias that is moved later (a new model's catalog switched in under a
+    running ranker of the old model): before, Recommend scored the other model's vectors and UpsertProducts
+    wrote into its collection. Now the probe's store check sees the collection behind the alias: NOT_SERVING,
+    and Recommend/UpsertProducts FAILED_PRECONDITION naming both models, until the alias is moved back.
+
+    No Qdrant server here: the ranker's store is qdrant-client's local mode (the same adapter and client
+    API), opened where the ranker would open its server's collection; the alias is moved through the
+    store's own client (local mode allows one client per folder)."""
+    images = sorted((synth_dir / "images").glob("*.jpg"))
+    path = tmp_path / "qdrant"
+
+    async def local_store(config, info, qdrant=(None, None)):
+        return await open_client_store(None, info.model_version, info.dim, path=path, collection="products")
+
+    monkeypatch.setattr(ranker_server, "open_store", local_store)
+    encoder = Encoder(loop, encoder_config(exported_repo)).wait_serving()
+    info = encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest())
+    other = f"{info.model_version}-next"
+
+    async def make_collections() -> None:
+        for name, version in (("products_old", info.model_version), ("products_new", other)):
+            store = await open_client_store(None, version, info.embedding_dim, path=path, collection=name)
+            if name == "products_new":
+                await store._live().update_collection_aliases(
+                    change_aliases_operations=[_create_alias("products", "products_old")]
+                )
+            await store.close()
+
+    loop.call(make_collections())
+    config = RankerConfig(
+        host="127.0.0.1", port=0, metrics_port=-1, encoder=f"127.0.0.1:{encoder.server.port}",
+        probe_interval_s=0.2, startup_timeout_s=20,
+    )  # fmt: skip
+    ranker = _start_ranker(loop, config)
+    address = f"127.0.0.1:{ranker.port}"
+    scene = images[-1].read_bytes()
+    client = ranker.store._live()
+
+    async def move(to: str) -> None:
+        from qdrant_client import models as qm
+
+        await client.update_collection_aliases(
+            change_aliases_operations=[
+                qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name="products")),
+                _create_alias("products", to),
+            ]
+        )
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = ranker_pb2_grpc.RankerServiceStub(channel)
+            assert stub.UpsertProducts(_products(images[:6]), timeout=60).upserted == 6
+            before = _recommend(address, scene, timeout=30)
+
+            loop.call(move("products_new"))
+            wait_until(lambda: health(address) == NOT_SERVING, timeout=10)
+            assert health(address, "liveness") == SERVING
+            for call in (
+                lambda: _recommend(address, scene, timeout=30),
+                lambda: stub.UpsertProducts(_products(images[6:7]), timeout=60),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+                details = refused.value.details()
+                assert "products_new" in details and other in details and info.model_version in details
+            assert loop.call(client.count("products_new")).count == 0  # nothing of the old model went there
+
+            loop.call(move("products_old"))
+            wait_until(lambda: health(address) == SERVING, timeout=10)
+            assert _recommend(address, scene, timeout=30) == before
+    finally:
+        loop.call(ranker.stop(grace=1))
+        encoder.close()
+
+
+def _create_alias(alias: str, collection: str):
+    from qdrant_client import models as qm
+
+    return qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=collection, alias_name=alias))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -145,16 +146,29 @@ def test_killed_job_resumes_and_ends_with_exactly_the_catalog(services, stub, ca
     path, good, expected = catalog
     journal = path.with_name(path.name + ".journal")
     args = ["ingest", str(path), "--ranker", services.ranker_address, "--batch", "4", "--streams", "1"]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "ctl.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 120
-    while not (journal.exists() and journaled(journal) >= 12):
-        assert first.poll() is None, first.stdout.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    # The 31st product's image is a named pipe: reading it blocks the job there, so it is killed half-way
+    # however fast the machine is (no race between the job and the kill).
+    blocking = path.parent / good[30]["image"]
+    real = blocking.read_bytes()
+    blocking.unlink()
+    os.mkfifo(blocking)
+    try:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "ctl.cli", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while not (journal.exists() and journaled(journal) >= 12):
+            assert first.poll() is None, first.stdout.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        blocking.unlink()
+        blocking.write_bytes(real)
     landed = journaled(journal)
     assert first.returncode == -signal.SIGKILL and 12 <= landed < GOOD
     assert landed <= stats(stub).total_products < GOOD  # half-way: more may have landed than journaled
