@@ -30,6 +30,11 @@ class BackendUnavailable(EncoderError):
     """The model backend (TorchScript files, Triton server) cannot be loaded, reached or used: UNAVAILABLE."""
 
 
+class ModelChanged(EncoderError):
+    """The backend now serves another model than the version this process started with (a Triton restarted
+    or reloaded with another repository): FAILED_PRECONDITION until it serves that version again."""
+
+
 class Overloaded(EncoderError):
     """The queue in front of the model is full; the caller should retry later: RESOURCE_EXHAUSTED."""
 
@@ -39,6 +44,7 @@ ERROR_CODES: dict[type[BaseException], grpc.StatusCode] = {
     ImageError: grpc.StatusCode.INVALID_ARGUMENT,
     TooManyImages: grpc.StatusCode.INVALID_ARGUMENT,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelChanged: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 

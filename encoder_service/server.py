@@ -4,7 +4,8 @@
 can read the port before anything runs. `serve` starts it: the gRPC port opens at once (health NOT_SERVING),
 the backend loads and answers a warm-up forward pass, then health turns SERVING; on SIGTERM (or `stop`)
 health turns NOT_SERVING, in-flight calls get `grace_s` to finish, then batchers and backend close.
-A watcher keeps health in step with the backend (a Triton that goes away turns the service NOT_SERVING).
+A watcher keeps health in step with the backend (a Triton that goes away, or now serves another model than
+the one the encoder started with, turns the service NOT_SERVING).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ctl.v1 import encoder_pb2_grpc
 from encoder_service.app import EncoderApp
 from encoder_service.backends import make_backend
 from encoder_service.config import EncoderConfig
+from encoder_service.errors import BackendUnavailable, ModelChanged
 from encoder_service.service import SERVICE_NAME, EncoderServicer
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,17 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
     return server, app
 
 
+def _why_not_ready(app: EncoderApp) -> str:
+    """The backend's own reason when it refuses a model that changed under it, else the plain one."""
+    try:
+        app.backend.info  # noqa: B018 - the property raises the reason
+    except ModelChanged as exc:
+        return str(exc)
+    except BackendUnavailable:
+        pass
+    return "the backend is not ready"
+
+
 async def _watch_backend(server: Server, app: EncoderApp, interval: float) -> None:
     """Keeps health in step with the backend (`ready()` every `interval` seconds)."""
     serving = True
@@ -62,7 +75,7 @@ async def _watch_backend(server: Server, app: EncoderApp, interval: float) -> No
             log.exception("the backend's readiness check failed")
             ready = False
         if ready != serving:
-            state = "SERVING: the backend answers again" if ready else "NOT_SERVING: the backend is not ready"
+            state = "SERVING: the backend answers again" if ready else f"NOT_SERVING: {_why_not_ready(app)}"
             log.warning("health %s", state)
             await server.set_serving(ready)
             serving = ready

@@ -6,17 +6,24 @@ Needs `make triton-cpu` once (the Makefile's test target runs it); nothing is do
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 from ctl.tensors import product_from_proto, scene_from_proto
 from ctl.v1 import encoder_pb2, ranker_pb2, ranker_pb2_grpc
+from encoder_service.backends.triton import TritonBackend
+from encoder_service.errors import ModelChanged
 from ranker_service.config import RankerConfig
 from ranker_service.server import Ranker
 from style_model.distances import hybrid_distances
@@ -156,6 +163,174 @@ def test_triton_down_gives_unavailable_and_not_serving_then_recovers(
     finally:
         encoder.close()
         server.stop()
+
+
+def _twin_of_version(twin: Path, out: Path, version: str) -> Path:
+    """A copy of the twin whose configs say another model version (what `ctl export` of the next model
+    would write; the weights do not matter here, the label is the contract)."""
+    shutil.copytree(twin, out)
+    for path in out.glob("*/config.pbtxt"):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        config.parameters["model_version"].string_value = version
+        path.write_text(text_format.MessageToString(config))
+    (out / "model_info.json").unlink(missing_ok=True)
+    return out
+
+
+def _refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_old_version(
+    home, twin, loop, exported_repo, images, tmp_path
+):
+    """Issue 14 item 4: a Triton that restarts with another model repository. The encoder read the version
+    once, so it labelled the new model's vectors with the old version and the ranker mixed them into the old
+    catalog. Now: every batch is confirmed against the config read after it (an encoder whose probe has not
+    run yet refuses its first call), the probe cycle turns health NOT_SERVING, every call (GetModelInfo too)
+    is FAILED_PRECONDITION naming both versions; back on the old model, it serves again by itself."""
+    server = triton_cpu.start(home, twin, log_path=tmp_path / "a.log").wait_ready(120)
+    port = int(server.grpc_url.rsplit(":", 1)[1])
+    config = encoder_config(exported_repo, backend="triton", triton_url=server.grpc_url, triton_timeout_s=3)
+    probed = Encoder(loop, config, health_poll_s=0.3).wait_serving()
+    unprobed = Encoder(loop, config, health_poll_s=3600).wait_serving()  # only its calls can notice
+    try:
+        old = _scene(unprobed.stub, images[0]).model_version
+        new = f"{old}-next"
+        server.stop()
+        other = _twin_of_version(twin, tmp_path / "next", new)
+        server = triton_cpu.start(home, other, grpc_port=port, log_path=tmp_path / "b.log").wait_ready(120)
+
+        error = _refused(lambda: _scene(unprobed.stub, images[0]))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+        assert old in error.details() and new in error.details() and "restart" in error.details()
+        request = encoder_pb2.EncodeProductsRequest(images=images[:2])
+        error = _refused(lambda: unprobed.stub.EncodeProducts(request, timeout=30))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+        error = _refused(lambda: unprobed.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+
+        wait_until(lambda: probed.status() == 2, timeout=10)  # NOT_SERVING, with Triton up and ready
+        assert probed.status("liveness") == 1  # not a reason to kill the process
+        for stub in (probed.stub, unprobed.stub):
+            error = _refused(lambda stub=stub: _scene(stub, images[0]))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+
+        server.stop()  # Triton back on the model the encoder started with
+        server = triton_cpu.start(home, twin, grpc_port=port, log_path=tmp_path / "c.log").wait_ready(120)
+        wait_until(lambda: probed.status() == 1, timeout=20)
+        assert _scene(probed.stub, images[0]).model_version == old
+    finally:
+        probed.close()
+        unprobed.close()
+        server.stop()
+
+
+def _fake_config(model: str, version: str) -> model_config_pb2.ModelConfig:
+    outputs = {"scene_encoder": ["[4]", "[4, 4]", "[4, 4]"], "product_encoder": ["[4]", "[4]"]}[model]
+    text = f'''
+        name: "{model}" max_batch_size: 8
+        input {{ name: "INPUT__0" data_type: TYPE_UINT8 dims: [8, 8, 3] }}
+        parameters {{ key: "model_version" value {{ string_value: "{version}" }} }}
+    ''' + "".join(
+        f'output {{ name: "OUTPUT__{i}" data_type: TYPE_FP32 dims: {dims} }}'
+        for i, dims in enumerate(outputs)
+    )
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+class FakeTriton:
+    """tritonclient.grpc.aio's calls the backend makes, with a model version the test switches, a log of
+    the calls in order, and a gate that holds config reads (to see which answers a read vouches for)."""
+
+    def __init__(self, version: str):
+        self.version = version
+        self.calls: list[str] = []
+        self.config_gate = asyncio.Event()
+        self.config_gate.set()
+
+    async def is_model_ready(self, model, client_timeout=None):
+        return True
+
+    async def get_model_config(self, model, client_timeout=None):
+        self.calls.append(f"config {model}")
+        await self.config_gate.wait()
+        return service_pb2.ModelConfigResponse(config=_fake_config(model, self.version))
+
+    async def infer(self, model, inputs, outputs=None, client_timeout=None):
+        await asyncio.sleep(0)
+        self.calls.append(f"infer {model}")
+        batch = inputs[0]._get_tensor().shape[0]
+        shapes = {"OUTPUT__0": (4,), "OUTPUT__1": (4, 4), "OUTPUT__2": (4, 4)}
+        if model == "product_encoder":
+            shapes["OUTPUT__1"] = (4,)
+
+        class Result:
+            def as_numpy(self, name):
+                return np.zeros((batch, *shapes[name]), np.float32)
+
+        return Result()
+
+    async def close(self):
+        pass
+
+
+async def _started(fake: FakeTriton) -> TritonBackend:
+    backend = TritonBackend("fake:8001", timeout_s=1)
+    backend._client = fake
+    await backend.start()
+    fake.calls.clear()
+    return backend
+
+
+def test_each_batch_is_confirmed_by_a_config_read_sent_after_its_answer():
+    """The per-batch check without a server: batches that finish together share one config read; a read
+    already sent when a batch finishes does not vouch for it (it needs the next); a model that changed
+    between the answer and the read fails the batch with ModelChanged, then every call and `info`, and
+    ready() is False until the config is the started one again."""
+
+    async def scenario() -> None:
+        fake = FakeTriton("v1")
+        backend = await _started(fake)
+        images = np.zeros((2, 8, 8, 3), np.uint8)
+
+        await asyncio.gather(*(backend.encode_products(images) for _ in range(4)))
+        assert fake.calls == ["infer product_encoder"] * 4 + ["config product_encoder"]
+
+        fake.calls.clear()
+        fake.config_gate.clear()
+        first = asyncio.ensure_future(backend.encode_scenes(images[:1]))
+        while fake.calls != ["infer scene_encoder", "config scene_encoder"]:
+            await asyncio.sleep(0)  # the first batch's read is sent and held
+        second = asyncio.ensure_future(backend.encode_scenes(images[:1]))
+        while len(fake.calls) < 4:
+            await asyncio.sleep(0)
+        assert fake.calls[2:] == ["infer scene_encoder", "config scene_encoder"]  # its own read
+        fake.config_gate.set()
+        await asyncio.gather(first, second)
+
+        fake.calls.clear()
+        answered = asyncio.ensure_future(backend.encode_scenes(images[:1]))
+        while fake.calls != ["infer scene_encoder"]:
+            await asyncio.sleep(0)
+        fake.version = "v2"  # Triton reloaded between the answer and the read
+        with pytest.raises(ModelChanged, match=r"'v2'.*'v1'.*restart the encoder"):
+            await answered
+        with pytest.raises(ModelChanged):
+            assert backend.info
+        with pytest.raises(ModelChanged):
+            await backend.encode_products(images)
+        assert not await backend.ready()
+
+        fake.version = "v1"
+        assert await backend.ready()
+        assert backend.info.model_version == "v1"
+        await backend.encode_products(images)
+        await backend.close()
+
+    asyncio.run(scenario())
 
 
 def test_recommend_through_triton_is_exact(loop, remote, local, synth_dir, tmp_path):

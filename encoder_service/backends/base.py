@@ -45,7 +45,9 @@ class EncoderBackend(abc.ABC):
     @property
     @abc.abstractmethod
     def info(self) -> ModelInfoData:
-        """The served model; raises BackendUnavailable before `start()`."""
+        """The served model; raises BackendUnavailable before `start()`, and ModelChanged while the model
+        behind the backend is not the one `start()` found (its version labels every vector: a backend never
+        adopts another model while it runs)."""
 
     @abc.abstractmethod
     async def encode_scenes(self, images: np.ndarray) -> SceneOutputs:
@@ -57,7 +59,8 @@ class EncoderBackend(abc.ABC):
 
     @abc.abstractmethod
     async def ready(self) -> bool:
-        """A cheap check that the backend can still serve (no forward pass)."""
+        """A cheap check that the backend can still serve (no forward pass): reachable, and still the model
+        `start()` found where that can change (False while it is another)."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -6,10 +6,22 @@ the model version in the config's `parameters`. Input size, regions and embeddin
 config, so the service needs no local copy of the model. One `tritonclient.grpc.aio` client per backend
 (one backend per process), reused, with `client_timeout` on every call; tritonclient's errors become
 BackendUnavailable with the cause kept.
+
+The model can change under a running encoder: Triton restarted or reloaded with another repository. The
+version read at start is what this process labels its vectors with (and what GetModelInfo told the
+ranker that chose its catalog by it), so it is checked where it can change: every readiness probe reads
+both configs again, and every inference batch is confirmed by a config read sent after its answer came
+(batches that finish together share one read). Triton loads a model's config and weights together, so a
+batch answered by another model is followed by a read that shows its config (short of a change and a
+change back between the two). A config that differs (version, tensors, max batch) makes the backend
+refuse: ModelChanged (FAILED_PRECONDITION) from every call and `info`, and `ready()` False, until Triton
+serves the started model again. Adopting the new model instead would relabel a running service under
+its callers, whose catalogs were made by the old one: restart the encoder to serve the new model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,7 +42,7 @@ from encoder_service.backends.base import (
     check_outputs,
     in_chunks,
 )
-from encoder_service.errors import BackendUnavailable
+from encoder_service.errors import BackendUnavailable, ModelChanged
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,9 @@ class TritonBackend(EncoderBackend):
         self._client: Any = None
         self._info: ModelInfoData | None = None
         self._max_batch = 0
+        self._contracts: dict[str, tuple] = {}  # per model: what its config promised at start
+        self._changed = ""  # why the backend refuses (the model changed under it), or ""
+        self._next_check: dict[str, asyncio.Task] = {}  # per model: the config read not yet sent
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -78,17 +93,15 @@ class TritonBackend(EncoderBackend):
         if self._client is None:
             # created here, inside the running event loop that will use it
             self._client = triton_aio.InferenceServerClient(url=self.url)
-        configs = {}
         for model in (SCENE, PRODUCT):
             with self._errors(f"is model {model} ready"):
                 ready = await self._client.is_model_ready(model, client_timeout=self.timeout_s)
             if not ready:
                 raise BackendUnavailable(f"Triton at {self.url}: model {model} is not loaded or not ready")
-            with self._errors(f"get the config of {model}"):
-                configs[model] = (
-                    await self._client.get_model_config(model, client_timeout=self.timeout_s)
-                ).config
+        configs = {model: await self._config(model) for model in (SCENE, PRODUCT)}
         self._info, self._max_batch = self._read_configs(configs[SCENE], configs[PRODUCT])
+        self._contracts = {model: _contract(config) for model, config in configs.items()}
+        self._changed = ""
         log.info(
             "Triton at %s serves model version %s: %d px, %d regions, %d-d, max batch %d",
             self.url,
@@ -98,6 +111,48 @@ class TritonBackend(EncoderBackend):
             self._info.embedding_dim,
             self._max_batch,
         )
+
+    async def _config(self, model: str) -> Any:
+        """The config Triton serves `model` with now (model_config_pb2.ModelConfig)."""
+        if self._client is None:
+            raise BackendUnavailable(f"Triton at {self.url}: the client is closed")
+        with self._errors(f"get the config of {model}"):
+            return (await self._client.get_model_config(model, client_timeout=self.timeout_s)).config
+
+    def _check_served(self, model: str, config: Any) -> None:
+        """ModelChanged (remembered: every call refuses) unless `config` is the one `model` had at start."""
+        if self._info is None or _contract(config) == self._contracts[model]:
+            return
+        old, new = self._info.model_version, _parameter(config, "model_version")
+        if new != old:
+            what = f"model version {new!r}" if new else "a model without a model_version parameter"
+        else:
+            what = f"another config (tensors or max_batch_size) under the same model version {old!r}"
+        why = (
+            f"Triton at {self.url} now serves {model} as {what}, but this encoder started with model "
+            f"version {old!r} and labels its vectors with it; it refuses to encode until Triton serves "
+            f"{old!r} again. To serve the new model, restart the encoder (it adopts what Triton serves) "
+            "and serve it with a catalog ingested by that model (a new collection or store)"
+        )
+        if why != self._changed:
+            log.error("%s", why)
+            self._changed = why
+        raise ModelChanged(why)
+
+    async def _confirm(self, model: str) -> None:
+        """Raises ModelChanged unless a config read sent after this call reached here shows the model
+        this process started with. Batches that finish before a read is sent share it."""
+        task = self._next_check.get(model)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._check_once(model))
+            task.add_done_callback(_retrieved)  # every waiter may have been cancelled
+            self._next_check[model] = task
+        await asyncio.shield(task)
+
+    async def _check_once(self, model: str) -> None:
+        if self._next_check.get(model) is asyncio.current_task():
+            del self._next_check[model]  # sent from now on: later batches need the next read
+        self._check_served(model, await self._config(model))
 
     def _read_configs(self, scene: Any, product: Any) -> tuple[ModelInfoData, int]:
         """ModelInfoData and the max batch from the two model configs (model_config_pb2.ModelConfig)."""
@@ -160,8 +215,11 @@ class TritonBackend(EncoderBackend):
 
     @property
     def info(self) -> ModelInfoData:
+        """The model served since start; ModelChanged while Triton serves another one."""
         if self._info is None:
             raise BackendUnavailable(f"Triton at {self.url}: not connected yet")
+        if self._changed:
+            raise ModelChanged(self._changed)
         return self._info
 
     async def _infer(
@@ -180,6 +238,7 @@ class TritonBackend(EncoderBackend):
                 outputs=[InferRequestedOutput(name) for name in outputs],
                 client_timeout=self.timeout_s,
             )
+        await self._confirm(model)  # the answer is the started model's, not a newly loaded one's
         return tuple(result.as_numpy(name) for name in outputs)
 
     async def encode_scenes(self, images: np.ndarray) -> SceneOutputs:
@@ -205,6 +264,7 @@ class TritonBackend(EncoderBackend):
         return await in_chunks(images, self._max_batch, forward)  # type: ignore[return-value]
 
     async def ready(self) -> bool:
+        """Both models ready, and still the ones this process started with (configs read again)."""
         if self._client is None or self._info is None:
             return False
         try:
@@ -212,15 +272,41 @@ class TritonBackend(EncoderBackend):
                 for model in (SCENE, PRODUCT):
                     if not await self._client.is_model_ready(model, client_timeout=self.timeout_s):
                         return False
+            configs = {model: await self._config(model) for model in (SCENE, PRODUCT)}
         except BackendUnavailable as exc:
             log.warning("%s", exc)
             return False
+        try:
+            for model, config in configs.items():
+                self._check_served(model, config)
+        except ModelChanged:
+            return False
+        if self._changed:
+            version = self._info.model_version
+            log.warning("Triton at %s serves model version %s again: encoding resumes", self.url, version)
+            self._changed = ""
         return True
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved here: a waiter that was cancelled no longer can
+
+
+def _contract(config: Any) -> tuple:
+    """What a model config promises the encoder: model version, tensors and max batch (not instances,
+    batching delays or other tuning, which may change under the same model)."""
+    return (
+        _parameter(config, "model_version"),
+        tuple((t.name, t.data_type, tuple(t.dims)) for t in config.input),
+        tuple((t.name, t.data_type, tuple(t.dims)) for t in config.output),
+        int(config.max_batch_size),
+    )
 
 
 def _parameter(config: Any, key: str) -> str:
