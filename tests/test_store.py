@@ -483,6 +483,120 @@ def test_client_store_check_fails_when_its_collection_is_gone(tmp_path: Path) ->
     run(scenario())
 
 
+async def _point_alias(client: Any, alias: str, collection: str, *, move: bool = True) -> None:
+    """Point `alias` at `collection` in one request, as an operator switches a catalog."""
+    from qdrant_client import models as qm
+
+    operations: list[Any] = (
+        [qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=alias))] if move else []
+    )
+    operations.append(
+        qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=collection, alias_name=alias))
+    )
+    await client.update_collection_aliases(change_aliases_operations=operations)
+
+
+def _ids(hits: Any) -> set[str]:
+    return set(hits[0].ids)
+
+
+def test_client_store_on_an_alias_refuses_once_the_alias_points_at_another_model(tmp_path: Path) -> None:
+    """Issue 14 item 4: `--collection` naming an alias that is moved later. The version was checked only at
+    open and Qdrant resolved the alias on every call, so once it pointed at model B's collection this store
+    read B's vectors and wrote A's into it, and check() passed. Now the store works on the collection the
+    alias named when it was checked; check() (the ranker's probe) reads the collection behind the alias:
+    another model's makes it raise VersionMismatch naming both, and every call refuses the same way (the
+    ranker: NOT_SERVING, FAILED_PRECONDITION) until the alias points at a collection of this model again,
+    which it then follows (the same model re-ingested into a new collection).
+
+    Local mode allows one client per folder, so the alias is moved through the store's own client."""
+    other = "m-test-2"
+    path = tmp_path / "q"
+    a, b, a2 = catalog(40, seed=1), catalog(40, seed=2), catalog(40, seed=3)
+    b = [replace(p, product_id=f"b-{p.product_id}", model_version=other) for p in b]
+    a2 = [replace(p, product_id=f"a2-{p.product_id}") for p in a2]
+    probe = a[0].style[None]
+    where = Query(a[0].category)
+
+    async def scenario() -> None:
+        for name, version, points in (
+            ("products_a", VERSION, a),
+            ("products_b", other, b),
+            ("products_a2", VERSION, a2),
+        ):
+            made = await open_client_store(None, version, DIM, path=path, collection=name)
+            await made.upsert(points)
+            await made.close()
+        store = await open_client_store(None, VERSION, DIM, path=path, collection="products_a")
+        await _point_alias(store._live(), "products", "products_a", move=False)
+        await store.close()
+
+        store = await open_client_store(None, VERSION, DIM, path=path, collection="products")
+        assert "products_a" in store.description and "'products'" in store.description
+        client = store._live()
+        await store.check()
+        assert _ids(await store.search(probe, where, 100)) <= {p.product_id for p in a}
+
+        await _point_alias(client, "products", "products_b")
+        # until the probe runs, this store still reads and writes model A's collection, never B's
+        assert _ids(await store.search(probe, where, 100)) <= {p.product_id for p in a}
+        await store.upsert(a[:1])
+        assert (await client.count("products_b")).count == len(b)
+        with pytest.raises(
+            VersionMismatch, match=r"'products_b' \(behind alias 'products'\).*'m-test-2', not 'm-test-1'"
+        ):
+            await store.check()
+        for call in (
+            store.search(probe, where, 10),
+            store.upsert(a[:1]),
+            store.count(),
+            store.retrieve([a[0].product_id]),
+        ):
+            with pytest.raises(VersionMismatch, match="products_b"):
+                await call
+        assert (await client.count("products_b")).count == len(b)
+
+        await _point_alias(client, "products", "products_a")  # moved back: serves again
+        await store.check()
+        assert await store.count() == len(a)
+
+        await _point_alias(client, "products", "products_a2")  # the same model, re-ingested: followed
+        await store.check()
+        assert "products_a2" in store.description
+        assert _ids(await store.search(probe, where, 100)) <= {p.product_id for p in a2}
+        assert await store.count() == len(a2)
+        await store.close()
+
+    run(scenario())
+
+
+def test_client_store_check_sees_its_collection_recreated_for_another_model(tmp_path: Path) -> None:
+    """The same mistake without an alias: the collection deleted and made again under the same name by
+    another model's ingestion. check() reads its metadata, not only whether it exists."""
+
+    async def scenario() -> None:
+        store = await open_client_store(None, VERSION, DIM, path=tmp_path / "q", collection="mine")
+        await store.upsert(catalog(10))
+        client = store._live()
+        await client.delete_collection("mine")
+        from qdrant_client import models as qm
+
+        await client.create_collection(
+            "mine",
+            vectors_config={
+                n: qm.VectorParams(size=DIM, distance=qm.Distance.DOT) for n in ("style", "attention")
+            },
+            metadata={"model_version": "m-test-2", "dim": DIM},
+        )
+        with pytest.raises(VersionMismatch, match=r"'mine'.*'m-test-2'.*'m-test-1'"):
+            await store.check()
+        with pytest.raises(VersionMismatch):
+            await store.count()
+        await store.close()
+
+    run(scenario())
+
+
 def test_bad_inputs_are_refused(backend: Backend) -> None:
     point = catalog(1)[0]
 

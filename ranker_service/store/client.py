@@ -7,10 +7,19 @@ local mode is brute force in Python, so it is never the serving default.
 The model version and dimension are recorded in the collection's own `metadata` (Qdrant 1.16+, also kept by
 local mode): no marker point pollutes counts, facets or search results. A collection without them was not
 made by this adapter (or by a server too old to keep collection metadata) and is refused.
+
+The name given may be an alias (a new model means a new collection, switched by alias: DESIGN.md §2). The
+store resolves it when it opens and works on that collection; `check()` (the ranker's probe) resolves it
+again and reads the metadata of the collection behind it. Another model's collection there (the alias
+moved, or the collection made again under the same name) makes check() raise VersionMismatch, and every
+call refuses the same way until the name leads to a collection of this model again; one of this model
+(re-ingested into a new collection) is followed. So the store never reads or writes another model's
+vectors through a moved alias.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import ssl
 from collections.abc import Mapping, Sequence
@@ -40,6 +49,8 @@ from ranker_service.store._points import (
     stored_points,
 )
 from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, ProductStore, Query, point_id
+
+log = logging.getLogger(__name__)
 
 
 def _map_errors(action: str, where: str) -> AbstractContextManager[None]:
@@ -102,20 +113,36 @@ class QdrantClientStore(ProductStore):
         dim: int,
         *,
         local: bool,
+        name: str | None = None,
     ) -> None:
         self._client: AsyncQdrantClient | None = client
-        self.collection = collection
+        self.name = name or collection  # as configured: a collection or an alias
+        self.collection = collection  # the collection behind it when last checked: every call goes there
         self._where = where
         self._local = local
         self.model_version = model_version
         self.dim = dim
-        self.description = f"qdrant collection {collection!r} at {where}"
+        self._refusal = ""  # why calls are refused (another model's collection behind the name), or ""
+        self.description = ""
+        self._describe()
+
+    def _describe(self) -> None:
+        alias = f" (behind alias {self.name!r})" if self.name != self.collection else ""
+        self.description = f"qdrant collection {self.collection!r}{alias} at {self._where}"
+
+    def _open(self) -> AsyncQdrantClient:
+        """The client; StoreClosed once `close()` was called."""
+        if self._client is None:
+            raise StoreClosed(f"the store on collection {self.name!r} at {self._where} is closed")
+        return self._client
 
     def _live(self) -> AsyncQdrantClient:
-        """The open client; StoreClosed once `close()` was called."""
-        if self._client is None:
-            raise StoreClosed(f"the store on collection {self.collection!r} at {self._where} is closed")
-        return self._client
+        """The open client; StoreClosed once `close()` was called, VersionMismatch while the last check
+        found another model's collection behind the name."""
+        client = self._open()
+        if self._refusal:
+            raise VersionMismatch(self._refusal)
+        return client
 
     async def upsert(self, points: Sequence[ProductPoint]) -> None:
         """One request for the whole batch; a product listed twice keeps its last version."""
@@ -222,12 +249,38 @@ class QdrantClientStore(ProductStore):
         self._live()
 
     async def check(self) -> None:
-        """One light request: the server answers and the collection still exists."""
-        client = self._live()
+        """The server answers, and the name still leads to a collection of this model (a few light
+        requests: aliases, existence, collection info; no scan). VersionMismatch when it leads to another
+        model's: remembered, so every call refuses until a check finds this model's collection again.
+        A collection of this model behind a moved alias is followed from now on."""
+        client = self._open()
         with _map_errors("check the collection", self._where):
-            exists = await client.collection_exists(self.collection)
+            target = await _resolve(client, self.name)
+            exists = await client.collection_exists(target)
         if not exists:
-            raise StoreError(f"the collection {self.collection!r} at {self._where} is gone (deleted?)")
+            raise StoreError(
+                f"the collection {_named(target, self.name)} at {self._where} is gone (deleted?)"
+            )
+        try:
+            await _check_collection(client, target, self.name, self._where, self.model_version, self.dim)
+        except VersionMismatch as exc:
+            if str(exc) != self._refusal:
+                log.error("%s: refusing every call until it is fixed", exc)
+            self._refusal = str(exc)
+            raise
+        if target != self.collection:
+            log.warning(
+                "%r now leads to collection %r (model %s, as before): following it from %r",
+                self.name,
+                target,
+                self.model_version,
+                self.collection,
+            )
+            self.collection = target
+            self._describe()
+        if self._refusal:
+            log.warning("%s serves model %s again: calls are answered", self.description, self.model_version)
+            self._refusal = ""
 
     async def close(self) -> None:
         """Close the connection (local mode: release the folder's lock); a second call does nothing."""
@@ -248,9 +301,10 @@ async def _ensure_collection(
     local: bool,
     shards: int | None = None,
     replication_factor: int | None = None,
-) -> None:
+) -> str:
     """Create the collection if missing (the embedded store's schema, with the cluster's shard count and
-    replication factor; None: the server's defaults), then check its version and dim."""
+    replication factor; None: the server's defaults), then check its version and dim. `collection` may
+    be an alias: returns the collection behind it."""
     with _map_errors(f"look up collection {collection!r}", where):
         exists = await client.collection_exists(collection)
     if not exists:
@@ -272,37 +326,64 @@ async def _ensure_collection(
             with _map_errors(f"look up collection {collection!r}", where):
                 if not await client.collection_exists(collection):
                     raise
+    with _map_errors(f"look up collection {collection!r}", where):
+        target = await _resolve(client, collection)
+    info = await _check_collection(client, target, collection, where, model_version, dim)
+    # Also when the collection exists: its creator may have stopped before making the index.
+    # Local mode has no payload indexes (it warns that they have no effect), so none is asked for there.
+    if not local and "category" not in (info.payload_schema or {}):
+        with _map_errors("create the category index", where):
+            await client.create_payload_index(
+                target, "category", field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
+            )
+    return target
+
+
+async def _resolve(client: AsyncQdrantClient, name: str) -> str:
+    """The collection `name` leads to: the one an alias of that name points at, else `name` itself
+    (Qdrant resolves aliases first too)."""
+    for alias in (await client.get_aliases()).aliases:
+        if alias.alias_name == name:
+            return alias.collection_name
+    return name
+
+
+def _named(collection: str, name: str) -> str:
+    """How messages name a collection: with the alias that led to it, if any."""
+    return repr(collection) if collection == name else f"{collection!r} (behind alias {name!r})"
+
+
+async def _check_collection(
+    client: AsyncQdrantClient, collection: str, name: str, where: str, model_version: str, dim: int
+) -> qm.CollectionInfo:
+    """The collection's info; VersionMismatch unless its metadata and vectors are this model's (`name`:
+    the alias that led to it, or the collection's own name)."""
+    named = _named(collection, name)
     with _map_errors(f"read collection {collection!r}", where):
         info = await client.get_collection(collection)
     metadata = info.config.metadata or {}
     if "model_version" not in metadata or "dim" not in metadata:
         raise VersionMismatch(
-            f"collection {collection!r} at {where} records no model version (it was not made by this "
+            f"collection {named} at {where} records no model version (it was not made by this "
             "adapter, or the server is older than Qdrant 1.16, which keeps collection metadata); "
             "use another collection name, or delete it and re-ingest"
         )
     found_version, found_dim = str(metadata["model_version"]), int(metadata["dim"])
     if found_version != model_version:
         raise VersionMismatch(
-            f"collection {collection!r} at {where} holds vectors of model {found_version!r}, not "
+            f"collection {named} at {where} holds vectors of model {found_version!r}, not "
             f"{model_version!r}; a new model needs its own collection (switch an alias to it once "
-            "ingested), or delete this one and re-ingest the catalog"
+            "ingested, and serve it with that model's encoder), or delete this one and re-ingest the catalog"
         )
     params = info.config.params.vectors
-    sizes = {name: v.size for name, v in params.items()} if isinstance(params, Mapping) else {}
+    sizes = {n: v.size for n, v in params.items()} if isinstance(params, Mapping) else {}
     if found_dim != dim or sizes.get(STYLE) != dim or sizes.get(ATTENTION) != dim:
         raise VersionMismatch(
-            f"collection {collection!r} at {where} holds {found_dim}-d vectors (named vectors: {sizes}), "
+            f"collection {named} at {where} holds {found_dim}-d vectors (named vectors: {sizes}), "
             f"but model {model_version!r} makes {dim}-d {STYLE!r} and {ATTENTION!r} vectors; "
             "use another collection, or delete it and re-ingest the catalog"
         )
-    # Also when the collection exists: its creator may have stopped before making the index.
-    # Local mode has no payload indexes (it warns that they have no effect), so none is asked for there.
-    if not local and "category" not in (info.payload_schema or {}):
-        with _map_errors("create the category index", where):
-            await client.create_payload_index(
-                collection, "category", field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
-            )
+    return info
 
 
 async def open_client_store(
@@ -327,6 +408,7 @@ async def open_client_store(
     local mode, for tests) is given. `api_key`, `https` and `prefer_grpc` are qdrant-client's; `verify` is
     passed to httpx (False, or a CA bundle path) for self-signed TLS. `timeout` (seconds) bounds each
     request, so an unreachable server fails fast with StoreError naming the URL.
+    `collection` may be an alias: the store works on the collection behind it (see `check()`).
     Raises VersionMismatch when the collection was made for another model version or dimension, and
     StoreLocked when a local-mode `path` is already open elsewhere. `shards` and `replication_factor`
     apply when the collection is created (a cluster: e.g. 6 shards, each on 2 of 3 nodes).
@@ -362,7 +444,7 @@ async def open_client_store(
                 **extra,
             )
     try:
-        await _ensure_collection(
+        target = await _ensure_collection(
             client,
             collection,
             where,
@@ -375,4 +457,4 @@ async def open_client_store(
     except BaseException:
         await client.close()
         raise
-    return QdrantClientStore(client, collection, where, model_version, dim, local=local)
+    return QdrantClientStore(client, target, where, model_version, dim, local=local, name=collection)
