@@ -3,7 +3,11 @@
 Health is NOT_SERVING until the encoder has given its model info and the store is open (both waited for,
 up to `startup_timeout_s`: a store still held by the ranker being replaced is opened once it is let go),
 and goes back to NOT_SERVING while the encoder's health check or the store's check fails (probed every
-`probe_interval_s`).
+`probe_interval_s`), or while either serves another model than the one the catalog was opened for: the
+encoder's model info is read again on every probe (an encoder restarted with a new model), and the store's
+check reads the collection behind its name (an alias moved to another model's collection). Calls are
+refused meanwhile (FAILED_PRECONDITION) by the per-call version checks; the ranker never adopts another
+model while it runs: restart it to serve the new one, with its catalog.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ctl.serving import Metrics, Server, build_server, serve_forever
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
-from ranker_service.errors import EncoderUnavailable, StoreError
+from ranker_service.errors import EncoderUnavailable, RankerError, StoreError, VersionMismatch
 from ranker_service.service import SERVICE_NAME, RankerApp, RankerServicer
 from ranker_service.store import ProductStore, open_client_store, open_edge_store
 
@@ -174,24 +178,44 @@ class Ranker:
             self.store.description,
         )
         await self.server.set_serving(True)
-        self._probe = asyncio.create_task(self._probe_dependencies(self.store))
+        self._probe = asyncio.create_task(self._probe_dependencies(self.store, info))
 
-    async def _failing_dependency(self, store: ProductStore) -> str | None:
-        """Why the ranker cannot serve now (encoder or store down), or None."""
-        if not await self.encoder.serving(timeout=min(2.0, self.config.probe_interval_s)):
+    async def _failing_dependency(self, store: ProductStore, info: ModelInfo) -> str | None:
+        """Why the ranker cannot serve now (encoder or store down, or either on another model than `info`,
+        the one the catalog was opened for), or None."""
+        timeout = min(2.0, self.config.probe_interval_s)
+        if not await self.encoder.serving(timeout=timeout):
             return f"the encoder at {self.config.encoder} is not serving"
         try:
+            now = await self.encoder.model_info(timeout)
+        except RankerError as exc:
+            return f"the encoder at {self.config.encoder} did not give its model info: {exc}"
+        if (now.model_version, now.regions, now.dim) != (info.model_version, info.regions, info.dim):
+            return (
+                f"the encoder at {self.config.encoder} now serves model {now.model_version} ({now.regions} "
+                f"regions, {now.dim}-d), but this ranker's catalog ({store.description}) holds model "
+                f"{info.model_version} ({info.regions} regions, {info.dim}-d); calls are refused "
+                "(FAILED_PRECONDITION): restart the ranker to serve the new model with its own catalog, "
+                "or bring back the encoder of the old one"
+            )
+        try:
             await asyncio.wait_for(store.check(), timeout=max(2.0, self.config.qdrant_timeout_s))
+        except VersionMismatch as exc:
+            return f"the store now holds another model's vectors: {exc}"
         except (StoreError, TimeoutError) as exc:
             return f"the store is not serving: {exc or 'no answer in time'}"
         return None
 
-    async def _probe_dependencies(self, store: ProductStore) -> None:
+    async def _probe_dependencies(self, store: ProductStore, info: ModelInfo) -> None:
         """Readiness follows the encoder and the store (liveness does not: a restart would not help)."""
         serving = True
         while True:
             await asyncio.sleep(self.config.probe_interval_s)
-            failing = await self._failing_dependency(store)
+            try:
+                failing = await self._failing_dependency(store, info)
+            except Exception as exc:  # a bug must not end the probe with health stuck where it was
+                log.exception("the dependency probe failed")
+                failing = f"the dependency probe failed: {type(exc).__name__}: {exc}"
             if (failing is None) != serving:
                 serving = failing is None
                 log.warning(
