@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -226,9 +227,10 @@ def test_dynamic_batcher_merges_concurrent_requests(served, modules, info):
 
             results = await asyncio.gather(*(one(i) for i in range(count)))
             # Triton counts a batch after it has sent the responses: wait for the statistics to catch up
-            for _ in range(100):
+            deadline = time.monotonic() + 60  # a bound against a hang, not a speed: it ends when counted
+            while True:
                 after = (await c.get_inference_statistics(name)).model_stats[0]
-                if after.inference_count - before[0] >= count:
+                if after.inference_count - before[0] >= count or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.05)
             return results, before, after
