@@ -17,7 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ctl.security import aio_channel
 from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
-from ranker_service.errors import EncoderUnavailable, InvalidRequest, RankerError, UnsupportedModel
+from ranker_service.errors import (
+    EncoderUnavailable,
+    InvalidRequest,
+    RankerError,
+    UnsupportedModel,
+    VersionMismatch,
+)
 from style_model.distances import SERVED_ATTENTION
 
 _UNAVAILABLE = (
@@ -105,7 +111,9 @@ class EncoderClient:
             return EncoderUnavailable(f"encoder at {self.address} {what}: {code.name}: {details}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidRequest(details)
-        return EncoderUnavailable(f"encoder at {self.address} failed to {what}: {code.name}: {details}")
+        if code == grpc.StatusCode.FAILED_PRECONDITION:  # the model behind the encoder changed
+            return VersionMismatch(f"encoder at {self.address} {what}: {details}")
+        return EncoderUnavailable(f"encoder at {self.address} {what}: {code.name}: {details}")
 
     async def model_info(self, remaining: float | None = None) -> ModelInfo:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,6 +183,17 @@ def _refused(call) -> grpc.RpcError:
     return err.value
 
 
+def _refused_once_reachable(call, timeout: float = 60) -> grpc.RpcError:
+    """The refusal of `call` once Triton is reachable again: a gRPC channel whose server went away
+    reconnects with a backoff of its own, during which calls fail UNAVAILABLE."""
+    deadline = time.monotonic() + timeout
+    while True:
+        error = _refused(call)
+        if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+            return error
+        time.sleep(0.2)
+
+
 def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_old_version(
     home, twin, loop, exported_repo, images, tmp_path
 ):
@@ -195,14 +207,34 @@ def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_ol
     config = encoder_config(exported_repo, backend="triton", triton_url=server.grpc_url, triton_timeout_s=3)
     probed = Encoder(loop, config, health_poll_s=0.3).wait_serving()
     unprobed = Encoder(loop, config, health_poll_s=3600).wait_serving()  # only its calls can notice
+    ranker_config = RankerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        encoder=f"127.0.0.1:{unprobed.server.port}",
+        store_path=str(tmp_path / "store"),
+    )
+
+    async def start_ranker() -> Ranker:
+        ranker = Ranker(ranker_config)  # built on the loop that runs it
+        await ranker.start()
+        return ranker
+
+    ranker = loop.call(start_ranker())
+    ranker_channel = grpc.insecure_channel(f"127.0.0.1:{ranker.port}")
+    recommend = ranker_pb2.RecommendRequest(scene_image=images[0], categories=["c"])
     try:
+        ranker_stub = ranker_pb2_grpc.RankerServiceStub(ranker_channel)
+        product = ranker_pb2.Product(product_id="p", category="c", image=images[1])
+        assert ranker_stub.UpsertProducts(iter([ranker_pb2.UpsertProductsRequest(product=product)])).upserted
+        assert ranker_stub.Recommend(recommend, timeout=30).results[0].products[0].product_id == "p"
         old = _scene(unprobed.stub, images[0]).model_version
         new = f"{old}-next"
         server.stop()
         other = _twin_of_version(twin, tmp_path / "next", new)
         server = triton_cpu.start(home, other, grpc_port=port, log_path=tmp_path / "b.log").wait_ready(120)
 
-        error = _refused(lambda: _scene(unprobed.stub, images[0]))
+        error = _refused_once_reachable(lambda: _scene(unprobed.stub, images[0]))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
         assert old in error.details() and new in error.details() and "restart" in error.details()
         request = encoder_pb2.EncodeProductsRequest(images=images[:2])
@@ -210,6 +242,10 @@ def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_ol
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
         error = _refused(lambda: unprobed.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+        # through the ranker too: not UNAVAILABLE (retry) but FAILED_PRECONDITION (the model changed)
+        error = _refused_once_reachable(lambda: ranker_stub.Recommend(recommend, timeout=30))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+        assert new in error.details()
 
         wait_until(lambda: probed.status() == 2, timeout=10)  # NOT_SERVING, with Triton up and ready
         assert probed.status("liveness") == 1  # not a reason to kill the process
@@ -222,6 +258,8 @@ def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_ol
         wait_until(lambda: probed.status() == 1, timeout=20)
         assert _scene(probed.stub, images[0]).model_version == old
     finally:
+        ranker_channel.close()
+        loop.call(ranker.stop(grace=1))
         probed.close()
         unprobed.close()
         server.stop()
