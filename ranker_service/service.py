@@ -197,30 +197,35 @@ class RankerApp:
     async def upsert(
         self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining: float | None
     ) -> ranker_pb2.UpsertProductsResponse:
-        """Batches of `upsert_batch` records are encoded concurrently (`upsert_concurrency`), but a product
-        sent twice is written in the order sent: a batch waits, before its write, for the earlier batches
-        that hold one of its products. So the last record of a product wins, as if the stream were applied
-        one record at a time; `upserted` counts distinct products stored."""
+        """Batches of `upsert_batch` records are encoded and written concurrently, at most
+        `upsert_concurrency` at a time (the stream is not read further meanwhile), but a product sent twice
+        is written in the order sent: a batch waits, before its write, for the earlier batches that hold one
+        of its products. So the last record of a product wins, as if the stream were applied one record at a
+        time; `upserted` counts distinct products stored. (No deadlock: a batch only waits for earlier
+        ones, which hold their slots already.)"""
         ready = self.ready
         reply = ranker_pb2.UpsertProductsResponse(model_version=ready.info.model_version)
-        gate = asyncio.Semaphore(self.config.upsert_concurrency)
+        slots = asyncio.Semaphore(self.config.upsert_concurrency)
         tasks: list[asyncio.Task] = []
         batch: list[tuple[int, ranker_pb2.Product]] = []
         writer: dict[str, asyncio.Task] = {}  # the latest batch holding each product id
         stored: set[str] = set()
 
         async def flush(items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task]) -> None:
-            async with gate:
+            try:
                 points = await self._prepare(items, reply, ready, remaining)
-            if earlier:  # outside the gate: those batches may still wait for it
-                await asyncio.wait(earlier)
-            await self._store(points, ready)
-            stored.update(p.product_id for p in points)
-            reply.upserted = len(stored)
+                if earlier:
+                    await asyncio.wait(earlier)
+                await self._store(points, ready)
+                stored.update(p.product_id for p in points)
+                reply.upserted = len(stored)
+            finally:
+                slots.release()
 
-        def start(items: list[tuple[int, ranker_pb2.Product]]) -> None:
+        async def start(items: list[tuple[int, ranker_pb2.Product]]) -> None:
+            await slots.acquire()  # back-pressure: stop reading while `upsert_concurrency` batches run
             ids = {p.product_id for _, p in items}
-            earlier = {writer[i] for i in ids if i in writer}
+            earlier = {writer[i] for i in ids if i in writer and not writer[i].done()}
             task = asyncio.create_task(flush(items, earlier))
             tasks.append(task)
             writer.update(dict.fromkeys(ids, task))
@@ -239,15 +244,13 @@ class RankerApp:
                     continue
                 batch.append((index, request.product))
                 if len(batch) >= self.config.upsert_batch:
-                    await gate.acquire()  # back-pressure: stop reading while the encoder is busy
-                    gate.release()
-                    start(batch)
+                    await start(batch)
                     batch = []
                     for t in tasks:
                         if t.done() and t.exception() is not None:
                             raise t.exception()
             if batch:
-                start(batch)
+                await start(batch)
             await asyncio.gather(*tasks)
             if too_long:
                 limit = self.config.max_stream_records
