@@ -146,20 +146,24 @@ class Retriever:
             known = sorted(await self.store.counts_by_category())
             shown = ", ".join(known[:20]) + (" …" if len(known) > 20 else "")
             raise UnknownCategory(f"no products in category {category!r}; the catalog has: {shown or 'none'}")
-        if ask.query.conditions or ask.query.exclude_ids:
-            size = await self.store.count(ask.query)  # the products the filters leave: all there is to rank
         if ask.mode is Mode.EXHAUSTIVE:
-            return await self._exhaustive(scene, ask, size)
+            return await self._exhaustive(scene, ask)
         if ask.mode is Mode.CERTIFY:
             return await self._certify(scene, ask, size)
         pool = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         q = pooled_query(scene, await self.mean_key(category))
-        (hits,) = await self.store.search(q[None, :], ask.query, pool, exact=size <= self.exact_below)
-        # everything that matches came back: nothing was left unscored
-        everything = len(hits) >= size
+        scan = size <= self.exact_below
+        (hits,) = await self.store.search(q[None, :], ask.query, pool, exact=scan)
+        # nothing that matches was left unscored (a scan that returned less than the pool returned all; an
+        # HNSW search may return less than it was asked for, so only the whole category counts there)
+        everything = len(hits) >= size or (scan and len(hits) < pool)
+        if everything:
+            size = len(hits)  # exact: what the filters leave (the whole category without filters)
+        elif _filtered(ask):  # an estimate (an exact count of a filter scans the category)
+            size = max(len(hits), min(size, await self.store.count(ask.query, exact=False)))
         return _result(scene, ask, hits.ids, hits.points, hits.styles, hits.keys, size, everything, 1)
 
-    async def _exhaustive(self, scene: Scene, ask: Ask, size: int) -> Result:
+    async def _exhaustive(self, scene: Scene, ask: Ask) -> Result:
         points: list[ProductPoint] = []
         offset = None
         while True:
@@ -170,7 +174,7 @@ class Retriever:
         styles = np.stack([p.style for p in points]) if points else _empty(scene)
         keys = np.stack([p.attention for p in points]) if points else _empty(scene)
         ids = [p.product_id for p in points]
-        return _result(scene, ask, ids, points, styles, keys, size, certified=True, rounds=1)
+        return _result(scene, ask, ids, points, styles, keys, len(points), certified=True, rounds=1)
 
     async def _certify(self, scene: Scene, ask: Ask, size: int) -> Result:
         q = pooled_query(scene, await self.mean_key(ask.query.category))
@@ -192,6 +196,10 @@ class Retriever:
             enough = len(result.products) >= ask.limit
             if everything or (enough and certified(float(result.ranked.distance[-1]), bounds)):
                 result.certified = True
+                if everything:  # every product that matches was returned and scored
+                    result.category_size = result.candidates_scored
+                elif _filtered(ask):  # exact, as a certified answer's size is (it scans the category)
+                    result.category_size = await self.store.count(ask.query)
                 return result
             vectors, width = bounds_q, width * 2
 
@@ -242,6 +250,10 @@ class _Sourced(Sequence[ProductPoint]):
             return [self[j] for j in range(*i.indices(len(self)))]
         points, j = self._sources[i]
         return points[j]
+
+
+def _filtered(ask: Ask) -> bool:
+    return bool(ask.query.conditions or ask.query.exclude_ids)
 
 
 def _empty(scene: Scene) -> NDArray[np.float32]:

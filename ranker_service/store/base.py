@@ -115,9 +115,10 @@ class ProductStore(ABC):
         """Remove these products; unknown ids are ignored."""
 
     @abstractmethod
-    async def count(self, where: Query | str | None = None) -> int:
-        """Exact number of products: all (None), of one category (a str), or matching a Query (its
-        category, conditions and exclusions)."""
+    async def count(self, where: Query | str | None = None, *, exact: bool = True) -> int:
+        """Number of products: all (None), of one category (a str), or matching a Query (its category,
+        conditions and exclusions). `exact=False` allows the engine's estimate where counting is costly
+        (a filter on unindexed metadata scans the category)."""
 
     @abstractmethod
     async def counts_by_category(self) -> dict[str, int]:

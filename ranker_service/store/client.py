@@ -226,11 +226,11 @@ class QdrantClientStore(ProductStore):
         with _map_errors("delete points", self._where):
             await client.delete(self.collection, qm.PointIdsList(points=ids), wait=True)
 
-    async def count(self, where: Query | str | None = None) -> int:
+    async def count(self, where: Query | str | None = None, *, exact: bool = True) -> int:
         client = self._live()
         flt = None if where is None else _filter(Query(where) if isinstance(where, str) else where)
         with _map_errors("count points", self._where):
-            result = await client.count(self.collection, count_filter=flt, exact=True)
+            result = await client.count(self.collection, count_filter=flt, exact=exact)
         return int(result.count)
 
     async def counts_by_category(self) -> dict[str, int]:

@@ -18,6 +18,7 @@ Facts about qdrant-edge-py 0.9.0 that shape this module (checked against the ins
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -132,8 +133,11 @@ def _engine_config(dim: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig
     )
 
 
+@functools.lru_cache(maxsize=32)
 def _filter(query: Query) -> qe.Filter:
-    """Category must match; each condition's any_of must hold, none_of must not (a missing key passes)."""
+    """Category must match; each condition's any_of must hold, none_of must not (a missing key passes).
+    Cached: a Recommend uses one query's filter several times (search, count, certify's rounds), and 5,000
+    excluded ids take ~25 ms to turn into point ids."""
     must: list[Any] = [qe.FieldCondition(key="category", match=qe.MatchValue(query.category))]
     must_not: list[Any] = []
     for condition in query.conditions:
@@ -281,9 +285,10 @@ class EdgeStore(ProductStore):
             shard.update(qe.UpdateOperation.delete_points(ids))
         self._table.remove(ids)
 
-    async def count(self, where: Query | str | None = None) -> int:
+    async def count(self, where: Query | str | None = None, *, exact: bool = True) -> int:
         """From this store's own copy (exact: it is the only writer); a Query with conditions or
-        exclusions is counted by the engine, exactly."""
+        exclusions is counted by the engine (exactly: ~100 ms per 100k products of the category, holding
+        the GIL; an estimate: ~0.1 ms)."""
         shard = self._live()
         if where is None:
             return len(self._table)
@@ -292,7 +297,7 @@ class EdgeStore(ProductStore):
         if not where.conditions and not where.exclude_ids:
             return self._table.count(where.category)
         with _map_errors("count points", self.path):
-            return int(shard.count(qe.CountRequest(exact=True, filter=_filter(where))))
+            return int(shard.count(qe.CountRequest(exact=exact, filter=_filter(where))))
 
     async def counts_by_category(self) -> dict[str, int]:
         self._live()
