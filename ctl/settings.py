@@ -8,7 +8,14 @@ from one absent: a flag wins over the variable, which wins over the field's defa
 
 A field may also carry a `check` (value -> what was expected, or None): `from_args` applies it naming the
 flag or the variable the value came from, and the config's `__post_init__` applies it through `check_fields`
-naming the field, so that a config built in code is held to the same rules.
+naming the field, so that a config built in code is held to the same rules. Whatever a field's check, a
+float must be finite (NaN passes every `<` test and inf every `>=`), and a field with `choices` must hold
+one of them (argparse checks a flag's choices, but not a variable's).
+
+Numbers are read strictly: an int is ASCII digits with an optional sign, a float the same with a decimal
+point and an exponent (or nan/inf, which the finite check then refuses by name). Python's int() and
+float() also take underscores (`5_6099`), surrounding blanks and other scripts' digits, which turned a
+typo or a quoting slip into a value.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +52,24 @@ def more_than(low: float) -> Check:
     return lambda v: None if math.isfinite(v) and v > low else f"expected a number above {low}"
 
 
+def in_range(low: float, high: float) -> Check:
+    """A finite number from `low` to `high`, both included."""
+    expected = f"expected {low:g}..{high:g}"
+    return lambda v: None if math.isfinite(v) and low <= v <= high else expected
+
+
+def one_of(choices: tuple[str, ...]) -> Check:
+    return lambda v: None if v in choices else f"expected one of {', '.join(choices)}"
+
+
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limit on a message (a signed 32-bit length)
+
+
+def message_size(value: int) -> str | None:
+    """A gRPC message size limit: 1 byte up to gRPC's own limit."""
+    return None if 1 <= value <= GRPC_MAX_MESSAGE_BYTES else f"expected 1..{GRPC_MAX_MESSAGE_BYTES}"
+
+
 def tcp_port(*, off: bool = False) -> Check:
     """A TCP port, 0 for any free one; with `off`, -1 turns the listener off."""
     low = -1 if off else 0
@@ -53,6 +79,29 @@ def tcp_port(*, off: bool = False) -> Check:
 
 def not_empty(value: str) -> str | None:
     return None if value.strip() else "expected a value"
+
+
+# ---------------------------------------------------------------- strict numbers
+
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(
+    r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)", re.IGNORECASE
+)
+
+
+def parse_int(text: str) -> int:
+    """An int from ASCII digits with an optional sign, nothing else (no `_`, no blanks, no `0x`)."""
+    if not _INT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected int, got {text!r}")
+    return int(text)
+
+
+def parse_float(text: str) -> float:
+    """A float written plainly (`2`, `-0.5`, `.5`, `1e3`; nan/inf are read, for the checks to name);
+    no `_`, no blanks, no hexadecimal."""
+    if not _FLOAT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected float, got {text!r}")
+    return float(text)
 
 
 # ---------------------------------------------------------------- flags and variables
@@ -66,13 +115,29 @@ def env_var(prefix: str, name: str) -> str:
     return prefix + name.upper()
 
 
+_PARSERS: dict[Any, Callable[[str], Any]] = {bool: parse_bool, int: parse_int, float: parse_float}
+_EXPECTED = {parse_bool: "true or false", parse_int: "int", parse_float: "float"}
+
+
 def _parsers(cls: type) -> dict[str, Callable[[str], Any]]:
-    """Each field's parser: its type, or parse_bool for booleans (bool("false") is True)."""
-    return {name: parse_bool if kind is bool else kind for name, kind in typing.get_type_hints(cls).items()}
+    """Each field's parser: a strict one for bool (bool("false") is True), int and float; else its type."""
+    return {name: _PARSERS.get(kind, kind) for name, kind in typing.get_type_hints(cls).items()}
 
 
 def _expected(kind: Callable[[str], Any]) -> str:
-    return "true or false" if kind is parse_bool else getattr(kind, "__name__", str(kind))
+    return _EXPECTED.get(kind) or getattr(kind, "__name__", str(kind))
+
+
+def _problem(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with `value` for field `f` (its choices, its check, a float that is not finite)."""
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        return f"expected one of {', '.join(map(str, choices))}"
+    check = f.metadata.get("check")
+    problem = check(value) if check else None
+    if problem is None and isinstance(value, float) and not math.isfinite(value):
+        return "expected a finite number"
+    return problem
 
 
 def add_arguments(
@@ -125,8 +190,7 @@ def from_args(
                 raise error(f"{source}: expected {_expected(kinds[f.name])}") from None
         else:
             continue
-        check = f.metadata.get("check")
-        problem = check(value) if check else None
+        problem = _problem(f, value)
         if problem:
             raise error(f"{source}: {problem}")
         values[f.name] = value
@@ -136,8 +200,7 @@ def from_args(
 def check_fields(config: Any, error: type[Exception]) -> None:
     """Applies every field's check to `config` (from its `__post_init__`); `error` names the field."""
     for f in dataclasses.fields(config):
-        check = f.metadata.get("check")
         value = getattr(config, f.name)
-        problem = check(value) if check else None
+        problem = _problem(f, value)
         if problem:
             raise error(f"{f.name}={value!r}: {problem}")

@@ -2,7 +2,8 @@
 
 Every field has a flag (`--max-batch`) and an environment variable (`CTL_ENCODER_MAX_BATCH`), both derived
 from the field name (ctl/settings.py); a flag given on the command line wins over the variable, which wins
-over the default. The variables are read when `serve-encoder` runs, not while `ctl`'s parser is built.
+over the default. The variables are read when `serve-encoder` runs, not while `ctl`'s parser is built,
+and every value is checked: a bad one is a ConfigError naming the flag, the variable or the field.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ctl import settings
+from ctl.settings import at_least, in_range, message_size, more_than, not_empty, setting, tcp_port
 from encoder_service.errors import ConfigError
 
 ENV_PREFIX = "CTL_ENCODER_"
@@ -21,105 +22,120 @@ BACKENDS = ("torchscript", "triton")
 MiB = 1024 * 1024
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
+# The longest a forward pass may wait for more images after the first: an hour. Any wait longer than a
+# caller's deadline already means "until the batch is full" (what the batching tests ask for, with an hour,
+# so that no machine is too slow for them), so nothing longer behaves differently; above it is a slip, or
+# inf, which made every lone call wait out its deadline while health said SERVING. The default, 0, is the
+# best measured (docs/BENCHMARKS.md).
+MAX_WAIT_MS_LIMIT = 3_600_000.0
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """How the encoder service runs; passed down to the server, the backends and the batchers."""
+    """How the encoder service runs; passed down to the server, the backends and the batchers. Every value
+    is checked (here, and by `from_args` naming the flag or the variable): a bad one is a ConfigError."""
 
     model_repo: Path = field(
         default=Path("triton_repo"),
-        metadata=_help("exported model repository (`ctl export --out`): {scene,product}_encoder/1/model.pt"),
+        metadata=setting(
+            "exported model repository (`ctl export --out`): {scene,product}_encoder/1/model.pt"
+        ),
     )
-    backend: str = field(default="torchscript", metadata=_help("where the model runs", choices=BACKENDS))
-    triton_url: str = field(default="localhost:8001", metadata=_help("Triton gRPC address (backend triton)"))
+    backend: str = field(default="torchscript", metadata=setting("where the model runs", choices=BACKENDS))
+    triton_url: str = field(
+        default="localhost:8001", metadata=setting("Triton gRPC address (backend triton)", check=not_empty)
+    )
     triton_timeout_s: float = field(
-        default=5.0, metadata=_help("timeout of every call to Triton, in seconds")
+        default=5.0, metadata=setting("timeout of every call to Triton, in seconds", check=more_than(0))
     )
-    host: str = field(default="[::]", metadata=_help("address the gRPC server listens on"))
-    port: int = field(default=50051, metadata=_help("gRPC port (0 picks a free one)"))
+    host: str = field(default="[::]", metadata=setting("address the gRPC server listens on", check=not_empty))
+    port: int = field(default=50051, metadata=setting("gRPC port (0 picks a free one)", check=tcp_port()))
     metrics_port: int = field(
-        default=9464, metadata=_help("Prometheus /metrics port (0 picks a free one, -1 turns it off)")
+        default=9464,
+        metadata=setting(
+            "Prometheus /metrics port (0 picks a free one, -1 turns it off)", check=tcp_port(off=True)
+        ),
     )
-    max_message_bytes: int = field(default=64 * MiB, metadata=_help("largest gRPC message, in bytes"))
-    max_image_bytes: int = field(default=20 * MiB, metadata=_help("largest encoded image, in bytes"))
+    max_message_bytes: int = field(
+        default=64 * MiB, metadata=setting("largest gRPC message, in bytes", check=message_size)
+    )
+    max_image_bytes: int = field(
+        default=20 * MiB, metadata=setting("largest encoded image, in bytes", check=at_least(1))
+    )
     max_image_pixels: int = field(
-        default=40_000_000, metadata=_help("largest decoded image, in pixels (width × height)")
+        default=40_000_000,
+        metadata=setting("largest decoded image, in pixels (width × height)", check=at_least(1)),
     )
     max_batch: int = field(
-        default=32, metadata=_help("most images in one forward pass; EncodeProducts takes 4× this per call")
+        default=32,
+        metadata=setting(
+            "most images in one forward pass; EncodeProducts takes 4× this per call", check=at_least(1)
+        ),
     )
     max_wait_ms: float = field(
         default=0.0,
-        metadata=_help(
-            "how long a forward pass waits for more images after the first; 0 (best measured, "
-            "docs/BENCHMARKS.md): a pass starts when the model is free, and what arrives meanwhile "
-            "joins the next one"
+        metadata=setting(
+            "how long a forward pass waits for more images after the first, up to "
+            f"{MAX_WAIT_MS_LIMIT:.0f}; 0 (best measured, docs/BENCHMARKS.md): a pass starts when the model "
+            "is free, and what arrives meanwhile joins the next one",
+            check=in_range(0, MAX_WAIT_MS_LIMIT),
         ),
     )
     max_concurrent_calls: int = field(
         default=256,
-        metadata=_help(
-            "EncoderService calls in flight; one more gets RESOURCE_EXHAUSTED at once (0: no limit)"
+        metadata=setting(
+            "EncoderService calls in flight; one more gets RESOURCE_EXHAUSTED at once (0: no limit)",
+            check=at_least(0),
         ),
     )
     max_queue: int = field(
-        default=256, metadata=_help("most images waiting for a forward pass; more answer RESOURCE_EXHAUSTED")
+        default=256,
+        metadata=setting(
+            "most images waiting for a forward pass; more answer RESOURCE_EXHAUSTED", check=at_least(1)
+        ),
     )
     inflight: int = field(
         default=0,
-        metadata=_help("forward passes in flight per encoder (0: 1 for torchscript, 4 for triton)"),
+        metadata=setting(
+            "forward passes in flight per encoder (0: 1 for torchscript, 4 for triton)", check=at_least(0)
+        ),
     )
     grace_s: float = field(
-        default=10.0, metadata=_help("on SIGTERM, how long in-flight calls may take to finish")
+        default=10.0,
+        metadata=setting("on SIGTERM, how long in-flight calls may take to finish", check=at_least(0)),
     )
-    decode_threads: int = field(default=2, metadata=_help("threads decoding images"))
+    decode_threads: int = field(default=2, metadata=setting("threads decoding images", check=at_least(1)))
     torch_threads: int = field(
-        default=0, metadata=_help("torch intra-op threads (0 keeps torch's default; backend torchscript)")
+        default=0,
+        metadata=setting(
+            "torch intra-op threads (0 keeps torch's default; backend torchscript)", check=at_least(0)
+        ),
     )
     # Security (ctl/security.py)
-    tls_cert: str = field(default="", metadata=_help("PEM certificate of this server (with --tls-key: TLS)"))
-    tls_key: str = field(default="", metadata=_help("PEM private key of this server"))
+    tls_cert: str = field(
+        default="", metadata=setting("PEM certificate of this server (with --tls-key: TLS)")
+    )
+    tls_key: str = field(default="", metadata=setting("PEM private key of this server"))
     tls_client_ca: str = field(
-        default="", metadata=_help("PEM CA that client certificates must be signed by (mutual TLS)")
+        default="", metadata=setting("PEM CA that client certificates must be signed by (mutual TLS)")
     )
     tokens: str = field(
-        default="", metadata=_help("tokens that may call the encoder: 'a,b' or '@FILE' (one per line)")
+        default="", metadata=setting("tokens that may call the encoder: 'a,b' or '@FILE' (one per line)")
     )
     health_port: int = field(
         default=-1,
-        metadata=_help(
+        metadata=setting(
             "also answer health checks (only them) in plaintext on this port, for probes of a TLS server "
-            "(-1: off, 0: any free port)"
+            "(-1: off, 0: any free port)",
+            check=tcp_port(off=True),
         ),
     )
     protect_health: bool = field(
-        default=False, metadata=_help("require a token for health checks and reflection too (true/false)")
+        default=False, metadata=setting("require a token for health checks and reflection too (true/false)")
     )
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port={self.port}: expected 0..65535")
-        if not -1 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port={self.metrics_port}: expected -1 (off), 0 or a port")
-        for name in ("max_message_bytes", "max_image_bytes", "max_image_pixels", "max_batch", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: expected a positive number")
-        if self.inflight < 0:
-            raise ConfigError(f"inflight={self.inflight}: expected 0 (automatic) or more")
-        if self.decode_threads < 1:
-            raise ConfigError(f"decode_threads={self.decode_threads}: expected at least 1")
-        if self.torch_threads < 0:
-            raise ConfigError(f"torch_threads={self.torch_threads}: expected 0 (torch's default) or more")
-        for name in ("max_wait_ms", "grace_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: expected 0 or more")
-        if self.triton_timeout_s <= 0:
-            raise ConfigError(f"triton_timeout_s={self.triton_timeout_s}: expected more than 0")
+        settings.check_fields(self, ConfigError)
 
     @property
     def address(self) -> str:

@@ -311,7 +311,7 @@ def test_help_shows_the_defaults_never_the_environment_or_a_secret(monkeypatch):
             assert f"(env {_var(name)})" in text, name  # no default shown
 
 
-# ---------------------------------------------------------------- the encoder's config: unchanged, shared
+# ---------------------------------------------------------------- the encoder's config: the same mechanism
 
 
 def test_the_encoder_reads_its_variables_the_same_way():
@@ -328,8 +328,8 @@ def test_the_encoder_reads_its_variables_the_same_way():
         from_args(args, {"CTL_ENCODER_PROTECT_HEALTH": "maybe"})
     with pytest.raises(ConfigError, match=r"^CTL_ENCODER_MAX_BATCH='x': expected int$"):
         from_args(args, {"CTL_ENCODER_MAX_BATCH": "x"})
-    with pytest.raises(ConfigError, match=r"^max_batch=0: expected a positive number$"):
-        from_args(args, {"CTL_ENCODER_MAX_BATCH": "0"})  # its own checks and messages, as before
+    with pytest.raises(ConfigError, match=r"^CTL_ENCODER_MAX_BATCH='0': expected 1 or more$"):
+        from_args(args, {"CTL_ENCODER_MAX_BATCH": "0"})  # the same per-field checks as the ranker's
 
 
 # ---------------------------------------------------------------- ctl ingest and ctl's own settings
@@ -372,3 +372,171 @@ def test_restore_reads_the_ranker_store_path_when_it_runs(monkeypatch, tmp_path)
     monkeypatch.delenv("CTL_RANKER_STORE_PATH")
     assert restore_target(args) == "ctl-store/{model_version}"
     assert restore_target(parser.parse_args(["restore", "a", "b/{model_version}"])) == "b/{model_version}"
+
+
+# ---------------------------------------------------------------- the encoder's values (review of issue 14)
+
+# NaN and inf passed the encoder's `< 0` checks: max_wait_ms=inf made a lone EncodeScene wait for more
+# images until its deadline while health said SERVING; nan made batching wait seconds.
+ENCODER_BAD_VALUES = [
+    ("max_wait_ms", math.nan),
+    ("max_wait_ms", math.inf),
+    ("max_wait_ms", -1.0),
+    ("max_wait_ms", 3_600_001.0),
+    ("grace_s", math.nan),
+    ("grace_s", math.inf),
+    ("grace_s", -1.0),
+    ("triton_timeout_s", math.nan),
+    ("triton_timeout_s", math.inf),
+    ("triton_timeout_s", 0.0),
+    ("port", -1),
+    ("port", 65536),
+    ("metrics_port", -2),
+    ("health_port", -2),
+    ("health_port", 65536),
+    ("max_message_bytes", 0),
+    ("max_message_bytes", 2**31),
+    ("max_image_bytes", 0),
+    ("max_image_pixels", 0),
+    ("max_batch", 0),
+    ("max_queue", 0),
+    ("max_concurrent_calls", -1),
+    ("inflight", -1),
+    ("decode_threads", 0),
+    ("torch_threads", -1),
+    ("backend", "onnx"),
+    ("host", ""),
+    ("triton_url", ""),
+]
+
+ENCODER_EDGES = {
+    "max_wait_ms": 0.0,
+    "grace_s": 0.0,
+    "port": 0,
+    "metrics_port": -1,
+    "health_port": 0,
+    "max_concurrent_calls": 0,
+    "inflight": 0,
+    "torch_threads": 0,
+}
+
+
+def _encoder_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["serve-encoder", *argv])
+
+
+@pytest.mark.parametrize(("name", "bad"), ENCODER_BAD_VALUES, ids=[f"{n}={v}" for n, v in ENCODER_BAD_VALUES])
+def test_the_encoder_refuses_a_value_that_makes_no_sense_naming_where_it_came_from(name, bad):
+    from encoder_service.config import EncoderConfig, from_args
+    from encoder_service.errors import ConfigError
+
+    var = "CTL_ENCODER_" + name.upper()
+    with pytest.raises(ConfigError, match=f"^{name}="):
+        EncoderConfig(**{name: bad})
+    with pytest.raises(ConfigError, match=f"^{var}='{bad}': expected"):
+        from_args(_encoder_args([]), {var: str(bad)})
+    if name != "backend":  # argparse refuses a flag outside its choices itself
+        with pytest.raises(ConfigError, match=f"^{_flag(name)}="):
+            from_args(_encoder_args([f"{_flag(name)}={bad}"]), {})
+
+
+@pytest.mark.parametrize(("name", "value"), sorted(ENCODER_EDGES.items()))
+def test_the_encoders_edge_values_that_mean_something_are_accepted(name, value):
+    from encoder_service.config import EncoderConfig, from_args
+
+    assert getattr(EncoderConfig(**{name: value}), name) == value
+    var = "CTL_ENCODER_" + name.upper()
+    assert getattr(from_args(_encoder_args([]), {var: str(value)}), name) == value
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_serve_encoder_with_an_endless_batching_wait_exits_2_with_one_line(tmp_path, value):
+    done = _ctl(
+        "serve-encoder", "--model-repo", str(tmp_path), "--port", "0", "--metrics-port", "-1",
+        env={"CTL_ENCODER_MAX_WAIT_MS": value},
+    )  # fmt: skip
+    output = (done.stderr + done.stdout).strip()
+    assert done.returncode == 2, output
+    assert len(output.splitlines()) == 1 and f"CTL_ENCODER_MAX_WAIT_MS='{value}'" in output, output
+
+
+# ---------------------------------------------------------------- strict numbers
+
+# Python's int() and float() take '5_6099' and ' 56099 ': a typo or a quoting slip became a port.
+LENIENT = ["5_6099", " 56099 ", "56099\n", "\t1", "٥٦", "0x10", "1e3", "5.0", ""]
+
+
+@pytest.mark.parametrize("text", LENIENT)
+def test_an_integer_setting_takes_digits_with_an_optional_sign_only(text):
+    with pytest.raises(ranker_errors.ConfigError, match=r"^CTL_RANKER_PORT=.*: expected int$"):
+        ranker_config.from_args(_ranker_args([]), {"CTL_RANKER_PORT": text})
+    from encoder_service.config import from_args
+    from encoder_service.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^CTL_ENCODER_MAX_BATCH=.*: expected int$"):
+        from_args(_encoder_args([]), {"CTL_ENCODER_MAX_BATCH": text})
+
+
+@pytest.mark.parametrize("text", ["1_0.5", " 2.5", "2.5 ", "0x1p3", ""])
+def test_a_float_setting_takes_no_underscores_or_spaces(text):
+    with pytest.raises(ranker_errors.ConfigError, match=r"^CTL_RANKER_GRACE_S=.*: expected float$"):
+        ranker_config.from_args(_ranker_args([]), {"CTL_RANKER_GRACE_S": text})
+
+
+@pytest.mark.parametrize(("text", "port"), [("56099", 56099), ("+56099", 56099), ("056099", 56099), ("0", 0)])
+def test_plain_integers_still_read(text, port):
+    assert ranker_config.from_args(_ranker_args([]), {"CTL_RANKER_PORT": text}).port == port
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("2.5", 2.5), ("-0", 0.0), ("3", 3.0), ("1e1", 10.0), (".5", 0.5)]
+)
+def test_plain_floats_still_read(text, value):
+    assert ranker_config.from_args(_ranker_args([]), {"CTL_RANKER_GRACE_S": text}).grace_s == value
+
+
+def test_a_flag_is_as_strict_as_its_variable(capsys):
+    with pytest.raises(SystemExit):
+        _ranker_args(["--port", "5_6099"])
+    assert "--port" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _encoder_args(["--max-wait-ms", "1_0"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "c.jsonl", "--batch", "1_0"])
+
+
+@pytest.mark.parametrize("name", ["BATCH", "STREAMS", "RETRIES"])
+def test_ingest_counts_are_strict_integers(monkeypatch, capsys, name):
+    monkeypatch.setenv(f"CTL_INGEST_{name}", "1_0")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ingest", "catalog.jsonl"])
+    assert f"CTL_INGEST_{name}='1_0'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- ingest: a count out of range is named
+
+
+@pytest.mark.parametrize(("name", "text"), [("BATCH", "0"), ("STREAMS", "0"), ("RETRIES", "-1")])
+def test_ingest_names_the_variable_of_a_count_out_of_range(monkeypatch, capsys, name, text):
+    monkeypatch.setenv(f"CTL_INGEST_{name}", text)
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["ingest", "catalog.jsonl"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"CTL_INGEST_{name}='{text}': expected" in err, err
+
+
+@pytest.mark.parametrize(("flag", "text"), [("--batch", "0"), ("--streams", "0"), ("--retries", "-1")])
+def test_ingest_names_the_flag_of_a_count_out_of_range(monkeypatch, capsys, flag, text):
+    monkeypatch.setenv("CTL_INGEST_BATCH", "8")  # a fine variable: the flag's value is the one named
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["ingest", "catalog.jsonl", f"{flag}={text}"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected" in err and repr(text) in err and "CTL_INGEST" not in err, err
+
+
+def test_ctl_ingest_with_batch_0_exits_2_naming_the_variable(tmp_path):
+    done = _ctl("ingest", str(tmp_path / "c.jsonl"), env={"CTL_INGEST_BATCH": "0"})
+    assert done.returncode == 2, done.stderr
+    assert "CTL_INGEST_BATCH='0'" in done.stderr and "Traceback" not in done.stderr, done.stderr

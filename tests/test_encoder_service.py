@@ -340,7 +340,7 @@ def test_config_flag_beats_environment_beats_default():
 def test_config_errors_name_the_setting():
     with pytest.raises(ConfigError, match="CTL_ENCODER_PORT='http'"):
         from_args(_cli([]), {"CTL_ENCODER_PORT": "http"})
-    with pytest.raises(ConfigError, match="backend='onnx'"):
+    with pytest.raises(ConfigError, match="CTL_ENCODER_BACKEND='onnx'"):
         from_args(_cli([]), {"CTL_ENCODER_BACKEND": "onnx"})
     with pytest.raises(ConfigError, match="max_batch=0"):
         EncoderConfig(max_batch=0)

@@ -13,27 +13,41 @@ import grpc
 from ctl.ingest.catalog import FORMATS, CatalogError
 from ctl.ingest.job import IngestConfig, Summary, format_summary, ingest
 from ctl.security import add_client_arguments, aio_channel, client_security
+from ctl.settings import parse_int
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+class _FromEnvironment(str):
+    """The text of a CTL_INGEST_* variable used as a flag's default, marked so that a count's type can tell
+    it from the flag's own text and name the one that is wrong."""
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     """The text of CTL_INGEST_<name>, as a flag's default: argparse converts a text default with the flag's
     type only when `ctl ingest` itself is parsed, so a malformed variable never breaks another command."""
-    return os.environ.get(f"CTL_INGEST_{name}", default)
+    text = os.environ.get(f"CTL_INGEST_{name}")
+    return default if text is None else _FromEnvironment(text)
 
 
-def _whole_number(variable: str):
-    """The type of a count flag whose default is `variable`'s text: an int, or an error naming both."""
+def _count(name: str, low: int):
+    """The type of the count flag `--name` (default: CTL_INGEST_<NAME>'s text): an int of at least `low`
+    (digits only, ctl/settings.py), or an error naming the variable when the text came from it, as the
+    services' settings do (`CTL_INGEST_BATCH='0': expected 1 or more`); argparse names the flag."""
+    variable = f"CTL_INGEST_{name.upper()}"
 
     def parse(text: str) -> int:
         try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a whole number, got {text!r} (the flag or {variable})"
-            ) from None
+            value = parse_int(text)
+            problem = None if value >= low else f"expected {low} or more"
+        except argparse.ArgumentTypeError:
+            problem = "expected a whole number"
+        if problem is None:
+            return value
+        if isinstance(text, _FromEnvironment):  # argparse's message names the flag, not the variable
+            raise argparse.ArgumentTypeError(f"{variable}={text!r}: {problem}")
+        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
 
     return parse
 
@@ -71,15 +85,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=_env("STORE_PATH", "ctl-store/{model_version}"),
         help="with --embedded: the store directory ({model_version} is replaced; default %(default)s)",
     )
-    for name, default, text in (
-        ("batch", "64", "records per stream"),
-        ("streams", "4", "streams in flight"),
-        ("retries", "5", "retries of a failed stream"),
+    for name, default, low, text in (
+        ("batch", "64", 1, "records per stream"),
+        ("streams", "4", 1, "streams in flight"),
+        ("retries", "5", 0, "retries of a failed stream"),
     ):
         variable = f"CTL_INGEST_{name.upper()}"
         p.add_argument(
             f"--{name}",
-            type=_whole_number(variable),
+            type=_count(name, low),
             default=_env(name.upper(), default),
             help=f"{text} (env {variable}; default {default})",
         )
