@@ -31,6 +31,7 @@ from ranker_service.store import (
     ProductStore,
     QdrantClientStore,
     Query,
+    _points,
     open_client_store,
     open_edge_store,
     point_id,
@@ -383,27 +384,32 @@ def test_reopen_keeps_data(backend: Backend) -> None:
     run(scenario())
 
 
-def test_edge_store_normalises_vectors_stored_off_unit_length(tmp_path: Path) -> None:
+def test_vectors_stored_off_unit_length_are_normalised_when_the_store_opens(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 14 #2, for catalogs stored before the ranker normalised what it accepts: vectors within 1e-3 of
     unit length were stored as given. Opening the store makes them unit vectors, in the engine too (its
-    exact search scores are the dot products with the unit vectors); unit ones are left as they are."""
+    exact search scores are the dot products with the unit vectors); unit ones are left as they are. A
+    Qdrant collection records that it was checked (its metadata), so that is done once, not at every start."""
     points = catalog(300)
     shrunk = [
-        dataclasses.replace(p, style=p.style * 0.9991, attention=p.attention * 1.0008) for p in points[:40]
+        dataclasses.replace(p, style=p.style * 0.9991, attention=p.attention * 1.001) for p in points[:40]
     ]
     query = unit_rows(np.random.default_rng(9), 1)
 
     async def scenario() -> None:
-        store = await open_edge_store(tmp_path / "s", VERSION, DIM)
-        await store.upsert(shrunk + points[40:])
-        assert await store.normalise_stored() == 40
-        assert await store.normalise_stored() == 0
+        store = await backend.open()
+        with monkeypatch.context() as old_version:  # how earlier versions wrote: vectors as given
+            old_version.setattr(_points, "UNIT_STORED", float("inf"))
+            await store.upsert(shrunk + points[40:])
         await store.close()
-        store = await open_edge_store(tmp_path / "s", VERSION, DIM)
-        assert await store.normalise_stored() == 0
+        if backend.name == "client":  # a collection made before the check existed: no record of it
+            await _forget_unit_check(backend.root / "qdrant-local")
+        store = await backend.open()
         for p, want in zip(await store.retrieve([p.product_id for p in points]), points):
             np.testing.assert_allclose(p.style, want.style, atol=1e-6)
             np.testing.assert_allclose(p.attention, want.attention, atol=1e-6)
+            assert dict(p.metadata) == dict(want.metadata) and p.category == want.category
         for category in CATEGORIES:
             (hits,) = await store.search(query, Query(category), 60, exact=True)
             np.testing.assert_allclose(hits.scores, hits.styles @ query[0], atol=1e-6)
@@ -411,6 +417,19 @@ def test_edge_store_normalises_vectors_stored_off_unit_length(tmp_path: Path) ->
         await store.close()
 
     run(scenario())
+
+
+async def _forget_unit_check(path: Path) -> None:
+    from qdrant_client import AsyncQdrantClient
+
+    client = AsyncQdrantClient(path=str(path))
+    try:
+        (collection,) = (await client.get_collections()).collections
+        metadata = dict((await client.get_collection(collection.name)).config.metadata or {})
+        metadata.pop("unit_vectors", None)
+        await client.update_collection(collection.name, metadata={**metadata, "unit_vectors": False})
+    finally:
+        await client.close()
 
 
 def test_reopen_with_another_model_version_or_dim_is_refused(backend: Backend) -> None:
@@ -606,6 +625,12 @@ def test_bad_inputs_are_refused(backend: Backend) -> None:
             await store.upsert([replace(point, style=np.zeros(DIM + 1, np.float32))])
         with pytest.raises(InvalidRequest):
             await store.upsert([replace(point, attention=np.full(DIM, np.nan, np.float32))])
+        with pytest.raises(InvalidRequest, match="zero vector"):
+            await store.upsert([replace(point, style=np.zeros(DIM, np.float32))])
+        await store.upsert([replace(point, product_id="long", style=point.style * 3)])  # stored unit length
+        (long,) = await store.retrieve(["long"])
+        np.testing.assert_allclose(long.style, point.style, atol=1e-6)
+        await store.delete(["long"])
         with pytest.raises(VersionMismatch):
             await store.upsert([replace(point, model_version="m-other")])
         await store.upsert([replace(point, model_version="")])  # unversioned points take the store's

@@ -40,13 +40,23 @@ def map_errors(translate: Callable[[Exception], RankerError]) -> Iterator[None]:
         raise translate(exc) from exc
 
 
+UNIT_STORED = 1e-5  # a vector further than this from unit length is normalised before it is stored
+
+
 def vector(values: Any, dim: int, what: str) -> list[float]:
-    """A float32 copy of one vector as a list (the caller's array is never modified)."""
+    """A float32 copy of one vector as a list, of unit length (the caller's array is never modified): the
+    ranker's distances and certificate need unit vectors, whoever writes to the store (the ranker's API
+    accepts and normalises near-unit ones; this keeps the store's own promise for every writer)."""
     array = np.asarray(values, dtype=np.float32)
     if array.shape != (dim,):
         raise InvalidRequest(f"{what} has shape {array.shape}, expected ({dim},)")
     if not np.isfinite(array).all():
         raise InvalidRequest(f"{what} has non-finite values")
+    norm = float(np.linalg.norm(array.astype(np.float64)))
+    if norm == 0.0:
+        raise InvalidRequest(f"{what} is a zero vector")
+    if abs(norm - 1.0) > UNIT_STORED:
+        array = (array.astype(np.float64) / norm).astype(np.float32)
     return array.tolist()
 
 

@@ -36,6 +36,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionMismatch
 from ranker_service.store._points import (
     FACET_START,
+    UNIT_STORED,
     check_limit,
     check_model,
     hits,
@@ -49,8 +50,14 @@ from ranker_service.store._points import (
     stored_points,
 )
 from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, ProductStore, Query, point_id
+from style_model.distances import l2_normalize
 
 log = logging.getLogger(__name__)
+
+
+log = logging.getLogger(__name__)
+
+UNIT_VECTORS = "unit_vectors"  # collection metadata: every stored vector is of unit length
 
 
 def _map_errors(action: str, where: str) -> AbstractContextManager[None]:
@@ -317,7 +324,7 @@ async def _ensure_collection(
                         STYLE: qm.VectorParams(size=dim, distance=qm.Distance.DOT),
                         ATTENTION: qm.VectorParams(size=dim, distance=qm.Distance.DOT, hnsw_config=unindexed),
                     },
-                    metadata={"model_version": model_version, "dim": dim},
+                    metadata={"model_version": model_version, "dim": dim, UNIT_VECTORS: True},
                     shard_number=shards,
                     replication_factor=replication_factor,
                 )
@@ -329,6 +336,8 @@ async def _ensure_collection(
     with _map_errors(f"look up collection {collection!r}", where):
         target = await _resolve(client, collection)
     info = await _check_collection(client, target, collection, where, model_version, dim)
+    if not (info.config.metadata or {}).get(UNIT_VECTORS):
+        await _normalise_stored(client, target, where, info.config.metadata or {})
     # Also when the collection exists: its creator may have stopped before making the index.
     # Local mode has no payload indexes (it warns that they have no effect), so none is asked for there.
     if not local and "category" not in (info.payload_schema or {}):
@@ -337,6 +346,45 @@ async def _ensure_collection(
                 target, "category", field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
             )
     return target
+
+
+async def _normalise_stored(
+    client: AsyncQdrantClient, collection: str, where: str, metadata: dict[str, Any]
+) -> None:
+    """Once per collection made before ctl normalised what it accepts (within 1e-3 of unit length, stored
+    as given): its vectors off unit length become unit vectors, payloads untouched, and the collection's
+    metadata records that it was done (`unit_vectors`)."""
+    fixed, offset = 0, None
+    while True:
+        with _map_errors(f"read collection {collection!r}", where):
+            records, offset = await client.scroll(
+                collection, limit=1024, offset=offset, with_payload=False, with_vectors=True
+            )
+        updates = []
+        for r in records:
+            vectors = r.vector if isinstance(r.vector, Mapping) else {}
+            off = {
+                name: l2_normalize(np.asarray(vectors[name], dtype=np.float64)).astype(np.float32).tolist()
+                for name in (STYLE, ATTENTION)
+                if name in vectors and abs(np.linalg.norm(vectors[name]) - 1.0) > UNIT_STORED
+            }
+            if off:
+                updates.append(qm.PointVectors(id=r.id, vector=off))
+        if updates:
+            with _map_errors(f"normalise vectors of collection {collection!r}", where):
+                await client.update_vectors(collection, points=updates, wait=True)
+            fixed += len(updates)
+        if offset is None:
+            break
+    if fixed:
+        log.warning(
+            "collection %r at %s: %d products had vectors not of unit length: normalised",
+            collection,
+            where,
+            fixed,
+        )
+    with _map_errors(f"update collection {collection!r}", where):
+        await client.update_collection(collection, metadata={**metadata, UNIT_VECTORS: True})
 
 
 async def _resolve(client: AsyncQdrantClient, name: str) -> str:

@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionMismatch
 from ranker_service.store._points import (
+    UNIT_STORED,
     check_limit,
     check_model,
     map_errors,
@@ -51,7 +52,6 @@ from style_model.distances import l2_normalize
 log = logging.getLogger(__name__)
 
 META_FILE = "ctl_store.json"
-UNIT_STORED = 1e-5  # a stored vector further from unit length is normalised when the store opens
 _ENGINE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge when it creates a shard
 
 
