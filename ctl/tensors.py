@@ -41,8 +41,8 @@ def unit_rows(array: NDArray, name: str, tolerance: float = UNIT_TOLERANCE) -> F
     norms = np.linalg.norm(a, axis=-1, keepdims=True)
     bad = ~(np.abs(norms - 1.0) <= tolerance)  # NaN fails too
     if bad.any():
-        shown = np.round(norms[bad], 4).tolist()[:4]
-        raise TensorError(f"{name}: vectors must be unit length (within {tolerance:g}); norms {shown}")
+        shown = ", ".join(f"{n:.7g}" for n in norms[bad][:4])  # enough digits to see why (1.001000 > 1.001)
+        raise TensorError(f"{name}: vectors must be unit length (within {tolerance:g}); norms [{shown}]")
     return (a / norms).astype(np.float32)
 
 
