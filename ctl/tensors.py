@@ -41,7 +41,7 @@ def unit_rows(array: NDArray, name: str, tolerance: float = UNIT_TOLERANCE) -> F
     norms = np.linalg.norm(a, axis=-1, keepdims=True)
     bad = ~(np.abs(norms - 1.0) <= tolerance)  # NaN fails too
     if bad.any():
-        shown = ", ".join(f"{n:.7g}" for n in norms[bad][:4])  # enough digits to see why (1.001000 > 1.001)
+        shown = ", ".join(f"{n:.10g}" for n in norms[bad][:4])  # enough digits to see why (1.0010001)
         raise TensorError(f"{name}: vectors must be unit length (within {tolerance:g}); norms [{shown}]")
     return (a / norms).astype(np.float32)
 
