@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +34,88 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 ErrorTable = Mapping[type[BaseException], grpc.StatusCode]
+
+
+class ListenError(OSError):
+    """A server cannot listen on its address: the port is in use, or the host is not this machine's.
+    `setting` is the config field of the port (`port`, `health_port`, `metrics_port`), so that the command
+    can name its flag and variable (`naming`)."""
+
+    def __init__(self, address: str, setting: str, reason: str):
+        super().__init__(f"cannot listen on {address} ({setting}): {reason}")
+        self.address, self.setting, self.reason = address, setting, reason
+
+    def naming(self, source: str) -> str:
+        """The one line a command logs, with where the port came from (`--port / CTL_RANKER_PORT`)."""
+        return f"cannot listen on {self.address} ({source}): {self.reason}"
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, an IPv6 host in brackets (grpc's and the logs' form)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+# What grpc says when a bind fails: only that it failed (its C core logs the reason on stderr).
+_GRPC_BIND_FAILED = "the address is in use or not available"
+_SURELY_NOT = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+
+
+def _cannot_bind(address: str) -> str | None:
+    """Why no socket can be bound to `address` (host:port) now, when that is sure: every address the host
+    resolves to is in use or not this machine's (the errno's text). None when one binds, or when the answer
+    is not sure (an unusual host or errno): grpc then decides. Asked before grpc binds, so that a port in use
+    is one line from us rather than a line from grpc's C core on stderr and a RuntimeError; the sockets
+    set SO_REUSEADDR and not SO_REUSEPORT, as grpc's do here."""
+    host, _, port = address.rpartition(":")
+    try:
+        number = int(port)
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (ValueError, OSError):
+        return None
+    if number == 0:
+        return None
+    reasons = []
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno not in _SURELY_NOT:
+                return None
+            reasons.append(os_reason(exc))
+            continue
+        return None
+    return reasons[0] if reasons else None
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError's reason in the logs' words: `address already in use`."""
+    return (exc.strerror or str(exc)).lower()
+
+
+def _bind(
+    server: grpc.aio.Server, address: str, setting: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Binds `server` to `address`; a ListenError naming `setting` when it cannot (never grpc's
+    RuntimeError and traceback)."""
+    reason = _cannot_bind(address)
+    if reason is not None:
+        raise ListenError(address, setting, reason)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise ListenError(address, setting, _GRPC_BIND_FAILED) from exc
+    if port == 0:  # older grpc versions answered 0 instead of raising
+        raise ListenError(address, setting, _GRPC_BIND_FAILED)
+    return port
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -78,8 +162,12 @@ class Metrics:
         self.latency.labels(self.service, method, code.name).observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
-        """Starts the /metrics endpoint on a daemon thread; returns the bound port (port 0 picks one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Starts the /metrics endpoint on a daemon thread; returns the bound port (port 0 picks one).
+        Raises ListenError (setting `metrics_port`) when it cannot listen."""
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ListenError(host_port(host, port), "metrics_port", os_reason(exc)) from exc
         return self._http.server_port
 
     @property
@@ -268,7 +356,8 @@ def build_server(
     `address` ("host:port"; port 0 picks a free one, read back from `Server.port`). `max_concurrent_calls`
     (0: no limit) bounds the service's calls in flight; `auth` checks tokens (ctl.security.TokenAuth);
     refused calls are counted in the metrics too; `credentials`: TLS; `health_address`: also answer health
-    checks (only them) in plaintext there."""
+    checks (only them) in plaintext there. Raises ListenError (setting `port` or `health_port`) when an
+    address cannot be listened on."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -290,19 +379,14 @@ def build_server(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"cannot bind {address}")
+    port = _bind(server, address, "port", credentials)
     health_server, health_port = None, None
     if health_address is not None:
-        health_server = grpc.aio.server()
+        # not shared with another listener either (grpc's default is SO_REUSEPORT on: a second server on the
+        # same health port would bind, and probes would reach either)
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
-        health_port = health_server.add_insecure_port(health_address)
-        if health_port == 0:
-            raise OSError(f"cannot bind {health_address} (health checks)")
+        health_port = _bind(health_server, health_address, "health_port", None)
     return Server(server, port, health, service_names, metrics, health_server, health_port)
 
 

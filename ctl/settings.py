@@ -115,6 +115,11 @@ def env_var(prefix: str, name: str) -> str:
     return prefix + name.upper()
 
 
+def named(prefix: str, name: str) -> str:
+    """Where field `name` is set, for a message: `--port / CTL_RANKER_PORT`."""
+    return f"{flag(name)} / {env_var(prefix, name)}"
+
+
 _PARSERS: dict[Any, Callable[[str], Any]] = {bool: parse_bool, int: parse_int, float: parse_float}
 _EXPECTED = {parse_bool: "true or false", parse_int: "int", parse_float: "float"}
 

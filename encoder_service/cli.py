@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 
-from encoder_service.config import add_arguments, from_args
+from ctl.serving import ListenError
+from ctl.settings import named
+from encoder_service.config import ENV_PREFIX, add_arguments, from_args
 from encoder_service.errors import ConfigError, EncoderError
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,10 @@ def main(args: argparse.Namespace) -> int:
     except SecurityConfigError as exc:
         log.error("encoder service cannot start: %s", exc)
         return 2
-    except (EncoderError, OSError) as exc:  # OSError: a port already taken
+    except ListenError as exc:  # a port in use, or a host not this machine's
+        log.error("encoder service cannot start: %s", exc.naming(named(ENV_PREFIX, exc.setting)))
+        return 1
+    except (EncoderError, OSError) as exc:
         log.error("encoder service stopped: %s", exc)
         return 1
     return 0

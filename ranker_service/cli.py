@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 
-from ranker_service.config import add_arguments, from_args
+from ctl.serving import ListenError
+from ctl.settings import named
+from ranker_service.config import ENV_PREFIX, add_arguments, from_args
 from ranker_service.errors import ConfigError, RankerError
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ def main(args: argparse.Namespace) -> int:
     except SecurityConfigError as exc:
         log.error("ranker service cannot start: %s", exc)
         return 2
+    except ListenError as exc:  # a port in use, or a host not this machine's
+        log.error("ranker service cannot start: %s", exc.naming(named(ENV_PREFIX, exc.setting)))
+        return 1
     except (RankerError, OSError) as exc:
         log.error("ranker service stopped: %s", exc)
         return 1

@@ -30,7 +30,7 @@ from ctl.security import (
     parse_tokens,
     server_credentials,
 )
-from ctl.serving import Metrics, Server, build_server, serve_forever
+from ctl.serving import Metrics, Server, build_server, host_port, serve_forever
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
@@ -112,13 +112,13 @@ class Ranker:
             add_servicers=lambda s: ranker_pb2_grpc.add_RankerServiceServicer_to_server(
                 RankerServicer(self.app), s
             ),
-            address=f"{config.host}:{config.port}",
+            address=host_port(config.host, config.port),
             metrics=self.metrics,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_calls=config.max_concurrent_calls,
             auth=auth if auth.enabled else None,
             credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
-            health_address=f"{config.host}:{config.health_port}" if config.health_port >= 0 else None,
+            health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
         )
         # a bad key file or CA file: exit 2 now, not once the encoder answered
         self._qdrant = qdrant_credentials(config) if config.qdrant_url else (None, None)
