@@ -1,4 +1,4 @@
-"""The ranker: Recommend, UpsertProducts, DeleteProducts, GetCatalogStats.
+"""The ranker: Recommend, UpsertProducts, DeleteProducts, GetProducts, GetCatalogStats.
 
 `RankerApp` holds the logic (request checks, encoder calls, store, retrieval) as plain async methods;
 `RankerServicer` is the thin gRPC layer over it. Errors are domain exceptions mapped to statuses by
@@ -55,6 +55,7 @@ MODE_PROTO = {Mode.POOLED: ranker_pb2.RETRIEVAL_MODE_POOLED, **{v: k for k, v in
 DEFAULT_LIMIT = 10
 MAX_ID_BYTES = 512
 MAX_DELETE = 10_000
+MAX_GET = 10_000  # ids per GetProducts
 
 
 @dataclass
@@ -324,7 +325,7 @@ class RankerApp:
             self.upsert_batch.observe(len(points))
             self.records.labels("stored").inc(len(points))
 
-    # --- DeleteProducts, GetCatalogStats ---------------------------------------------------------------
+    # --- DeleteProducts, GetProducts, GetCatalogStats ---------------------------------------------------
 
     async def delete(self, req: ranker_pb2.DeleteProductsRequest) -> ranker_pb2.DeleteProductsResponse:
         ready = self.ready
@@ -339,6 +340,24 @@ class RankerApp:
         present = {p.product_id for p in found}
         return ranker_pb2.DeleteProductsResponse(
             deleted=len(present), not_found=[p for p in ids if p not in present]
+        )
+
+    async def get_products(self, req: ranker_pb2.GetProductsRequest) -> ranker_pb2.GetProductsResponse:
+        """The stored products among the ids asked, in that order, each once (no vectors), and the rest."""
+        ready = self.ready
+        if not req.product_ids:
+            raise InvalidRequest("product_ids: give at least one id")
+        if len(req.product_ids) > MAX_GET:
+            raise InvalidRequest(f"product_ids: at most {MAX_GET} per call, got {len(req.product_ids)}")
+        ids = list(dict.fromkeys(_text(p, "product_ids[]") for p in req.product_ids))
+        found = await ready.store.lookup(ids)
+        present = {p.product_id for p in found}
+        return ranker_pb2.GetProductsResponse(
+            products=[
+                ranker_pb2.StoredProduct(product_id=p.product_id, category=p.category, metadata=p.metadata)
+                for p in found
+            ],
+            not_found=[p for p in ids if p not in present],
         )
 
     async def stats(self) -> ranker_pb2.CatalogStats:
@@ -442,6 +461,10 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     @error_mapper(ERROR_CODES)
     async def DeleteProducts(self, request, context):
         return await self.app.delete(request)
+
+    @error_mapper(ERROR_CODES)
+    async def GetProducts(self, request, context):
+        return await self.app.get_products(request)
 
     @error_mapper(ERROR_CODES)
     async def GetCatalogStats(self, request, context):

@@ -878,3 +878,50 @@ def test_the_ranker_refuses_a_model_trained_with_another_attention(loop, exporte
             start_ranker(loop, ranker_config(seed_encoder.address, tmp_path / "store"))
     finally:
         seed_encoder.stop()
+
+
+def test_get_products_lists_what_the_store_holds_in_the_order_asked(loop, encoder, tmp_path, catalog):
+    """GetProducts: the products held among the ids asked (id, category, metadata; no vectors), in the order
+    asked, each once, and the ids not held, each once; 1 to 10,000 ids per call, each a valid id."""
+    ranker = start_ranker(loop, ranker_config(encoder.address, tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ranker.port}") as ch:
+            stub = ranker_pb2_grpc.RankerServiceStub(ch)
+            held = catalog[:6]
+            assert stub.UpsertProducts(stream(held), timeout=120).upserted == 6
+            a, b, c = held[4].product_id, held[0].product_id, held[2].product_id
+
+            def get(ids):
+                return stub.GetProducts(ranker_pb2.GetProductsRequest(product_ids=ids), timeout=30)
+
+            reply = get([a, "nope", b, a, "gone", "nope", c])
+            assert [p.product_id for p in reply.products] == [a, b, c]
+            assert list(reply.not_found) == ["nope", "gone"]
+            by_id = {p.product_id: p for p in held}
+            for p in reply.products:
+                assert (p.category, dict(p.metadata)) == (
+                    by_id[p.product_id].category,
+                    dict(by_id[p.product_id].metadata),
+                )
+
+            stub.DeleteProducts(ranker_pb2.DeleteProductsRequest(product_ids=[b]), timeout=10)
+            reply = get([b, a])
+            assert [p.product_id for p in reply.products] == [a] and list(reply.not_found) == [b]
+
+            most = [f"x{i}" for i in range(10_000)]
+            reply = get([*most[:-1], c])
+            assert [p.product_id for p in reply.products] == [c] and len(reply.not_found) == 9_999
+            refused = {
+                "no ids": ([], "at least one"),
+                "too many": ([*most, c], "at most 10000"),
+                "an empty id": ([a, ""], "empty"),
+                "a long id": ([a, "x" * 513], "longer than 512 bytes"),
+            }
+            for name, (ids, words) in refused.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    get(ids)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+                assert words in err.value.details(), (name, err.value.details())
+            assert [p.product_id for p in get([a]).products] == [a]  # still serving
+    finally:
+        loop.call(ranker.stop(grace=1))

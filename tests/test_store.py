@@ -344,6 +344,36 @@ def test_retrieve_returns_only_existing_ids(backend: Backend) -> None:
     run(scenario())
 
 
+def test_lookup_lists_the_stored_products_without_vectors(backend: Backend) -> None:
+    """What GetProducts answers: the products held among the ids asked (id, category, metadata), in the
+    order asked, each once; what the store holds now (a replaced product's new listing, not a deleted one)."""
+    points = catalog(50)
+    by_id = {p.product_id: p for p in points}
+    asked = ["p0007", "nope", "p0003", "p0007", "p0049", "also-missing"]
+
+    async def scenario() -> None:
+        store = await loaded(backend, points)
+        got = await store.lookup(asked)
+        assert [p.product_id for p in got] == ["p0007", "p0003", "p0049"]
+        for p in got:
+            want = by_id[p.product_id]
+            assert (p.category, dict(p.metadata)) == (want.category, dict(want.metadata))
+            assert not hasattr(p, "style")
+        assert [p.product_id for p in got] == [p.product_id for p in await store.retrieve(asked)]
+        assert await store.lookup([]) == [] and await store.lookup(["nope"]) == []
+        await store.upsert([replace(by_id["p0003"], category="hats", metadata={"color": "green"})])
+        await store.delete(["p0049"])
+        (moved, first) = await store.lookup(["p0003", "p0007"])
+        assert (moved.category, dict(moved.metadata)) == ("hats", {"color": "green"})
+        assert first.product_id == "p0007"
+        assert await store.lookup(["p0049"]) == []
+        await store.close()
+        with pytest.raises(StoreClosed):
+            await store.lookup(["p0007"])
+
+    run(scenario())
+
+
 def test_delete_removes_and_ignores_unknown_ids(backend: Backend) -> None:
     points = catalog()
     gone = [p.product_id for p in points[:40]]

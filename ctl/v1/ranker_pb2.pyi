@@ -165,6 +165,37 @@ class DeleteProductsResponse(_message.Message):
     not_found: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class GetProductsRequest(_message.Message):
+    __slots__ = ("product_ids",)
+    PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    product_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, product_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StoredProduct(_message.Message):
+    __slots__ = ("product_id", "category", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    category: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, product_id: _Optional[str] = ..., category: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GetProductsResponse(_message.Message):
+    __slots__ = ("products", "not_found")
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    products: _containers.RepeatedCompositeFieldContainer[StoredProduct]
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, products: _Optional[_Iterable[_Union[StoredProduct, _Mapping]]] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GetCatalogStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -49,6 +49,11 @@ class RankerServiceStub:
                 request_serializer=ctl_dot_v1_dot_ranker__pb2.DeleteProductsRequest.SerializeToString,
                 response_deserializer=ctl_dot_v1_dot_ranker__pb2.DeleteProductsResponse.FromString,
                 _registered_method=True)
+        self.GetProducts = channel.unary_unary(
+                '/ctl.v1.RankerService/GetProducts',
+                request_serializer=ctl_dot_v1_dot_ranker__pb2.GetProductsRequest.SerializeToString,
+                response_deserializer=ctl_dot_v1_dot_ranker__pb2.GetProductsResponse.FromString,
+                _registered_method=True)
         self.GetCatalogStats = channel.unary_unary(
                 '/ctl.v1.RankerService/GetCatalogStats',
                 request_serializer=ctl_dot_v1_dot_ranker__pb2.GetCatalogStatsRequest.SerializeToString,
@@ -81,6 +86,14 @@ class RankerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProducts(self, request, context):
+        """The stored products among the ids asked, without their vectors, and the ids the store does not
+        hold: what the catalog holds now (`ctl ingest` checks its journal against the store with it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCatalogStats(self, request, context):
         """How many products per category, and which model made them.
         """
@@ -105,6 +118,11 @@ def add_RankerServiceServicer_to_server(servicer, server):
                     servicer.DeleteProducts,
                     request_deserializer=ctl_dot_v1_dot_ranker__pb2.DeleteProductsRequest.FromString,
                     response_serializer=ctl_dot_v1_dot_ranker__pb2.DeleteProductsResponse.SerializeToString,
+            ),
+            'GetProducts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProducts,
+                    request_deserializer=ctl_dot_v1_dot_ranker__pb2.GetProductsRequest.FromString,
+                    response_serializer=ctl_dot_v1_dot_ranker__pb2.GetProductsResponse.SerializeToString,
             ),
             'GetCatalogStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCatalogStats,
@@ -193,6 +211,33 @@ class RankerService:
             '/ctl.v1.RankerService/DeleteProducts',
             ctl_dot_v1_dot_ranker__pb2.DeleteProductsRequest.SerializeToString,
             ctl_dot_v1_dot_ranker__pb2.DeleteProductsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProducts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ctl.v1.RankerService/GetProducts',
+            ctl_dot_v1_dot_ranker__pb2.GetProductsRequest.SerializeToString,
+            ctl_dot_v1_dot_ranker__pb2.GetProductsResponse.FromString,
             options,
             channel_credentials,
             insecure,

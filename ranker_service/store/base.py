@@ -40,6 +40,15 @@ class ProductPoint:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """One stored product without its vectors: what it is, not how it looks."""
+
+    product_id: str
+    category: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Condition:
     """A metadata filter: metadata[key] must be one of `any_of` (if given) and none of `none_of`."""
 
@@ -109,6 +118,11 @@ class ProductStore(ABC):
     @abstractmethod
     async def retrieve(self, product_ids: Sequence[str]) -> list[ProductPoint]:
         """The stored products among `product_ids` (missing ones are left out), with vectors."""
+
+    @abstractmethod
+    async def lookup(self, product_ids: Sequence[str]) -> list[Listing]:
+        """The stored products among `product_ids` without their vectors (presence checks, listings):
+        in the order asked, each once; missing ones are left out."""
 
     @abstractmethod
     async def delete(self, product_ids: Sequence[str]) -> None:

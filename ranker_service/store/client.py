@@ -49,7 +49,16 @@ from ranker_service.store._points import (
     query_rows,
     stored_points,
 )
-from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, ProductStore, Query, point_id
+from ranker_service.store.base import (
+    ATTENTION,
+    STYLE,
+    Hits,
+    Listing,
+    ProductPoint,
+    ProductStore,
+    Query,
+    point_id,
+)
 from style_model.distances import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -101,6 +110,15 @@ def _filter(query: Query) -> qm.Filter:
         ids: list[qm.ExtendedPointId] = [point_id(product_id) for product_id in query.exclude_ids]
         must_not.append(qm.HasIdCondition(has_id=ids))
     return qm.Filter(must=must, must_not=must_not or None)
+
+
+_LISTED = ("product_id", "category", "metadata")  # the payload fields of a Listing
+
+
+def _listing(payload: Mapping[str, Any] | None) -> Listing:
+    if not payload or "product_id" not in payload or "category" not in payload:
+        raise StoreError("Qdrant returned a point without its product id or category")
+    return Listing(payload["product_id"], payload["category"], dict(payload.get("metadata") or {}))
 
 
 class QdrantClientStore(ProductStore):
@@ -224,6 +242,19 @@ class QdrantClientStore(ProductStore):
             zip((str(r.id) for r in records), products([(r.vector, r.payload) for r in records], "Qdrant"))
         )
         return in_order(ids, found)
+
+    async def lookup(self, product_ids: Sequence[str]) -> list[Listing]:
+        """In the order asked, each product once; unknown ids are left out. The payload only, no vectors."""
+        client = self._live()
+        ids = point_ids(product_ids)
+        if not ids:
+            return []
+        with _map_errors("look up points", self._where):
+            records = await client.retrieve(
+                self.collection, ids, with_payload=list(_LISTED), with_vectors=False
+            )
+        found = {str(r.id): _listing(r.payload) for r in records}
+        return [found[i] for i in ids if i in found]
 
     async def delete(self, product_ids: Sequence[str]) -> None:
         client = self._live()

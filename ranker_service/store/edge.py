@@ -45,7 +45,16 @@ from ranker_service.store._points import (
     query_rows,
     stored_points,
 )
-from ranker_service.store.base import ATTENTION, STYLE, Hits, ProductPoint, ProductStore, Query, point_id
+from ranker_service.store.base import (
+    ATTENTION,
+    STYLE,
+    Hits,
+    Listing,
+    ProductPoint,
+    ProductStore,
+    Query,
+    point_id,
+)
 from ranker_service.store.table import ProductTable
 from style_model.distances import l2_normalize
 
@@ -275,6 +284,10 @@ class EdgeStore(ProductStore):
         """In the order asked, each product once; unknown ids are left out. From this store's own copy."""
         self._live()
         return list(self._table.hits([i for i in point_ids(product_ids) if i in self._table]).points)
+
+    async def lookup(self, product_ids: Sequence[str]) -> list[Listing]:
+        """In the order asked, each product once; unknown ids are left out. From this store's own copy."""
+        return [Listing(p.product_id, p.category, p.metadata) for p in await self.retrieve(product_ids)]
 
     async def delete(self, product_ids: Sequence[str]) -> None:
         shard = self._live()
