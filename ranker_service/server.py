@@ -41,9 +41,16 @@ from ranker_service.store import ProductStore, open_client_store, open_edge_stor
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LOOPBACK_HTTP = ("http://localhost", "http://127.0.0.1", "http://[::1]")
+PROBE_ERROR_REPEAT_S = 60.0  # a probe that keeps failing (a bug) is logged again at most this often
 
 # The scope each RankerService method needs when tokens are configured.
-METHOD_SCOPES = {"Recommend": READ, "GetCatalogStats": READ, "UpsertProducts": WRITE, "DeleteProducts": WRITE}
+METHOD_SCOPES = {
+    "Recommend": READ,
+    "GetCatalogStats": READ,
+    "GetProducts": READ,
+    "UpsertProducts": WRITE,
+    "DeleteProducts": WRITE,
+}
 
 
 def qdrant_credentials(config: RankerConfig) -> tuple[str | None, str | None]:
@@ -80,6 +87,48 @@ async def open_store(
             replication_factor=config.qdrant_replication_factor or None,
         )
     return await open_edge_store(location, info.model_version, info.dim)
+
+
+class ProbeErrorLog:
+    """How the dependency probe logs a failure of its own (a bug, not a dependency down): the traceback
+    once per distinct error (its type and the line that raised it: a message may carry a changing
+    detail), then, while the same error persists, one line at most every `repeat_s` seconds saying how
+    often it failed since; the next success forgets it, so that a recurrence shows its traceback again."""
+
+    def __init__(self, repeat_s: float = PROBE_ERROR_REPEAT_S, clock: Callable[[], float] = time.monotonic):
+        self.repeat_s = repeat_s
+        self._clock = clock
+        self._error: tuple[str, str, int | None] | None = None
+        self._logged_at = 0.0
+        self._since = 0  # failures since the last line
+
+    @staticmethod
+    def _key(exc: BaseException) -> tuple[str, str, int | None]:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("", None)
+        return (type(exc).__qualname__, *where)
+
+    def failed(self, exc: BaseException) -> None:
+        now, key = self._clock(), self._key(exc)
+        if key != self._error:
+            self._error, self._logged_at, self._since = key, now, 0
+            log.error("the dependency probe failed", exc_info=exc)
+            return
+        self._since += 1
+        if now - self._logged_at >= self.repeat_s:
+            log.error(
+                "the dependency probe still fails: %d more times in %.0f s, now: %s: %s",
+                self._since,
+                now - self._logged_at,
+                type(exc).__name__,
+                exc,
+            )
+            self._logged_at, self._since = now, 0
+
+    def succeeded(self) -> None:
+        self._error = None
 
 
 class Ranker:
@@ -124,6 +173,7 @@ class Ranker:
         self._qdrant = qdrant_credentials(config) if config.qdrant_url else (None, None)
         self.store: ProductStore | None = None
         self._probe: asyncio.Task | None = None
+        self._probe_log = ProbeErrorLog()
 
     @property
     def port(self) -> int:
@@ -207,22 +257,27 @@ class Ranker:
         return None
 
     async def _probe_dependencies(self, store: ProductStore, info: ModelInfo) -> None:
-        """Readiness follows the encoder and the store (liveness does not: a restart would not help)."""
-        serving = True
+        """Readiness follows the encoder and the store (liveness does not: a restart would not help). Each
+        new reason for NOT_SERVING is logged once, when it changes (an encoder that was down, then serves
+        another model: on-call must read the reason of now), not on every probe."""
+        serving, reason = True, None
         while True:
             await asyncio.sleep(self.config.probe_interval_s)
             try:
                 failing = await self._failing_dependency(store, info)
+                self._probe_log.succeeded()
             except Exception as exc:  # a bug must not end the probe with health stuck where it was
-                log.exception("the dependency probe failed")
-                failing = f"the dependency probe failed: {type(exc).__name__}: {exc}"
-            if (failing is None) != serving:
-                serving = failing is None
+                self._probe_log.failed(exc)
+                failing = f"the dependency probe fails ({type(exc).__name__}, logged above)"
+            if failing != reason:
+                reason = failing
                 log.warning(
                     "%s: %s",
                     failing or "the encoder and the store are back",
-                    "SERVING" if serving else "NOT_SERVING",
+                    "NOT_SERVING" if failing else "SERVING",
                 )
+            if (failing is None) != serving:
+                serving = failing is None
                 await self.server.set_serving(serving)
 
     async def close(self) -> None:

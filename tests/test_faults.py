@@ -13,6 +13,7 @@ at the store level, tests/test_store.py.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -326,6 +327,45 @@ def test_an_encoder_restarted_with_another_model_keeps_the_ranker_not_serving(
             encoder = Encoder(loop, encoder_config(served, port=port)).wait_serving()
             wait_until(lambda: health(address) == SERVING, timeout=10)
             assert _recommend(address, scene, timeout=30) == before
+    finally:
+        loop.call(ranker.stop(grace=1))
+        encoder.close()
+
+
+def _logged(caplog, text: str) -> list[str]:
+    """The ranker's log lines so far that contain `text` (records arrive from the loop's thread)."""
+    return [
+        r.getMessage()
+        for r in list(caplog.records)
+        if r.name == ranker_server.__name__ and text in r.getMessage()
+    ]
+
+
+def test_the_ranker_logs_each_new_reason_it_is_not_serving(loop, exported_repo, tmp_path, caplog):
+    """An encoder restarted with another model is first down ("not serving"), then up with the new model:
+    the ranker logged only the first reason (it logged when SERVING flipped, and it stays NOT_SERVING), so
+    on-call read a stale one. Now each change of reason is logged, once: not on every probe."""
+    caplog.set_level(logging.WARNING, logger=ranker_server.__name__)
+    served = shutil.copytree(exported_repo, tmp_path / "served")
+    new = json.loads((served / "model_info.json").read_text())["model_version"] + "-next"
+    _repo_of_version(exported_repo, tmp_path / "next", new)
+    port = _free_port()
+    encoder = Encoder(loop, encoder_config(served, port=port)).wait_serving()
+    config = RankerConfig(
+        host="127.0.0.1", port=0, metrics_port=-1, encoder=f"127.0.0.1:{port}",
+        store_path=str(tmp_path / "store" / "{model_version}"), probe_interval_s=0.2, startup_timeout_s=20,
+    )  # fmt: skip
+    ranker = _start_ranker(loop, config)
+    address = f"127.0.0.1:{ranker.port}"
+    try:
+        encoder.close()
+        wait_until(lambda: _logged(caplog, "is not serving: NOT_SERVING"), timeout=10)
+        assert health(address) == NOT_SERVING
+        encoder = Encoder(loop, encoder_config(tmp_path / "next", port=port)).wait_serving()
+        wait_until(lambda: _logged(caplog, f"now serves model {new}"), timeout=10)
+        assert _stays(address, NOT_SERVING, 1.0)  # several probes, the same reason
+        assert len(_logged(caplog, f"now serves model {new}")) == 1
+        assert len(_logged(caplog, "is not serving: NOT_SERVING")) == 1
     finally:
         loop.call(ranker.stop(grace=1))
         encoder.close()
