@@ -1,7 +1,7 @@
 """`ctl ingest`: stream a product catalog to the ranker's UpsertProducts, resumably.
 
-The catalog is read twice, in order: once for its ids and categories (the progress total, and the check
-below), then for sending. Each record is decided before anything is sent: unreadable ones, missing image
+The catalog is read twice, in order: once for its ids (the progress total, and the check below), then
+for sending. Each record is decided before anything is sent: unreadable ones, missing image
 files and duplicate ids with different data fail here; records the journal already holds with the same
 content are skipped; the rest go out in batches, one UpsertProducts stream per batch,
 `streams` batches in flight. Outcomes are journaled only once the ranker has answered for the whole
@@ -9,30 +9,33 @@ stream, so a killed job loses at most the batches in flight (sent again on the n
 idempotent). A stream that fails on UNAVAILABLE and the like is retried with backoff; if it still fails
 the job stops sending, and every record not ingested is listed in the error report with the reason.
 
-The journal is checked against the store, at the start and at the end. The store can have lost what the
-journal says landed (wiped, restored from an older copy, products deleted through DeleteProducts) while
-the target's name and model version stay the same. At the start, for each category, the number of the
-catalog's products the journal records as ingested is compared with the store's count
-(GetCatalogStats): a store that holds fewer cannot hold them all, so the journal is not trusted for that
-category and its journaled records are sent again (upserts are idempotent), with a warning that says so.
-A store that holds more (products from other sources) is fine. At the end the same comparison tells
-whether the store still holds what was ingested (it may have changed during the job): if not, the job
-says so and exits non-zero, and a rerun sends what is missing. Counts cannot see a product deleted from
-a category that other sources filled back up; a per-product check would need a presence query in the
-ranker's API, which has none.
+The journal is checked against the store, product by product, at the start and at the end. The store
+can have lost what the journal says landed (wiped, restored from an older copy, products deleted through
+DeleteProducts) while the target's name and model version stay the same. At the start, the ranker is
+asked (GetProducts, up to 10,000 ids and about 1 MiB of reply per call) for every product of the
+catalog that the journal records as ingested: one the store lacks, or holds with another category or
+metadata than the journal recorded (an older copy of it; images cannot be compared, the store keeps
+vectors), is not trusted: its record is sent again (upserts are idempotent), with a warning that says
+how many and why. Products the store holds besides (other sources, products since taken out of the
+catalog) do not matter. At the end the same check runs over what the job ingested or trusted (the
+store may have changed during the job): if the store lacks any of them, or holds one otherwise, the job
+says so and exits non-zero, and a rerun sends them. Each check takes about 3 s per 100,000 products
+with the embedded store (measured with the ranker in the job's process, as with `--embedded`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -42,6 +45,7 @@ from ctl.progress import progress_bar
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Record failures that depend only on the record (a corrupt image...): journaled, not retried by a rerun.
 # Any other status of a record (RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL...) is reported, and sent again
@@ -53,6 +57,12 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
 }
+# The journal's checks against the store: GetProducts calls of at most CHECK_IDS ids and about CHECK_BYTES
+# of reply (gRPC's default receive limit is 4 MiB; a listing's metadata can be long).
+CHECK_IDS = 10_000
+CHECK_BYTES = 1 << 20
+CHECK_OVERHEAD = 16  # reply bytes per product besides its listing's JSON
+CHECK_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -105,17 +115,19 @@ class Summary:
 
     records: int = 0
     ingested: int = 0  # sent and stored by this run
-    already: int = 0  # skipped: the journal holds the same content
-    resent: int = 0  # of `ingested`: journaled, sent again (the store held fewer of their category)
+    already: int = 0  # skipped: the journal holds the same content, and the store holds it
+    resent: int = 0  # of `ingested`: journaled with the same content, sent again (the store did not hold it)
     duplicates: int = 0  # skipped: an identical earlier record of the catalog
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str = ""  # why the job stopped sending, if it did
     model_version: str = ""
-    # category -> (products in the store, products the journal recorded as ingested), where the store held
-    # fewer: at the start (those categories were sent again), and after the job (the store lost some since)
-    untrusted: dict[str, tuple[int, int]] = field(default_factory=dict)
-    short: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # At the start, of the catalog's products the journal recorded as ingested: the ids the store lacked,
+    # and those it held with another category or metadata (all sent again).
+    lacking: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    # After the job, of the products it ingested or trusted: the ids the store lacks or holds otherwise.
+    short: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -127,12 +139,21 @@ class _Item:
     record: CatalogRecord
     digest: str
     image: bytes
-    resent: bool = False  # the journal holds it, but its category was not trusted
+    resent: bool = False  # the journal holds it, but the store did not
+
+
+def _listing_json(product_id: str, category: str, metadata: Mapping[str, str]) -> bytes:
+    return json.dumps([product_id, category, sorted(metadata.items())]).encode()
+
+
+def _listing(product_id: str, category: str, metadata: Mapping[str, str]) -> str:
+    """The digest of what the store returns for a product (GetProducts): id, category, metadata."""
+    return hashlib.sha256(_listing_json(product_id, category, metadata)).hexdigest()[:32]
 
 
 def _digest(record: CatalogRecord, image: bytes) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([record.product_id, record.category, sorted(record.metadata.items())]).encode())
+    """The digest of a record's whole content: its listing and its image bytes."""
+    h = hashlib.sha256(_listing_json(record.product_id, record.category, record.metadata))
     h.update(b"\0")
     h.update(image)
     return h.hexdigest()[:32]
@@ -141,12 +162,13 @@ def _digest(record: CatalogRecord, image: bytes) -> str:
 class _Planner:
     """Walks the catalog and decides each record: fail, skip, or send (with its image bytes)."""
 
-    def __init__(self, config: IngestConfig, journal: Journal, summary: Summary, bar):
+    def __init__(self, config: IngestConfig, journal: Journal, summary: Summary, bar, landed: set[str]):
         self.config = config
         self.journal = journal
         self.summary = summary
         self.bar = bar
-        self.untrusted = set(summary.untrusted)  # categories whose journaled records are sent again
+        self.untrusted = {*summary.lacking, *summary.other}  # journaled, but not held as journaled: resent
+        self.landed = landed  # ids the store should hold at the end: those trusted here (and those sent)
         self.records: Iterator[CatalogRecord] = read_catalog(
             config.catalog, config.format, config.metadata_columns
         )
@@ -206,8 +228,9 @@ class _Planner:
             if not done.ok:
                 self._fail(record, done.code, done.reason)
                 return None
-            if record.category not in self.untrusted:
+            if record.product_id not in self.untrusted:
                 self.summary.already += 1
+                self.landed.add(record.product_id)
                 return None
             return _Item(record, digest, image, resent=True)
         return _Item(record, digest, image)
@@ -223,19 +246,19 @@ def _requests(items: list[_Item]) -> Iterator[ranker_pb2.UpsertProductsRequest]:
         )
 
 
-async def _send(
-    stub: ranker_pb2_grpc.RankerServiceStub, items: list[_Item], config: IngestConfig
-) -> ranker_pb2.UpsertProductsResponse:
-    """One stream, retried with backoff on transient statuses; raises the last RpcError."""
+async def _retried(call: Callable[[], Awaitable[T]], method: str, config: IngestConfig) -> T:
+    """`call()`, made again with backoff on transient statuses (`config.retries` times); raises the last
+    RpcError."""
     delay = 0.5
     for attempt in range(config.retries + 1):
         try:
-            return await stub.UpsertProducts(_requests(items), timeout=config.stream_timeout_s)
+            return await call()
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in RETRYABLE or attempt == config.retries:
                 raise
             log.warning(
-                "UpsertProducts: %s (%s); retry %d/%d in %.1f s",
+                "%s: %s (%s); retry %d/%d in %.1f s",
+                method,
                 exc.code().name,
                 exc.details(),
                 attempt + 1,
@@ -245,6 +268,17 @@ async def _send(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
     raise AssertionError("unreachable")
+
+
+async def _send(
+    stub: ranker_pb2_grpc.RankerServiceStub, items: list[_Item], config: IngestConfig
+) -> ranker_pb2.UpsertProductsResponse:
+    """One stream (a new one per attempt), retried on transient statuses."""
+    return await _retried(
+        lambda: stub.UpsertProducts(_requests(items), timeout=config.stream_timeout_s),
+        "UpsertProducts",
+        config,
+    )
 
 
 async def catalog_stats(
@@ -261,75 +295,130 @@ async def catalog_stats(
             await asyncio.sleep(0.5)
 
 
-def catalog_index(config: IngestConfig) -> tuple[int, dict[str, str]]:
-    """The catalog's record count, and the category of each product id as the job will decide it (its
-    first readable record). Raises CatalogError before anything is sent."""
-    total, categories = 0, {}
+def catalog_index(config: IngestConfig) -> tuple[int, dict[str, int]]:
+    """The catalog's record count, and for each product id (its first readable record, as the job will
+    decide it) the size of its listing in bytes (to size the checks' replies). Raises CatalogError before
+    anything is sent."""
+    total, sizes = 0, {}
     for record in read_catalog(config.catalog, config.format, config.metadata_columns):
         total += 1
-        if not record.problem:
-            categories.setdefault(record.product_id, record.category)
-    return total, categories
+        if not record.problem and record.product_id not in sizes:
+            sizes[record.product_id] = len(_listing_json(record.product_id, record.category, record.metadata))
+    return total, sizes
 
 
-def fewer_in_store(
-    journal: Journal, catalog: dict[str, str], stats: ranker_pb2.CatalogStats
-) -> dict[str, tuple[int, int]]:
-    """Categories where the store holds fewer products than the journal says landed from this catalog:
-    category -> (in the store, journaled as ingested)."""
-    held = stats.products_by_category
-    return {
-        category: (held.get(category, 0), count)
-        for category, count in sorted(journal.ingested_by_category(catalog).items())
-        if held.get(category, 0) < count
-    }
+def _chunks(ids: list[str], sizes: Mapping[str, int]) -> Iterator[list[str]]:
+    """`ids` in order, cut into GetProducts calls: at most CHECK_IDS ids and about CHECK_BYTES of reply."""
+    chunk: list[str] = []
+    size = 0
+    for pid in ids:
+        n = sizes.get(pid, len(pid)) + CHECK_OVERHEAD
+        if chunk and (len(chunk) == CHECK_IDS or size + n > CHECK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(pid)
+        size += n
+    if chunk:
+        yield chunk
 
 
-def _distrust(summary: Summary, untrusted: dict[str, tuple[int, int]]) -> None:
-    summary.untrusted = untrusted
-    for category, (held, count) in untrusted.items():
+async def _not_held(
+    stub: ranker_pb2_grpc.RankerServiceStub,
+    expected: Mapping[str, str],
+    sizes: Mapping[str, int],
+    config: IngestConfig,
+) -> tuple[list[str], list[str]]:
+    """Of the products `expected` (id -> listing digest; "" checks presence only), those the store lacks
+    and those it holds with another listing, each in the order given."""
+    lacking: list[str] = []
+    other: list[str] = []
+    for chunk in _chunks(list(expected), sizes):
+        request = ranker_pb2.GetProductsRequest(product_ids=chunk)
+        reply = await _retried(
+            functools.partial(stub.GetProducts, request, timeout=CHECK_TIMEOUT_S), "GetProducts", config
+        )
+        lacking.extend(reply.not_found)
+        for p in reply.products:
+            want = expected[p.product_id]
+            if want and want != _listing(p.product_id, p.category, p.metadata):
+                other.append(p.product_id)
+    return lacking, other
+
+
+def _examples(ids: list[str], shown: int = 5) -> str:
+    """The first few of `ids`, for a log line or the summary (the Summary holds them all)."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(repr(i) for i in ids[:shown]) + more
+
+
+async def _check_start(
+    stub, journal: Journal, sizes: Mapping[str, int], summary: Summary, config: IngestConfig
+) -> None:
+    """Before sending: which of the catalog's products the journal recorded as ingested does the store not
+    hold as recorded? Those are sent again (Summary.lacking, Summary.other)."""
+    try:
+        summary.lacking, summary.other = await _not_held(stub, journal.ingested(sizes), sizes, config)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            log.error("the ranker has no GetProducts (older than this ctl): upgrade it to check the journal")
+        raise
+    if summary.lacking:
         log.warning(
-            "the store holds %d products of %r but the journal recorded %d ingested: "
-            "re-sending the catalog's records of %r",
-            held,
-            category,
-            count,
-            category,
+            "the store lacks %d products the journal recorded as ingested (wiped, restored from an older "
+            "copy, deleted): sending them again (%s)",
+            len(summary.lacking),
+            _examples(summary.lacking),
+        )
+    if summary.other:
+        log.warning(
+            "the store holds %d products the journal recorded as ingested with another category or metadata "
+            "(restored from an older copy, or written by another source): sending them again (%s)",
+            len(summary.other),
+            _examples(summary.other),
         )
 
 
-async def _check_after(stub, journal: Journal, catalog: dict[str, str], summary: Summary) -> None:
-    """After the job: does the store hold (at least) what the journal says landed?"""
+async def _check_after(
+    stub, journal: Journal, sizes: Mapping[str, int], landed: set[str], summary: Summary, config: IngestConfig
+) -> None:
+    """After the job: does the store hold, as journaled, every product this job ingested or trusted?"""
+    expected = {pid: journal.outcomes[pid].listing for pid in sizes if pid in landed}
     try:
-        stats = await catalog_stats(stub)
+        lacking, other = await _not_held(stub, expected, sizes, config)
     except grpc.aio.AioRpcError as exc:
-        summary.stopped = f"{exc.code().name}: {exc.details()} (asking the store's counts after the job)"
-        log.error("GetCatalogStats failed: %s", summary.stopped)
+        summary.stopped = f"{exc.code().name}: {exc.details()} (checking the store after the job)"
+        log.error("GetProducts failed: %s", summary.stopped)
         return
-    summary.short = fewer_in_store(journal, catalog, stats)
-    for category, (held, count) in summary.short.items():
+    summary.short = lacking + other
+    if summary.short:
         log.error(
-            "after the job the store holds %d products of %r but %d were ingested (products deleted or the "
-            "store replaced during the job?): run the job again to send them",
-            held,
-            category,
-            count,
+            "after the job the store lacks %d and holds %d otherwise of the products ingested or found "
+            "(products deleted or replaced, or the store replaced, during the job?): run the job again to "
+            "send them (%s)",
+            len(lacking),
+            len(other),
+            _examples(summary.short),
         )
 
 
 async def ingest(config: IngestConfig, channel: grpc.aio.Channel) -> Summary:
     """Runs the job against the ranker behind `channel`; the error report is written before returning."""
     started = time.monotonic()
-    total, catalog = await asyncio.to_thread(catalog_index, config)  # CatalogError before anything is sent
+    total, sizes = await asyncio.to_thread(catalog_index, config)  # CatalogError before anything is sent
     stub = ranker_pb2_grpc.RankerServiceStub(channel)
     stats = await catalog_stats(stub)
     summary = Summary(model_version=stats.model_version)
     journal = Journal(config.journal_path, stats.store, stats.model_version, fresh=config.fresh)
-    _distrust(summary, fewer_in_store(journal, catalog, stats))
+    try:
+        await _check_start(stub, journal, sizes, summary, config)
+    except BaseException:
+        journal.close()
+        raise
+    landed: set[str] = set()  # what the store should hold at the end: trusted, or sent and acknowledged
     queue: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=config.streams)
     try:
         with progress_bar(total, "ingest", "product") as bar:
-            planner = _Planner(config, journal, summary, bar)
+            planner = _Planner(config, journal, summary, bar, landed)
 
             async def produce() -> None:
                 try:
@@ -344,12 +433,12 @@ async def ingest(config: IngestConfig, channel: grpc.aio.Channel) -> Summary:
                     if summary.stopped:
                         _not_sent(summary, items, summary.stopped)
                     else:
-                        await _stream(stub, items, config, journal, summary)
+                        await _stream(stub, items, config, journal, summary, landed)
                     bar.update(len(items))
 
             await asyncio.gather(produce(), *(consume() for _ in range(config.streams)))
         if not summary.stopped:
-            await _check_after(stub, journal, catalog, summary)
+            await _check_after(stub, journal, sizes, landed, summary, config)
     finally:
         journal.close()
         summary.seconds = time.monotonic() - started
@@ -358,7 +447,9 @@ async def ingest(config: IngestConfig, channel: grpc.aio.Channel) -> Summary:
     return summary
 
 
-async def _stream(stub, items: list[_Item], config: IngestConfig, journal: Journal, summary: Summary) -> None:
+async def _stream(
+    stub, items: list[_Item], config: IngestConfig, journal: Journal, summary: Summary, landed: set[str]
+) -> None:
     try:
         reply = await _send(stub, items, config)
     except grpc.aio.AioRpcError as exc:
@@ -370,15 +461,16 @@ async def _stream(stub, items: list[_Item], config: IngestConfig, journal: Journ
     entries = []
     for index, it in enumerate(items):
         f = failed.get(index)
-        category = it.record.category
+        r = it.record
         if f is None:
-            outcome = Outcome(it.digest, True, it.record.line, category=category)
-            entries.append((it.record.product_id, outcome))
+            listing = _listing(r.product_id, r.category, r.metadata)
+            entries.append((r.product_id, Outcome(it.digest, True, r.line, listing=listing)))
+            landed.add(r.product_id)
             summary.resent += it.resent
         else:
             if f.error.code in PERMANENT:  # the same content would fail again: never sent twice
-                outcome = Outcome(it.digest, False, it.record.line, f.error.code, f.error.message, category)
-                entries.append((it.record.product_id, outcome))
+                outcome = Outcome(it.digest, False, r.line, f.error.code, f.error.message)
+                entries.append((r.product_id, outcome))
             summary.failures.append(
                 Failure(it.record.line, it.record.product_id, f.error.code, f.error.message)
             )
@@ -409,7 +501,7 @@ def format_summary(config: IngestConfig, summary: Summary) -> str:
         f"catalog {config.catalog}: {summary.records} records (model {summary.model_version})",
         f"  ingested now          {summary.ingested:>8}",
         f"  already ingested      {summary.already:>8}   (journal {config.journal_path})",
-        f"  re-sent               {summary.resent:>8}   (journaled; the store held fewer of their category)",
+        f"  re-sent               {summary.resent:>8}   (journaled, but not in the store as journaled)",
         f"  identical duplicates  {summary.duplicates:>8}",
         f"  failed                {len(summary.failures):>8}   (report {config.errors_path})",
         f"  took {summary.seconds:.1f} s ({sent_rate:.1f} products/s ingested)",
@@ -419,27 +511,22 @@ def format_summary(config: IngestConfig, summary: Summary) -> str:
         for f in summary.failures:
             by_code[f.code] = by_code.get(f.code, 0) + 1
         lines.append("  failures by status: " + ", ".join(f"{k} {v}" for k, v in sorted(by_code.items())))
-    lines += _by_category(
-        summary.untrusted,
-        "  the store held {held} products of {category!r} but the journal recorded {count} ingested: "
-        "re-sending its records",
-    )
-    lines += _by_category(
-        summary.short,
-        "  STORE SHORT: the store holds {held} products of {category!r} but {count} were ingested "
-        "(changed during the job?) — run the same command again to send them",
-    )
+    if summary.lacking:
+        lines.append(
+            f"  the store lacked {len(summary.lacking)} products the journal recorded as ingested "
+            f"({_examples(summary.lacking)}): sent again"
+        )
+    if summary.other:
+        lines.append(
+            f"  the store held {len(summary.other)} products the journal recorded as ingested with another "
+            f"category or metadata ({_examples(summary.other)}): sent again"
+        )
+    if summary.short:
+        lines.append(
+            f"  STORE SHORT: after the job the store lacks or holds otherwise {len(summary.short)} of the "
+            f"products ingested ({_examples(summary.short)}; changed during the job?) — run the same command "
+            "again to send them"
+        )
     if summary.stopped:
         lines.append(f"  STOPPED: {summary.stopped} — run the same command again to continue")
     return "\n".join(lines)
-
-
-def _by_category(counts: dict[str, tuple[int, int]], template: str, shown: int = 10) -> list[str]:
-    """One line per category (the first `shown`; the log has them all)."""
-    lines = [
-        template.format(category=category, held=held, count=count)
-        for category, (held, count) in list(counts.items())[:shown]
-    ]
-    if len(counts) > shown:
-        lines.append(f"  ... and {len(counts) - shown} more categories (see the log)")
-    return lines

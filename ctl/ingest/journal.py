@@ -4,10 +4,11 @@ A JSON-lines file next to the catalog. The first line names the target (ranker o
 version; then one line per record outcome, written only after the ranker acknowledged the stream that
 carried it, flushed and fsynced per stream. A record is keyed by product id and a digest of its content
 (id, category, metadata, image bytes): the same content is not sent twice, a changed one is sent again.
-Each outcome also names the product's category, so that the job can compare what the journal says landed
-with what the store holds (`ingested_by_category`): the journal describes the store as it was, and a
-store wiped or cut down since is not the one it describes. A torn last line (the process killed while
-writing) is ignored on reading.
+An ingested record also keeps the digest of its listing (id, category, metadata: what the store returns
+for it, GetProducts), so that the job can check that the store still holds each product as it landed
+(`ingested`): the journal describes the store as it was, and a store wiped, restored from an older copy or
+cut down since is not the one it describes. A torn last line (the process killed while writing) is
+ignored on reading.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class Outcome:
     line: int = 0
     code: str = ""
     reason: str = ""
-    category: str = ""  # "" in journals written before categories were recorded
+    listing: str = ""  # of an ingested record: digest of its id, category and metadata ("" in older journals)
 
 
 class Journal:
@@ -79,7 +80,7 @@ class Journal:
                     entry.get("line", 0),
                     entry.get("code", ""),
                     entry.get("reason", ""),
-                    entry.get("category", ""),
+                    entry.get("listing", ""),
                 )
             except (json.JSONDecodeError, KeyError, TypeError):
                 if number != len(lines):
@@ -88,15 +89,13 @@ class Journal:
     def get(self, product_id: str) -> Outcome | None:
         return self.outcomes.get(product_id)
 
-    def ingested_by_category(self, catalog: Mapping[str, str]) -> dict[str, int]:
-        """How many of `catalog`'s products (id -> category) the journal says landed, per category.
-        Products no longer in the catalog do not count, nor one journaled under another category."""
-        counts: dict[str, int] = {}
-        for product_id, category in catalog.items():
-            done = self.outcomes.get(product_id)
-            if done is not None and done.ok and done.category in ("", category):
-                counts[category] = counts.get(category, 0) + 1
-        return counts
+    def ingested(self, product_ids: Iterable[str]) -> dict[str, str]:
+        """Those of `product_ids` the journal says landed, in that order, with their listing digests ("" where
+        an older journal did not record it)."""
+        outcomes = self.outcomes
+        return {
+            pid: done.listing for pid in product_ids if (done := outcomes.get(pid)) is not None and done.ok
+        }
 
     def record(self, entries: list[tuple[str, Outcome]]) -> None:
         """Appends outcomes durably (one write, flush, fsync)."""
