@@ -159,8 +159,10 @@ class Retriever:
         everything = len(hits) >= size or (scan and len(hits) < pool)
         if everything:
             size = len(hits)  # exact: what the filters leave (the whole category without filters)
-        elif _filtered(ask):  # an estimate (an exact count of a filter scans the category)
+        elif ask.query.conditions:  # an estimate (an exact count of a filter scans the category)
             size = max(len(hits), min(size, await self.store.count(ask.query, exact=False)))
+        elif ask.query.exclude_ids:  # at least the category less the exclusions (some may be elsewhere)
+            size = max(len(hits), size - len(set(ask.query.exclude_ids)))
         return _result(scene, ask, hits.ids, hits.points, hits.styles, hits.keys, size, everything, 1)
 
     async def _exhaustive(self, scene: Scene, ask: Ask) -> Result:

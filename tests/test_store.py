@@ -764,3 +764,46 @@ def test_client_store_in_memory() -> None:
         await store.close()
 
     run(scenario())
+
+
+def test_client_store_following_a_moved_alias_normalises_a_collection_made_before(tmp_path: Path) -> None:
+    """Review of issue 14: an alias switched (blue/green) to a collection made by an older ctl (vectors as
+    given, no `unit_vectors` mark) was followed as it was, so certify ran on non-unit vectors until a
+    restart. Following it normalises it first, as opening does."""
+    from qdrant_client import models as qm
+
+    async def scenario() -> None:
+        store = await open_client_store(None, VERSION, DIM, collection="blue", path=tmp_path / "q")
+        client = store._client  # the same local-mode folder can be opened by one client only
+        params = qm.VectorParams(size=DIM, distance=qm.Distance.DOT)
+        await client.create_collection(
+            "green",
+            vectors_config={"style": params, "attention": params},
+            metadata={"model_version": VERSION, "dim": DIM},
+        )
+        off = (unit_rows(np.random.default_rng(3), 1)[0] * 1.0009).tolist()
+        payload = {"product_id": "g1", "category": "shoes", "metadata": {}, "model_version": VERSION}
+        point = qm.PointStruct(id=point_id("g1"), vector={"style": off, "attention": off}, payload=payload)
+        await client.upsert("green", [point], wait=True)
+        alias = qm.CreateAliasOperation(
+            create_alias=qm.CreateAlias(collection_name="blue", alias_name="live")
+        )
+        await client.update_collection_aliases(change_aliases_operations=[alias])
+        await store.close()
+
+        store = await open_client_store(None, VERSION, DIM, collection="live", path=tmp_path / "q")
+        moved = qm.CreateAliasOperation(
+            create_alias=qm.CreateAlias(collection_name="green", alias_name="live")
+        )
+        await store._client.update_collection_aliases(
+            change_aliases_operations=[
+                qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name="live")),
+                moved,
+            ]
+        )
+        await store.check()
+        (got,) = await store.retrieve(["g1"])
+        np.testing.assert_allclose(np.linalg.norm(got.style), 1.0, atol=1e-6)
+        await store.close()
+
+    run(scenario())

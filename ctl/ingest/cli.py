@@ -31,7 +31,7 @@ def _env(name: str, default: str | None = None) -> str | None:
     return default if text is None else _FromEnvironment(text)
 
 
-def _count(name: str, low: int):
+def _count(name: str, low: int, high: int):
     """The type of the count flag `--name` (default: CTL_INGEST_<NAME>'s text): an int of at least `low`
     (digits only, ctl/settings.py), or an error naming the variable when the text came from it, as the
     services' settings do (`CTL_INGEST_BATCH='0': expected 1 or more`); argparse names the flag."""
@@ -39,15 +39,16 @@ def _count(name: str, low: int):
 
     def parse(text: str) -> int:
         try:
-            value = parse_int(text)
-            problem = None if value >= low else f"expected {low} or more"
+            value = parse_int(text[:20]) if len(text) <= 20 else high + 1
+            problem = None if low <= value <= high else f"expected {low}..{high}"
         except argparse.ArgumentTypeError:
             problem = "expected a whole number"
         if problem is None:
             return value
+        shown = repr(str(text)) if len(text) <= 40 else repr(str(text)[:40]) + "…"
         if isinstance(text, _FromEnvironment):  # argparse's message names the flag, not the variable
-            raise argparse.ArgumentTypeError(f"{variable}={text!r}: {problem}")
-        raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{variable}={shown}: {problem}")
+        raise argparse.ArgumentTypeError(f"{problem}, got {shown}")
 
     return parse
 
@@ -85,15 +86,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=_env("STORE_PATH", "ctl-store/{model_version}"),
         help="with --embedded: the store directory ({model_version} is replaced; default %(default)s)",
     )
-    for name, default, low, text in (
-        ("batch", "64", 1, "records per stream"),
-        ("streams", "4", 1, "streams in flight"),
-        ("retries", "5", 0, "retries of a failed stream"),
+    for name, default, low, high, text in (
+        ("batch", "64", 1, 100_000, "records per stream"),
+        ("streams", "4", 1, 256, "streams in flight"),
+        ("retries", "5", 0, 100, "retries of a failed stream"),
     ):
         variable = f"CTL_INGEST_{name.upper()}"
         p.add_argument(
             f"--{name}",
-            type=_count(name, low),
+            type=_count(name, low, high),
             default=_env(name.upper(), default),
             help=f"{text} (env {variable}; default {default})",
         )
@@ -123,7 +124,11 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
 async def run_against(
     config: IngestConfig, address: str, credentials: grpc.ChannelCredentials | None = None, token: str = ""
 ) -> Summary:
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    # GetProducts' replies carry the store's metadata, which may be larger than the catalog's
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
     async with aio_channel(address, credentials, token, options=options) as channel:
         return await ingest(config, channel)
 

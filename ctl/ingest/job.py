@@ -51,6 +51,10 @@ T = TypeVar("T")
 # Any other status of a record (RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL...) is reported, and sent again
 # by the next run.
 PERMANENT = {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "ALREADY_EXISTS", "OUT_OF_RANGE"}
+OLD_RANKER = (
+    "the ranker has no GetProducts (older than this ctl): the journal is trusted without checking the "
+    "store (a wiped or restored store is not noticed); upgrade the ranker to check it"
+)
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -125,6 +129,7 @@ class Summary:
     # At the start, of the catalog's products the journal recorded as ingested: the ids the store lacked,
     # and those it held with another category or metadata (all sent again).
     lacking: list[str] = field(default_factory=list)
+    unchecked: bool = False  # the ranker has no GetProducts: the journal was trusted as it is
     other: list[str] = field(default_factory=list)
     # After the job, of the products it ingested or trusted: the ids the store lacks or holds otherwise.
     short: list[str] = field(default_factory=list)
@@ -359,9 +364,10 @@ async def _check_start(
     try:
         summary.lacking, summary.other = await _not_held(stub, journal.ingested(sizes), sizes, config)
     except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            log.error("the ranker has no GetProducts (older than this ctl): upgrade it to check the journal")
-        raise
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        log.warning(OLD_RANKER)
+        summary.unchecked = True
     if summary.lacking:
         log.warning(
             "the store lacks %d products the journal recorded as ingested (wiped, restored from an older "
@@ -382,10 +388,15 @@ async def _check_after(
     stub, journal: Journal, sizes: Mapping[str, int], landed: set[str], summary: Summary, config: IngestConfig
 ) -> None:
     """After the job: does the store hold, as journaled, every product this job ingested or trusted?"""
+    if summary.unchecked:  # the ranker cannot be asked (said at the start)
+        return
     expected = {pid: journal.outcomes[pid].listing for pid in sizes if pid in landed}
     try:
         lacking, other = await _not_held(stub, expected, sizes, config)
     except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            log.warning(OLD_RANKER)
+            return
         summary.stopped = f"{exc.code().name}: {exc.details()} (checking the store after the job)"
         log.error("GetProducts failed: %s", summary.stopped)
         return
@@ -511,6 +522,8 @@ def format_summary(config: IngestConfig, summary: Summary) -> str:
         for f in summary.failures:
             by_code[f.code] = by_code.get(f.code, 0) + 1
         lines.append("  failures by status: " + ", ".join(f"{k} {v}" for k, v in sorted(by_code.items())))
+    if summary.unchecked:
+        lines.append("  journal NOT checked against the store: the ranker has no GetProducts (upgrade it)")
     if summary.lacking:
         lines.append(
             f"  the store lacked {len(summary.lacking)} products the journal recorded as ingested "

@@ -300,13 +300,18 @@ class QdrantClientStore(ProductStore):
                 f"the collection {_named(target, self.name)} at {self._where} is gone (deleted?)"
             )
         try:
-            await _check_collection(client, target, self.name, self._where, self.model_version, self.dim)
+            info = await _check_collection(
+                client, target, self.name, self._where, self.model_version, self.dim
+            )
         except VersionMismatch as exc:
             if str(exc) != self._refusal:
                 log.error("%s: refusing every call until it is fixed", exc)
             self._refusal = str(exc)
             raise
         if target != self.collection:
+            metadata = info.config.metadata or {}
+            if not metadata.get(UNIT_VECTORS):  # made before vectors were normalised: as at open
+                await _normalise_stored(client, target, self._where, metadata)
             log.warning(
                 "%r now leads to collection %r (model %s, as before): following it from %r",
                 self.name,

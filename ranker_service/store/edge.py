@@ -142,11 +142,24 @@ def _engine_config(dim: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig
     )
 
 
-@functools.lru_cache(maxsize=32)
+_CACHED_FILTER_TERMS = 2_000  # larger filters (long exclusion lists, ~140 B each) are built per call
+
+
 def _filter(query: Query) -> qe.Filter:
-    """Category must match; each condition's any_of must hold, none_of must not (a missing key passes).
-    Cached: a Recommend uses one query's filter several times (search, count, certify's rounds), and 5,000
-    excluded ids take ~25 ms to turn into point ids."""
+    """The engine's filter of `query`; a small one from a bounded cache: a Recommend uses one query's
+    filter several times (search, count, certify's rounds), and excluded ids take ~5 µs each to turn into
+    point ids. Large ones are not kept: per user exclusion lists rarely repeat, and would pin memory."""
+    terms = len(query.exclude_ids) + sum(len(c.any_of) + len(c.none_of) for c in query.conditions)
+    return _cached_filter(query) if terms <= _CACHED_FILTER_TERMS else _build_filter(query)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_filter(query: Query) -> qe.Filter:
+    return _build_filter(query)
+
+
+def _build_filter(query: Query) -> qe.Filter:
+    """Category must match; each condition's any_of must hold, none_of must not (a missing key passes)."""
     must: list[Any] = [qe.FieldCondition(key="category", match=qe.MatchValue(query.category))]
     must_not: list[Any] = []
     for condition in query.conditions:
