@@ -13,16 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ctl import settings
-from ctl.settings import at_least, more_than, not_empty, setting, tcp_port
+from ctl.settings import at_least, message_size, more_than, not_empty, setting, tcp_port
 from ranker_service.errors import ConfigError
 
 ENV_PREFIX = "CTL_RANKER_"
 MiB = 1024 * 1024
-MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limit (a signed 32-bit length)
-
-
-def _message_size(value: int) -> str | None:
-    return None if 1 <= value <= MAX_MESSAGE_BYTES else f"expected 1..{MAX_MESSAGE_BYTES}"
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ class RankerConfig:
     )
     max_message_bytes: int = field(
         default=64 * MiB,
-        metadata=setting("largest gRPC message received or sent", check=_message_size),
+        metadata=setting("largest gRPC message received or sent", check=message_size),
     )
     max_limit: int = field(default=1000, metadata=setting("largest Recommend limit", check=at_least(1)))
     max_categories: int = field(

@@ -329,11 +329,7 @@ class RankerApp:
 
     async def delete(self, req: ranker_pb2.DeleteProductsRequest) -> ranker_pb2.DeleteProductsResponse:
         ready = self.ready
-        if not req.product_ids:
-            raise InvalidRequest("product_ids: give at least one id")
-        if len(req.product_ids) > MAX_DELETE:
-            raise InvalidRequest(f"product_ids: at most {MAX_DELETE} per call, got {len(req.product_ids)}")
-        ids = list(dict.fromkeys(_text(p, "product_ids[]") for p in req.product_ids))
+        ids = _product_ids(req.product_ids, MAX_DELETE)
         found = await ready.store.retrieve(ids)
         await ready.store.delete([p.product_id for p in found])
         ready.retriever.forget({p.category for p in found})
@@ -345,11 +341,7 @@ class RankerApp:
     async def get_products(self, req: ranker_pb2.GetProductsRequest) -> ranker_pb2.GetProductsResponse:
         """The stored products among the ids asked, in that order, each once (no vectors), and the rest."""
         ready = self.ready
-        if not req.product_ids:
-            raise InvalidRequest("product_ids: give at least one id")
-        if len(req.product_ids) > MAX_GET:
-            raise InvalidRequest(f"product_ids: at most {MAX_GET} per call, got {len(req.product_ids)}")
-        ids = list(dict.fromkeys(_text(p, "product_ids[]") for p in req.product_ids))
+        ids = _product_ids(req.product_ids, MAX_GET)
         found = await ready.store.lookup(ids)
         present = {p.product_id for p in found}
         return ranker_pb2.GetProductsResponse(
@@ -369,6 +361,15 @@ class RankerApp:
             model_version=ready.info.model_version,
             store=ready.store.description,
         )
+
+
+def _product_ids(product_ids, limit: int) -> list[str]:
+    """A request's product ids, each checked and once, in order; 1 to `limit` of them."""
+    if not product_ids:
+        raise InvalidRequest("product_ids: give at least one id")
+    if len(product_ids) > limit:
+        raise InvalidRequest(f"product_ids: at most {limit} per call, got {len(product_ids)}")
+    return list(dict.fromkeys(_text(p, "product_ids[]") for p in product_ids))
 
 
 def _record_problem(product: ranker_pb2.Product) -> str:
