@@ -58,6 +58,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             max_image_bytes=config.max_image_bytes,
             max_image_pixels=pixel_limit(config.max_image_pixels),
             model_config_json=json.dumps(info.model_config, sort_keys=True),
+            max_request_bytes=config.max_message_bytes,
         )
 
 

@@ -100,6 +100,44 @@ class RankerConfig:
         default=10_000,
         metadata=setting("most candidates scored per category in pooled mode", check=at_least(1)),
     )
+    max_filters: int = field(
+        default=16,
+        metadata=setting(
+            "most metadata filters in one Recommend (each costs ~1 µs per product of the category on "
+            "unindexed metadata, per engine call)",
+            check=at_least(0),
+        ),
+    )
+    max_filter_values: int = field(
+        default=1000,
+        metadata=setting("most any_of + none_of values of one Recommend filter", check=at_least(1)),
+    )
+    max_exclude: int = field(
+        default=10_000,
+        metadata=setting("most exclude_product_ids in one Recommend", check=at_least(0)),
+    )
+    max_catalog_categories: int = field(
+        default=10_000,
+        metadata=setting(
+            "most categories in the catalog: a product of a new category beyond this fails "
+            "(RESOURCE_EXHAUSTED); GetCatalogStats lists every category in one reply",
+            check=at_least(1),
+        ),
+    )
+    max_metadata_keys: int = field(
+        default=64, metadata=setting("most metadata keys of one product", check=at_least(0))
+    )
+    max_metadata_value_bytes: int = field(
+        default=4096, metadata=setting("largest metadata value of a product, in bytes", check=at_least(1))
+    )
+    max_metadata_bytes: int = field(
+        default=16_384,
+        metadata=setting(
+            "largest metadata of a product, keys and values together, in bytes (every Recommend reply "
+            "carries it)",
+            check=at_least(1),
+        ),
+    )
     max_stream_records: int = field(
         default=100_000,
         metadata=setting(
@@ -127,6 +165,14 @@ class RankerConfig:
         default=32,
         metadata=setting(
             "images per encoder call and points per store write during UpsertProducts", check=at_least(1)
+        ),
+    )
+    upsert_batch_bytes: int = field(
+        default=16 * MiB,
+        metadata=setting(
+            "image bytes per batch of UpsertProducts: a batch is sent once it holds this many (or "
+            "--upsert-batch images); a stream holds at most (upsert concurrency + 1) batches",
+            check=at_least(1),
         ),
     )
     upsert_concurrency: int = field(

@@ -42,6 +42,8 @@ class ModelInfo:
     dim: int
     backend: str
     max_batch_images: int
+    max_image_bytes: int = 0  # 0: the encoder did not say (an older one)
+    max_request_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class EncoderClient:
         token: str = "",
     ):
         self.address = address
+        self.max_message_bytes = max_message_bytes
         self.timeout = timeout
         self.products_timeout = timeout if products_timeout is None else products_timeout
         self._channel = aio_channel(
@@ -131,6 +134,8 @@ class EncoderClient:
             dim=msg.embedding_dim,
             backend=msg.backend,
             max_batch_images=msg.max_batch_images or 32,
+            max_image_bytes=msg.max_image_bytes,
+            max_request_bytes=msg.max_request_bytes,
         )
         return self.info
 

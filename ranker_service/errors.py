@@ -47,3 +47,7 @@ class StreamTooLong(RankerError):
 
 class ConfigError(RankerError, ValueError):
     """A setting (flag or CTL_RANKER_* variable) is malformed or out of range; the message names it."""
+
+
+class DeadlineExceeded(RankerError):
+    """The caller's deadline passed while the ranker worked on the call: DEADLINE_EXCEEDED."""

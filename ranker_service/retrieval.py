@@ -7,7 +7,11 @@ Three modes (DESIGN.md §2):
   100k products costs ~20 ms;
 - exhaustive: every product of the category (that passes the filters) scored exactly;
 - certify: the pooled query plus the R bound queries f_s + f_i, all exact and in one batch call; the
-  bound queries' limit doubles until the K-th best exact distance beats every unscored product.
+  bound queries' limit doubles until the K-th best exact distance beats every unscored product, up to
+  `max_pool`: a category that does not certify by then (near-identical products) is answered with the best
+  found, `certified=false`.
+
+Before each store call the event loop gets a turn and the caller's deadline is checked (`_step`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ctl.tensors import Scene
-from ranker_service.errors import UnknownCategory
+from ranker_service.errors import DeadlineExceeded, UnknownCategory
 from ranker_service.rerank import Ranked, bound_queries, certified, pooled_query, rank
 from ranker_service.store import Hits, ProductPoint, ProductStore, Query
 
@@ -47,6 +51,19 @@ class Ask:
     limit: int
     mode: Mode = Mode.POOLED
     pool: int = 0  # 0: max(100, 20 × limit)
+    deadline: float | None = None  # time.monotonic() after which the caller has given up
+
+
+async def _step(ask: Ask) -> None:
+    """Before each store call: let the event loop run (engine calls hold the GIL, so health checks,
+    other calls and shutdown get their turn only between them), and stop once the caller's deadline
+    has passed instead of working for nobody."""
+    await asyncio.sleep(0)
+    if ask.deadline is not None and time.monotonic() > ask.deadline:
+        raise DeadlineExceeded(
+            f"the call's deadline passed while category {ask.query.category!r} was ranked; "
+            "give the call more time, fewer categories or filters"
+        )
 
 
 @dataclass
@@ -141,6 +158,7 @@ class Retriever:
 
     async def recommend(self, scene: Scene, ask: Ask) -> Result:
         category = ask.query.category
+        await _step(ask)
         size = await self.store.count(category)
         if size == 0:
             known = sorted(await self.store.counts_by_category())
@@ -153,6 +171,7 @@ class Retriever:
         pool = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         q = pooled_query(scene, await self.mean_key(category))
         scan = size <= self.exact_below
+        await _step(ask)
         (hits,) = await self.store.search(q[None, :], ask.query, pool, exact=scan)
         # nothing that matches was left unscored (a scan that returned less than the pool returned all; an
         # HNSW search may return less than it was asked for, so only the whole category counts there)
@@ -160,6 +179,7 @@ class Retriever:
         if everything:
             size = len(hits)  # exact: what the filters leave (the whole category without filters)
         elif ask.query.conditions:  # an estimate (an exact count of a filter scans the category)
+            await _step(ask)
             size = max(len(hits), min(size, await self.store.count(ask.query, exact=False)))
         elif ask.query.exclude_ids:  # at least the category less the exclusions (some may be elsewhere)
             size = max(len(hits), size - len(set(ask.query.exclude_ids)))
@@ -169,6 +189,7 @@ class Retriever:
         points: list[ProductPoint] = []
         offset = None
         while True:
+            await _step(ask)
             page, offset = await self.store.scroll(ask.query, SCROLL_PAGE, offset)
             points.extend(page)
             if offset is None:
@@ -187,6 +208,7 @@ class Retriever:
         rounds = 0
         while True:
             rounds += 1
+            await _step(ask)
             lists = await self.store.search(vectors, ask.query, width, exact=True)
             for hits in lists:
                 seen.add(hits)
@@ -201,9 +223,15 @@ class Retriever:
                 if everything:  # every product that matches was returned and scored
                     result.category_size = result.candidates_scored
                 elif _filtered(ask):  # exact, as a certified answer's size is (it scans the category)
+                    await _step(ask)
                     result.category_size = await self.store.count(ask.query)
                 return result
-            vectors, width = bounds_q, width * 2
+            if width >= self.max_pool:
+                # the work cap: a category of near-identical products never certifies short of scoring
+                # all of it (R bound queries of the whole category at once: 100k products, 20 s, 3.7 GB);
+                # the best found so far, not certified
+                return result
+            vectors, width = bounds_q, min(width * 2, self.max_pool)
 
 
 class _Seen:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from ctl.v1 import embeddings_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
 from ranker_service.errors import (
+    DeadlineExceeded,
     EncoderUnavailable,
     InvalidRequest,
     NotReady,
@@ -44,6 +46,7 @@ ERROR_CODES = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     StoreError: grpc.StatusCode.UNAVAILABLE,
     StreamTooLong: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 MODES = {
     ranker_pb2.RETRIEVAL_MODE_UNSPECIFIED: Mode.POOLED,
@@ -54,6 +57,9 @@ MODES = {
 MODE_PROTO = {Mode.POOLED: ranker_pb2.RETRIEVAL_MODE_POOLED, **{v: k for k, v in MODES.items() if k > 1}}
 DEFAULT_LIMIT = 10
 MAX_ID_BYTES = 512
+MAX_METADATA_KEY_BYTES = 256
+_CALL_ENVELOPE = 64 * 1024  # an EncodeProducts request's bytes besides its images
+_IMAGE_ENVELOPE = 16  # per image: the field's tag and length
 MAX_DELETE = 10_000
 MAX_GET = 10_000  # ids per GetProducts
 
@@ -65,6 +71,13 @@ class _Ready:
     info: ModelInfo
     store: ProductStore
     retriever: Retriever
+
+
+def _value(value: str, name: str, config: RankerConfig) -> str:
+    """A metadata value in a filter: at most as long as a stored value may be."""
+    if len(value.encode()) > config.max_metadata_value_bytes:
+        raise InvalidRequest(f"{name} is longer than {config.max_metadata_value_bytes} bytes")
+    return value
 
 
 def _text(value: str, name: str, limit: int = MAX_ID_BYTES) -> str:
@@ -82,6 +95,7 @@ class RankerApp:
         self.config = config
         self.encoder = encoder
         self._ready: _Ready | None = None
+        self._categories: set[str] = set()  # the catalog's categories (a superset after deletes)
         self.waiting_for = "the encoder"  # what start-up waits for, told to callers until ready
         self.candidates = metrics.histogram(
             "ctl_ranker_candidates_scored", "products scored exactly per category of a Recommend", ["mode"]
@@ -102,6 +116,7 @@ class RankerApp:
         """Ready to serve: the model is known and the store open; mean keys are computed in the background."""
         retriever = Retriever(store, max_pool=self.config.max_pool, exact_below=self.config.exact_below)
         await retriever.warm()
+        self._categories = set(await store.counts_by_category())
         self._ready = _Ready(info, store, retriever)
 
     async def close(self) -> None:
@@ -121,7 +136,8 @@ class RankerApp:
         self, req: ranker_pb2.RecommendRequest, remaining: float | None
     ) -> ranker_pb2.RecommendResponse:
         ready = self.ready
-        asks = self._asks(req)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        asks = self._asks(req, deadline)
         scene = await self._scene(req, ready.info, remaining)
         results = await asyncio.gather(*(ready.retriever.recommend(scene, ask) for ask in asks))
         for r in results:
@@ -134,7 +150,10 @@ class RankerApp:
             grid=ready.info.grid,
         )
 
-    def _asks(self, req: ranker_pb2.RecommendRequest) -> list[Ask]:
+    def _asks(self, req: ranker_pb2.RecommendRequest, deadline: float | None = None) -> list[Ask]:
+        """One Ask per category, sharing one Query's conditions and exclusions (built once per call);
+        every list is bounded, since each filter condition costs a check per product of the category in
+        the engine, which holds the GIL (and so the health checks) for the whole call."""
         cfg = self.config
         if not req.categories:
             raise InvalidRequest("categories: give at least one category")
@@ -155,15 +174,33 @@ class RankerApp:
             raise InvalidRequest(f"pool_size: must be at least limit ({limit}), got {req.pool_size}")
         if req.mode not in MODES:
             raise InvalidRequest(f"mode: unknown value {req.mode}")
+        if len(req.filters) > cfg.max_filters:
+            raise InvalidRequest(
+                f"filters: at most {cfg.max_filters} per call, got {len(req.filters)} "
+                "(combine values of one key into one filter's any_of / none_of)"
+            )
         conditions = []
         for i, f in enumerate(req.filters):
-            _text(f.key, f"filters[{i}].key")
+            _text(f.key, f"filters[{i}].key", MAX_METADATA_KEY_BYTES)
             if not f.any_of and not f.none_of:
                 raise InvalidRequest(f"filters[{i}] ({f.key!r}): give any_of or none_of values")
-            conditions.append(Condition(f.key, tuple(f.any_of), tuple(f.none_of)))
-        exclude = tuple(_text(p, "exclude_product_ids[]") for p in req.exclude_product_ids)
+            values = len(f.any_of) + len(f.none_of)
+            if values > cfg.max_filter_values:
+                raise InvalidRequest(
+                    f"filters[{i}] ({f.key!r}): at most {cfg.max_filter_values} any_of + none_of values, "
+                    f"got {values}"
+                )
+            any_of = tuple(dict.fromkeys(_value(v, f"filters[{i}].any_of[]", cfg) for v in f.any_of))
+            none_of = tuple(dict.fromkeys(_value(v, f"filters[{i}].none_of[]", cfg) for v in f.none_of))
+            conditions.append(Condition(f.key, any_of, none_of))
+        if len(req.exclude_product_ids) > cfg.max_exclude:
+            raise InvalidRequest(
+                f"exclude_product_ids: at most {cfg.max_exclude} per call, got {len(req.exclude_product_ids)}"
+            )
+        exclude = tuple(dict.fromkeys(_text(p, "exclude_product_ids[]") for p in req.exclude_product_ids))
+        shared = tuple(conditions)
         return [
-            Ask(Query(c, tuple(conditions), exclude), limit, MODES[req.mode], req.pool_size)
+            Ask(Query(c, shared, exclude), limit, MODES[req.mode], req.pool_size, deadline)
             for c in req.categories
         ]
 
@@ -209,6 +246,8 @@ class RankerApp:
         slots = asyncio.Semaphore(self.config.upsert_concurrency)
         tasks: list[asyncio.Task] = []
         batch: list[tuple[int, ranker_pb2.Product]] = []
+        batch_bytes = 0
+        max_image, _ = self._encoder_limits(ready.info)
         writer: dict[str, asyncio.Task] = {}  # the latest batch holding each product id
         stored: set[str] = set()
 
@@ -239,14 +278,15 @@ class RankerApp:
                     break
                 index = reply.received
                 reply.received += 1
-                problem = _record_problem(request.product)
+                problem = _record_problem(request.product, self.config, max_image)
                 if problem:
                     _fail(reply, index, request.product.product_id, "INVALID_ARGUMENT", problem)
                     continue
                 batch.append((index, request.product))
-                if len(batch) >= self.config.upsert_batch:
+                batch_bytes += len(request.product.image)
+                if len(batch) >= self.config.upsert_batch or batch_bytes >= self.config.upsert_batch_bytes:
                     await start(batch)
-                    batch = []
+                    batch, batch_bytes = [], 0
                     for t in tasks:
                         if t.done() and t.exception() is not None:
                             raise t.exception()
@@ -257,8 +297,9 @@ class RankerApp:
                 limit = self.config.max_stream_records
                 raise StreamTooLong(
                     f"a stream may carry at most {limit} products: the first {limit} were processed "
-                    f"({reply.upserted} stored, {len(reply.failures)} failed) and the rest was not read; "
-                    "send the remaining products in another stream (ctl ingest sends --batch per stream)"
+                    f"({reply.upserted} stored, {len(reply.failures)} failed{_failure_list(reply)}) and "
+                    "the rest was not read; send the remaining products in another stream (ctl ingest "
+                    "sends --batch per stream)"
                 )
         except StreamTooLong:
             raise
@@ -286,6 +327,7 @@ class RankerApp:
         that cannot be stored are listed in `reply.failures`."""
         info = ready.info
         points: dict[int, ProductPoint] = {}
+        items = await self._admit_categories(items, reply, ready)
         images = [(i, p) for i, p in items if p.WhichOneof("content") == "image"]
         for index, product in items:
             if product.WhichOneof("content") != "embedding":
@@ -297,14 +339,11 @@ class RankerApp:
             except VersionMismatch as exc:
                 _fail(reply, index, product.product_id, "FAILED_PRECONDITION", str(exc))
         if images:
-            # never more per call than the encoder accepts (ModelInfo.max_batch_images)
-            step = max(1, info.max_batch_images)
+            chunks = self._encoder_calls(images, info)
             replies = await asyncio.gather(
-                *(
-                    self.encoder.encode_products([p.image for _, p in images[i : i + step]], remaining)
-                    for i in range(0, len(images), step)
-                )
+                *(self.encoder.encode_products([p.image for _, p in chunk], remaining) for chunk in chunks)
             )
+            images = [item for chunk in chunks for item in chunk]
             results = [r for chunk, _ in replies for r in chunk]
             for _, version in replies:
                 if version != info.model_version:
@@ -317,6 +356,61 @@ class RankerApp:
                 else:
                     points[index] = _point(product, r.style, r.key, info.model_version)
         return [points[i] for i in sorted(points)]  # a product listed twice: the store keeps the last
+
+    def _encoder_limits(self, info: ModelInfo) -> tuple[int, int]:
+        """(largest image, most image bytes per EncodeProducts call): what the encoder says it takes
+        (ModelInfo) and what this ranker's channel sends, less room for the message's framing."""
+        request = min(b for b in (info.max_request_bytes, self.encoder.max_message_bytes) if b)
+        per_call = max(1, request - _CALL_ENVELOPE)
+        return min(info.max_image_bytes or per_call, per_call - _IMAGE_ENVELOPE), per_call
+
+    def _encoder_calls(
+        self, images: list[tuple[int, ranker_pb2.Product]], info: ModelInfo
+    ) -> list[list[tuple[int, ranker_pb2.Product]]]:
+        """The images split into EncodeProducts calls, in order: at most ModelInfo.max_batch_images per
+        call and at most the bytes one call may carry (eight 9.7 MB PNGs are legal images, but not one
+        64 MiB call)."""
+        _, per_call = self._encoder_limits(info)
+        step = max(1, info.max_batch_images)
+        chunks: list[list[tuple[int, ranker_pb2.Product]]] = []
+        size = 0
+        for item in images:
+            cost = len(item[1].image) + _IMAGE_ENVELOPE
+            if not chunks or len(chunks[-1]) >= step or size + cost > per_call:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += cost
+        return chunks
+
+    async def _admit_categories(
+        self, items: list[tuple[int, ranker_pb2.Product]], reply, ready: _Ready
+    ) -> list[tuple[int, ranker_pb2.Product]]:
+        """The records whose category exists or still fits in the catalog (max_catalog_categories: every
+        category is listed in one GetCatalogStats reply); the others fail alone (RESOURCE_EXHAUSTED)."""
+        cap = self.config.max_catalog_categories
+        new = {p.category for _, p in items} - self._categories
+        if not new:
+            return items
+        if len(self._categories) + len(new) > cap:  # deletes may have emptied some: ask the store
+            self._categories = set(await ready.store.counts_by_category())
+        kept = []
+        for index, product in items:
+            if product.category not in self._categories:
+                if len(self._categories) >= cap:
+                    _fail(
+                        reply,
+                        index,
+                        product.product_id,
+                        "RESOURCE_EXHAUSTED",
+                        f"category {product.category[:64]!r} would be new, and the catalog holds "
+                        f"{len(self._categories):,} categories already, the most it may "
+                        "(CTL_RANKER_MAX_CATALOG_CATEGORIES)",
+                    )
+                    continue
+                self._categories.add(product.category)
+            kept.append((index, product))
+        return kept
 
     async def _store(self, points: list[ProductPoint], ready: _Ready) -> None:
         if points:
@@ -372,21 +466,47 @@ def _product_ids(product_ids, limit: int) -> list[str]:
     return list(dict.fromkeys(_text(p, "product_ids[]") for p in product_ids))
 
 
-def _record_problem(product: ranker_pb2.Product) -> str:
-    """Why a record cannot be stored, before any encoding ("" if it can)."""
+def _record_problem(product: ranker_pb2.Product, config: RankerConfig, max_image_bytes: int) -> str:
+    """Why a record cannot be stored, before any encoding ("" if it can). Metadata is bounded because
+    every Recommend reply of the category carries it; an image larger than the encoder takes in one call
+    fails here, alone, instead of failing (and being retried in) the whole stream."""
     try:
         _text(product.product_id, "product_id")
         _text(product.category, "category")
-        for key in product.metadata:
-            _text(key, "metadata key", 256)
+        _metadata_problem(product.metadata, config)
     except InvalidRequest as exc:
         return str(exc)
     content = product.WhichOneof("content")
     if content is None:
         return "give the product's image or its embedding"
-    if content == "image" and not product.image:
-        return "image is empty"
+    if content == "image":
+        if not product.image:
+            return "image is empty"
+        if len(product.image) > max_image_bytes:
+            return (
+                f"image is {len(product.image):,} bytes; the encoder takes at most {max_image_bytes:,} "
+                "(ModelInfo.max_image_bytes): make it smaller"
+            )
     return ""
+
+
+def _metadata_problem(metadata, config: RankerConfig) -> None:
+    if len(metadata) > config.max_metadata_keys:
+        raise InvalidRequest(f"metadata: at most {config.max_metadata_keys} keys, got {len(metadata)}")
+    total = 0
+    for key, value in metadata.items():
+        _text(key, "metadata key", MAX_METADATA_KEY_BYTES)
+        size = len(value.encode())
+        if size > config.max_metadata_value_bytes:
+            raise InvalidRequest(
+                f"metadata[{key[:64]!r}]: the value is {size:,} bytes, at most "
+                f"{config.max_metadata_value_bytes:,}"
+            )
+        total += size + len(key.encode())
+    if total > config.max_metadata_bytes:
+        raise InvalidRequest(
+            f"metadata: {total:,} bytes of keys and values, at most {config.max_metadata_bytes:,}"
+        )
 
 
 def _embedding(emb: embeddings_pb2.ProductEmbedding, info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -409,6 +529,18 @@ def _point(product: ranker_pb2.Product, style, key, version: str) -> ProductPoin
         metadata=dict(product.metadata),
         model_version=version,
     )
+
+
+def _failure_list(reply, most: int = 10) -> str:
+    """The first failures of a reply, for an error that cannot carry the reply itself."""
+    if not reply.failures:
+        return ""
+    failures = sorted(reply.failures, key=lambda f: f.index)
+    shown = "; ".join(
+        f"#{f.index} {f.product_id[:64]!r}: {f.error.code} {f.error.message[:160]}" for f in failures[:most]
+    )
+    more = f"; and {len(failures) - most} more" if len(failures) > most else ""
+    return f": {shown}{more}"
 
 
 def _fail(reply, index: int, product_id: str, code: str, message: str) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ctl.v1 import embeddings_pb2 as ctl_dot_v1_dot_embeddings__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63tl/v1/encoder.proto\x12\x06\x63tl.v1\x1a\x17\x63tl/v1/embeddings.proto\"#\n\x12\x45ncodeSceneRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\"@\n\x13\x45ncodeSceneResponse\x12)\n\tembedding\x18\x01 \x01(\x0b\x32\x16.ctl.v1.SceneEmbedding\"\'\n\x15\x45ncodeProductsRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"p\n\x0fProductEncoding\x12-\n\tembedding\x18\x01 \x01(\x0b\x32\x18.ctl.v1.ProductEmbeddingH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.ctl.v1.RecordErrorH\x00\x42\x08\n\x06result\"Y\n\x16\x45ncodeProductsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.ctl.v1.ProductEncoding\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe5\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\ninput_size\x18\x02 \x01(\r\x12\x0c\n\x04grid\x18\x03 \x01(\r\x12\x0f\n\x07regions\x18\x04 \x01(\r\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x18\n\x10max_batch_images\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x19\n\x11model_config_json\x18\n \x01(\t2\xe9\x01\n\x0e\x45ncoderService\x12\x46\n\x0b\x45ncodeScene\x12\x1a.ctl.v1.EncodeSceneRequest\x1a\x1b.ctl.v1.EncodeSceneResponse\x12O\n\x0e\x45ncodeProducts\x12\x1d.ctl.v1.EncodeProductsRequest\x1a\x1e.ctl.v1.EncodeProductsResponse\x12>\n\x0cGetModelInfo\x12\x1b.ctl.v1.GetModelInfoRequest\x1a\x11.ctl.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63tl/v1/encoder.proto\x12\x06\x63tl.v1\x1a\x17\x63tl/v1/embeddings.proto\"#\n\x12\x45ncodeSceneRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\"@\n\x13\x45ncodeSceneResponse\x12)\n\tembedding\x18\x01 \x01(\x0b\x32\x16.ctl.v1.SceneEmbedding\"\'\n\x15\x45ncodeProductsRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"p\n\x0fProductEncoding\x12-\n\tembedding\x18\x01 \x01(\x0b\x32\x18.ctl.v1.ProductEmbeddingH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.ctl.v1.RecordErrorH\x00\x42\x08\n\x06result\"Y\n\x16\x45ncodeProductsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.ctl.v1.ProductEncoding\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x80\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\ninput_size\x18\x02 \x01(\r\x12\x0c\n\x04grid\x18\x03 \x01(\r\x12\x0f\n\x07regions\x18\x04 \x01(\r\x12\x15\n\rembedding_dim\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x18\n\x10max_batch_images\x18\x07 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x19\n\x11model_config_json\x18\n \x01(\t\x12\x19\n\x11max_request_bytes\x18\x0b \x01(\x04\x32\xe9\x01\n\x0e\x45ncoderService\x12\x46\n\x0b\x45ncodeScene\x12\x1a.ctl.v1.EncodeSceneRequest\x1a\x1b.ctl.v1.EncodeSceneResponse\x12O\n\x0e\x45ncodeProducts\x12\x1d.ctl.v1.EncodeProductsRequest\x1a\x1e.ctl.v1.EncodeProductsResponse\x12>\n\x0cGetModelInfo\x12\x1b.ctl.v1.GetModelInfoRequest\x1a\x11.ctl.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,7 +45,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=406
   _globals['_GETMODELINFOREQUEST']._serialized_end=427
   _globals['_MODELINFO']._serialized_start=430
-  _globals['_MODELINFO']._serialized_end=659
-  _globals['_ENCODERSERVICE']._serialized_start=662
-  _globals['_ENCODERSERVICE']._serialized_end=895
+  _globals['_MODELINFO']._serialized_end=686
+  _globals['_ENCODERSERVICE']._serialized_start=689
+  _globals['_ENCODERSERVICE']._serialized_end=922
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "input_size", "grid", "regions", "embedding_dim", "backend", "max_batch_images", "max_image_bytes", "max_image_pixels", "model_config_json")
+    __slots__ = ("model_version", "input_size", "grid", "regions", "embedding_dim", "backend", "max_batch_images", "max_image_bytes", "max_image_pixels", "model_config_json", "max_request_bytes")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRID_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class ModelInfo(_message.Message):
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     input_size: int
     grid: int
@@ -67,4 +68,5 @@ class ModelInfo(_message.Message):
     max_image_bytes: int
     max_image_pixels: int
     model_config_json: str
-    def __init__(self, model_version: _Optional[str] = ..., input_size: _Optional[int] = ..., grid: _Optional[int] = ..., regions: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., backend: _Optional[str] = ..., max_batch_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., model_config_json: _Optional[str] = ...) -> None: ...
+    max_request_bytes: int
+    def __init__(self, model_version: _Optional[str] = ..., input_size: _Optional[int] = ..., grid: _Optional[int] = ..., regions: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., backend: _Optional[str] = ..., max_batch_images: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., model_config_json: _Optional[str] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...

@@ -39,6 +39,7 @@ from ranker_service.store._points import (
     UNIT_STORED,
     check_limit,
     check_model,
+    excluded_point_ids,
     hits,
     in_order,
     map_errors,
@@ -57,7 +58,6 @@ from ranker_service.store.base import (
     ProductPoint,
     ProductStore,
     Query,
-    point_id,
 )
 from style_model.distances import l2_normalize
 
@@ -107,7 +107,7 @@ def _filter(query: Query) -> qm.Filter:
             # must_not + MatchAny rather than MatchExcept: MatchExcept also rejects points lacking the key.
             must_not.append(qm.FieldCondition(key=path, match=qm.MatchAny(any=list(condition.none_of))))
     if query.exclude_ids:
-        ids: list[qm.ExtendedPointId] = [point_id(product_id) for product_id in query.exclude_ids]
+        ids: list[qm.ExtendedPointId] = list(excluded_point_ids(query.exclude_ids))
         must_not.append(qm.HasIdCondition(has_id=ids))
     return qm.Filter(must=must, must_not=must_not or None)
 

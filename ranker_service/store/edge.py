@@ -37,6 +37,7 @@ from ranker_service.store._points import (
     UNIT_STORED,
     check_limit,
     check_model,
+    excluded_point_ids,
     map_errors,
     metadata_path,
     parse_offset,
@@ -53,7 +54,6 @@ from ranker_service.store.base import (
     ProductPoint,
     ProductStore,
     Query,
-    point_id,
 )
 from ranker_service.store.table import ProductTable
 from style_model.distances import l2_normalize
@@ -170,7 +170,7 @@ def _build_filter(query: Query) -> qe.Filter:
             # must_not + MatchAny rather than MatchExcept: MatchExcept also rejects points lacking the key.
             must_not.append(qe.FieldCondition(key=path, match=qe.MatchAny(list(condition.none_of))))
     if query.exclude_ids:
-        must_not.append(qe.HasIdCondition({point_id(product_id) for product_id in query.exclude_ids}))
+        must_not.append(qe.HasIdCondition(set(excluded_point_ids(query.exclude_ids))))
     return qe.Filter(must=must, must_not=must_not or None)
 
 

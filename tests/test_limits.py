@@ -1,0 +1,337 @@
+"""Resource limits of the ranker (issue 20 #5-#8, #16): requests that froze it or blew up its memory.
+
+Each was reproduced on 2f75e5c: a 13 KB Recommend with 1,000 filter conditions blocked the ranker for 62 s
+(every condition is a check per product of the category in an engine call that holds the GIL); exclusions
+were turned into point ids per category and call; a caller's deadline was ignored; certify scored a whole
+category of identical products; metadata and the number of categories had no bounds; UpsertProducts sent
+the images of a batch in one encoder call however large. In process (RankerApp over a real embedded
+store), except where the encoder takes part: then a real encoder server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from ctl.serving import Metrics
+from ctl.tensors import Scene, product_to_proto, scene_to_proto
+from ctl.v1 import ranker_pb2
+from ranker_service.config import RankerConfig
+from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.errors import DeadlineExceeded, InvalidRequest
+from ranker_service.service import ERROR_CODES, RankerApp
+from ranker_service.store import open_edge_store
+from tests.servers import Encoder, encoder_config
+
+VERSION, DIM, REGIONS = "m-1", 16, 4
+CERTIFY = ranker_pb2.RETRIEVAL_MODE_CERTIFY
+KiB, MiB = 1024, 1024 * 1024
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _product(pid: str, category: str, style, key, metadata=None) -> ranker_pb2.UpsertProductsRequest:
+    return ranker_pb2.UpsertProductsRequest(
+        product=ranker_pb2.Product(
+            product_id=pid,
+            category=category,
+            metadata=metadata or {},
+            embedding=product_to_proto(style, key, VERSION),
+        )
+    )
+
+
+async def _stream(requests: Sequence[ranker_pb2.UpsertProductsRequest]) -> AsyncIterator:
+    for r in requests:
+        yield r
+
+
+def _scene(seed: int = 0) -> ranker_pb2.RecommendRequest:
+    rng = np.random.default_rng(seed)
+    scene = Scene(
+        _unit(rng.standard_normal(DIM)),
+        _unit(rng.standard_normal((REGIONS, DIM))),
+        _unit(rng.standard_normal((REGIONS, DIM))),
+    )
+    return ranker_pb2.RecommendRequest(scene_embedding=scene_to_proto(scene, VERSION))
+
+
+async def _with_app(config: RankerConfig, scenario, encoder: str = "", real_encoder: bool = False):
+    """Runs `scenario(app, store)` on a ranker app over a fresh embedded store (and the encoder at
+    `encoder`, else none: precomputed embeddings only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        client = EncoderClient(
+            encoder or "127.0.0.1:9", 10.0, config.max_message_bytes, products_timeout=30.0
+        )
+        info = (
+            await client.model_info() if real_encoder else ModelInfo(VERSION, 64, 2, REGIONS, DIM, "test", 32)
+        )
+        store = await open_edge_store(tmp, info.model_version, info.dim)
+        app = RankerApp(config, client, Metrics("test"))
+        await app.attach(info, store)
+        try:
+            return await scenario(app, store)
+        finally:
+            await app.close()
+            await store.close()
+            await client.close()
+
+
+async def _fill(app: RankerApp, categories: Sequence[str], per_category: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    requests = []
+    for c in categories:
+        styles, keys = (
+            _unit(rng.standard_normal((per_category, DIM))),
+            _unit(rng.standard_normal((per_category, DIM))),
+        )
+        requests += [
+            _product(f"{c}-{i}", c, styles[i], keys[i], {"brand": f"b{i % 5}"}) for i in range(per_category)
+        ]
+    reply = await app.upsert(_stream(requests), None)
+    assert not reply.failures, reply.failures[:3]
+
+
+# --- Recommend: bounded requests, work built once, the deadline honoured ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ("conditions", "filters: at most 16 per call, got 1000"),
+        ("values", "at most 1000 any_of + none_of values, got 1001"),
+        ("long value", "filters[0].none_of[] is longer than 4096 bytes"),
+        ("exclusions", "exclude_product_ids: at most 10000 per call, got 10001"),
+    ],
+)
+def test_recommend_refuses_requests_beyond_its_bounds(shape: str, expected: str) -> None:
+    """#5: 1,000 filter conditions (13 KB) were accepted and blocked the ranker for 62 s at 100k products;
+    1M exclusions over 32 categories took 183 s. Now each list is bounded and refused at once."""
+    req = _scene()
+    req.categories.append("shoes")
+    if shape == "conditions":
+        for i in range(1000):
+            req.filters.add(key=f"k{i}", none_of=["v"])
+    elif shape == "values":
+        req.filters.add(
+            key="brand", any_of=[f"b{i}" for i in range(600)], none_of=[f"x{i}" for i in range(401)]
+        )
+    elif shape == "long value":
+        req.filters.add(key="brand", none_of=["x" * 4097])
+    else:
+        req.exclude_product_ids.extend(f"p{i}" for i in range(10_001))
+
+    async def scenario(app, store):
+        await _fill(app, ["shoes"], 20)
+        with pytest.raises(InvalidRequest) as error:
+            await app.recommend(req, None)
+        return str(error.value)
+
+    assert expected in asyncio.run(_with_app(RankerConfig(), scenario))
+    assert ERROR_CODES[InvalidRequest] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_exclusions_become_point_ids_once_per_call_not_per_category(monkeypatch) -> None:
+    """#5: the exclusion list was rebuilt with uuid5 for every category and store call (32 categories ×
+    10,000 ids × several calls); now once per Recommend, whatever the categories and mode."""
+    categories = [f"c{i:02d}" for i in range(32)]
+    excluded = [f"gone-{uuid.uuid4().hex}" for _ in range(500)]  # unique: no cache from another test
+    req = _scene()
+    req.categories.extend(categories)
+    req.exclude_product_ids.extend(excluded)
+    req.mode = CERTIFY
+    calls = {"n": 0}
+    real = uuid.uuid5
+
+    def counting(namespace, name):  # a spy: the real function, counted
+        calls["n"] += 1
+        return real(namespace, name)
+
+    async def scenario(app, store):
+        await _fill(app, categories, 5)
+        monkeypatch.setattr(uuid, "uuid5", counting)
+        reply = await app.recommend(req, None)
+        monkeypatch.setattr(uuid, "uuid5", real)
+        return reply
+
+    reply = asyncio.run(_with_app(RankerConfig(), scenario))
+    assert len(reply.results) == 32 and all(r.certified for r in reply.results)
+    assert calls["n"] <= len(excluded), calls  # was 32 categories × (count + certify rounds) × 500
+
+
+def test_a_recommend_past_its_deadline_stops_instead_of_working_for_nobody() -> None:
+    """#5: a caller's deadline was not looked at for precomputed scenes: a call whose caller had given up
+    went on through every category. Now the deadline is checked before every store call."""
+    req = _scene()
+    req.categories.extend(["a", "b"])
+
+    async def scenario(app, store):
+        await _fill(app, ["a", "b"], 10)
+        with pytest.raises(DeadlineExceeded, match="deadline passed"):
+            await app.recommend(req, -0.001)
+        return await app.recommend(req, 30.0)  # with time left, the same call is answered
+
+    reply = asyncio.run(_with_app(RankerConfig(), scenario))
+    assert [len(r.products) for r in reply.results] == [10, 10]
+    assert ERROR_CODES[DeadlineExceeded] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_certify_on_identical_products_stops_at_the_work_cap_uncertified() -> None:
+    """#8: a category of identical embeddings never certifies short of scoring all of it (100k products:
+    20 s, 3.7 GB in one call). Now the bound queries stop at max_pool and the answer says uncertified."""
+    rng = np.random.default_rng(3)
+    style, key = _unit(rng.standard_normal(DIM)), _unit(rng.standard_normal(DIM))
+    requests = [_product(f"p{i:04d}", "same", style, key) for i in range(400)]
+    req = _scene()
+    req.categories.append("same")
+    req.mode = CERTIFY
+    req.limit = 10
+
+    async def scenario(app, store):
+        reply = await app.upsert(_stream(requests), None)
+        assert reply.upserted == 400
+        return await app.recommend(req, None)
+
+    result = asyncio.run(_with_app(RankerConfig(max_pool=64), scenario)).results[0]
+    assert not result.certified
+    assert result.candidates_scored <= 64
+    assert len(result.products) == 10
+    assert [p.product_id for p in result.products] == sorted(p.product_id for p in result.products)
+
+
+# --- UpsertProducts: metadata and categories bounded ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({f"k{i}": "v" for i in range(65)}, "metadata: at most 64 keys, got 65"),
+        ({"story": "x" * 4097}, "the value is 4,097 bytes, at most 4,096"),
+        ({f"k{i}": "x" * 4000 for i in range(5)}, "bytes of keys and values, at most 16,384"),
+    ],
+)
+def test_metadata_beyond_its_bounds_fails_that_record_alone(metadata: dict, expected: str) -> None:
+    """#8: a 40 MB metadata value made every Recommend of its category fail (RESOURCE_EXHAUSTED, which
+    clients retry); a million keys stalled the server 5.6 s. Now such a record fails alone."""
+    rng = np.random.default_rng(4)
+    v = _unit(rng.standard_normal((3, DIM)))
+    requests = [
+        _product("ok-1", "shoes", v[0], v[0], {"brand": "b"}),
+        _product("too-much", "shoes", v[1], v[1], metadata),
+        _product("ok-2", "shoes", v[2], v[2]),
+    ]
+
+    async def scenario(app, store):
+        return await app.upsert(_stream(requests), None), await store.count()
+
+    reply, stored = asyncio.run(_with_app(RankerConfig(), scenario))
+    assert reply.upserted == 2 and stored == 2
+    assert [(f.index, f.product_id, f.error.code) for f in reply.failures] == [
+        (1, "too-much", "INVALID_ARGUMENT")
+    ]
+    assert expected in reply.failures[0].error.message
+
+
+def test_a_new_category_beyond_the_catalog_cap_fails_alone_and_deletes_make_room() -> None:
+    """#8: 139k categories made GetCatalogStats too large to send (and `ctl ingest`, which calls it first,
+    could no longer start). Now a product of one category too many fails alone (RESOURCE_EXHAUSTED)."""
+    rng = np.random.default_rng(5)
+    v = _unit(rng.standard_normal((8, DIM)))
+    first = [_product(f"p{i}", f"c{i}", v[i], v[i]) for i in range(5)]  # c0..c4, the cap is 3
+
+    async def scenario(app, store):
+        reply = await app.upsert(_stream(first), None)
+        more = await app.upsert(_stream([_product("p5", "c0", v[5], v[5])]), None)  # a known category
+        await app.delete(ranker_pb2.DeleteProductsRequest(product_ids=["p1"]))  # c1 is empty now
+        after = await app.upsert(_stream([_product("p6", "c9", v[6], v[6])]), None)
+        return reply, more, after, await app.stats()
+
+    reply, more, after, stats = asyncio.run(_with_app(RankerConfig(max_catalog_categories=3), scenario))
+    assert reply.upserted == 3
+    assert [(f.product_id, f.error.code) for f in reply.failures] == [
+        ("p3", "RESOURCE_EXHAUSTED"),
+        ("p4", "RESOURCE_EXHAUSTED"),
+    ]
+    assert "CTL_RANKER_MAX_CATALOG_CATEGORIES" in reply.failures[0].error.message
+    assert more.upserted == 1 and not more.failures
+    assert after.upserted == 1 and not after.failures
+    assert dict(stats.products_by_category) == {"c0": 2, "c2": 1, "c9": 1}
+
+
+def test_a_too_long_stream_names_its_failed_records() -> None:
+    """#16: a stream over max_stream_records ended with RESOURCE_EXHAUSTED whose message only counted the
+    failures, so the caller could not tell which of the records processed had failed."""
+    rng = np.random.default_rng(6)
+    v = _unit(rng.standard_normal((6, DIM)))
+    requests = [_product(f"p{i}", "shoes", v[i], v[i]) for i in range(6)]
+    requests[1].product.ClearField("embedding")  # fails: no content
+
+    async def scenario(app, store):
+        with pytest.raises(Exception) as error:
+            await app.upsert(_stream(requests), None)
+        return error.value
+
+    error = asyncio.run(_with_app(RankerConfig(max_stream_records=4), scenario))
+    assert ERROR_CODES[type(error)] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "#1 'p1': INVALID_ARGUMENT give the product's image or its embedding" in str(error)
+
+
+# --- UpsertProducts with images: calls sized by bytes, oversized images fail alone ----------------------
+
+
+def _noise_png(side: int, seed: int) -> bytes:
+    """A PNG of random pixels: it does not compress, so its size is about 3 × side² bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_legal_images_that_together_exceed_one_encoder_call_are_all_ingested(loop, exported_repo) -> None:
+    """#6/#7: eight 9.7 MB PNGs (under the encoder's image limit) went to the encoder in one 64 MiB call:
+    UNAVAILABLE for the whole stream, retried and failing the same way on every rerun. Scaled down here:
+    an encoder that takes 1 MiB per call and 600 KB per image; six ~300 KB images in one batch. Now the
+    calls are split by bytes, and an image over the limits fails alone, before any encoder call."""
+    encoder = Encoder(loop, encoder_config(exported_repo, max_message_bytes=MiB, max_image_bytes=600 * KiB))
+    try:
+        encoder.wait_serving()
+        address = f"127.0.0.1:{encoder.server.port}"
+        images = [_noise_png(320, seed) for seed in range(6)]
+        assert all(250 * KiB < len(b) < 600 * KiB for b in images) and sum(map(len, images)) > MiB
+        too_large = _noise_png(460, 99)  # ~630 KB: over the encoder's image limit
+        requests = [
+            ranker_pb2.UpsertProductsRequest(
+                product=ranker_pb2.Product(product_id=f"img-{i}", category="bags", image=b)
+            )
+            for i, b in enumerate([*images[:3], too_large, *images[3:]])
+        ]
+
+        async def scenario():
+            client = EncoderClient(address, 10.0, 64 * MiB, products_timeout=60.0)
+            info = await client.model_info()
+            await client.close()
+
+            async def upsert(app, store):
+                return await app.upsert(_stream(requests), None), await store.count()
+
+            return info, await _with_app(RankerConfig(upsert_batch=32), upsert, address, real_encoder=True)
+
+        info, (reply, stored) = loop.call(scenario(), timeout=120)
+        assert info.max_request_bytes == MiB and info.max_image_bytes == 600 * KiB
+        assert reply.upserted == 6 and stored == 6
+        assert [(f.index, f.product_id, f.error.code) for f in reply.failures] == [
+            (3, "img-3", "INVALID_ARGUMENT")
+        ]
+        assert "the encoder takes at most" in reply.failures[0].error.message
+    finally:
+        encoder.close()
