@@ -92,3 +92,23 @@ def test_soak_benchmark_recovers_and_leaves_nothing_behind(exported_repo, tmp_pa
     for server in ("encoder", "ranker"):
         start, end = (int(n) for n in _cells(out, server)[3].split(" / "))
         assert end <= start + 10, f"the {server}: {start} asyncio tasks at the start, {end} at the end"
+
+
+def test_hostile_benchmark_answers_or_refuses_every_request(exported_repo, tmp_path):
+    """Issue 20's hostile requests, small: each gets the status it should (a refusal, or an answer with the
+    oversized records failed alone) within its deadline; the bench's own verdict. Health and memory are
+    printed, not asserted (they depend on the machine)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.hostile", "--products", "2000", "--identical", "500", "--big-images",
+         "2", "--keys", "100000", "--new-categories", "10100", "--exclusions", "20000",
+         "--model-repo", str(exported_repo), "--work", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert "Result: PASS" in out
+    assert _cells(out, "Recommend, 1,000 filter conditions")[1] == "INVALID_ARGUMENT"
+    assert _cells(out, "UpsertProducts, 2 images of 60 MB")[2] == "0 stored, 2 failed (INVALID_ARGUMENT)"
+    new = _cells(out, "UpsertProducts, 10,100 new categories")[2]
+    assert new.endswith("failed (RESOURCE_EXHAUSTED)") and not new.startswith("10,100 stored")
+    assert _cells(out, "GetCatalogStats after that")[2] == "10,000 categories"
