@@ -3,9 +3,14 @@ holds, an existing target and a damaged archive are refused with a reason, and n
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gzip
+import hashlib
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -13,7 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+import ctl.snapshot as snap  # the module, so that a test of a name the old code lacks fails alone
 from ranker_service.store import ProductPoint, open_edge_store
 from tests.servers import REPO
 
@@ -122,3 +129,372 @@ def test_a_held_store_and_a_damaged_archive_are_refused(tmp_path):
     cut = ctl("restore", str(truncated), str(tmp_path / "restored"))
     assert cut.returncode == 1 and "cannot restore" in cut.stderr
     assert not (tmp_path / "restored").exists()
+
+
+# ---------------------------------------------------------------- crafted archives (issue 20 items 1-4, 16)
+# Every crafted archive is made here with tarfile. Each must end in a SnapshotError of one line that names
+# the archive (never the staging folder), with nothing written anywhere: the whole test folder is compared
+# before and after (the target, its parents, the staging folder, the folders beside them).
+
+BAD_VERSION = "../../outside"
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Everything below `root`, links not followed: type and content (size and mtime for large files)."""
+    found: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                found[path] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                found[path] = ("dir",)
+            elif st.st_size > 1 << 20:
+                found[path] = ("file", st.st_size, st.st_mtime_ns)
+            else:
+                found[path] = ("file", hashlib.sha256(Path(path).read_bytes()).hexdigest())
+    return found
+
+
+def refused(archive: Path, target: Path | str, limits=None) -> str:
+    """Restores `archive` expecting a refusal that leaves the test folder exactly as it was; the message."""
+    before = tree(archive.parent)
+    extra = {} if limits is None else {"limits": limits}
+    with pytest.raises(snap.SnapshotError) as info:
+        snap.restore(archive, str(target), **extra)
+    message = str(info.value)
+    assert message.startswith(f"cannot restore {archive}: ") and "\n" not in message, message
+    assert ".restore-" not in message, message  # the staging folder is gone: never named
+    assert tree(archive.parent) == before
+    return message
+
+
+def entry(name: str, data: bytes | None = None, kind: bytes = tarfile.REGTYPE, link: str = "", size=None):
+    """A member: (TarInfo, data or None)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if data is None and kind == tarfile.REGTYPE else kind
+    info.mode = 0o755 if info.type == tarfile.DIRTYPE else 0o644
+    info.linkname = link
+    info.size = len(data) if data is not None else (size or 0)
+    return info, data
+
+
+def manifest_bytes(**changes) -> bytes:
+    manifest = {
+        "format": 1,
+        "model_version": VERSION,
+        "dim": DIM,
+        "products": 0,
+        "products_by_category": {},
+        "created": "2025-01-01T00:00:00Z",
+    }
+    return json.dumps({**manifest, **changes}).encode()
+
+
+def fake_store(version: str = VERSION) -> list:
+    """A store folder with only the store's own record: qdrant-edge makes it an empty store when opened."""
+    meta = json.dumps({"model_version": version, "dim": DIM}).encode()
+    return [entry("store"), entry("store/ctl_store.json", meta)]
+
+
+def craft(path: Path, members: list, *, real: Path | None = None, real_as: str = "store", level: int = 1):
+    """Writes a .tar.gz: `members` in order, a real store folder (`real`, archived as `real_as`) after the
+    first one (the manifest)."""
+    with tarfile.open(path, "w:gz", compresslevel=level) as tar:
+        for i, (info, data) in enumerate(members):
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+            if i == 0 and real is not None:
+                tar.add(real, arcname=real_as)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> dict:
+    """A real store of VERSION (28 products) and its manifest, and an empty real store of BAD_VERSION."""
+    root = tmp_path_factory.mktemp("real")
+    asyncio.run(_fill(root / "store", products(30)))
+    archive = root / "good.tar.gz"
+    assert ctl("snapshot", str(root / "store"), str(archive)).returncode == 0
+    with tarfile.open(archive) as tar:
+        manifest = tar.extractfile("ctl_snapshot.json").read()
+
+    async def empty(path: Path, version: str) -> None:
+        await (await open_edge_store(path, version, DIM)).close()
+
+    asyncio.run(empty(root / "bad-version", BAD_VERSION))
+    return {"store": root / "store", "manifest": manifest, "bad": root / "bad-version"}
+
+
+def test_a_model_version_that_climbs_out_of_the_stores_folder_is_refused(tmp_path, real):
+    """Item 1: the manifest's version named the folder: `../../outside` restored a store (and whatever else
+    was in it: an authorized_keys) outside the stores folder. Now a strict pattern; `ctl restore` exits 1."""
+    archive = craft(
+        tmp_path / "climb.tar.gz",
+        [
+            entry("ctl_snapshot.json", manifest_bytes(model_version=BAD_VERSION)),
+            entry("store/authorized_keys", b"k"),
+        ],
+        real=real["bad"],
+    )
+    target = tmp_path / "a" / "stores" / "{model_version}"
+    message = refused(archive, target)
+    assert "model_version is '../../outside'" in message
+    done = ctl("restore", str(archive), str(target))
+    assert done.returncode == 1 and not (tmp_path / "outside").exists()
+    assert len(done.stderr.strip().splitlines()) == 1 and "model_version" in done.stderr, done.stderr
+
+
+def test_the_target_must_lie_under_the_templates_fixed_part(tmp_path):
+    """Item 1, the second guard: the folder a valid version names must resolve under the template's fixed
+    part (`stores/` here): not through a link where the version's folder goes; a link at the target itself
+    (even one that leads nowhere) is never replaced."""
+    archive = craft(tmp_path / "ok.tar.gz", [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()])
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (stores / VERSION).symlink_to(tmp_path / "elsewhere")
+    assert "outside" in refused(archive, stores / "{model_version}" / "store")
+    assert "already exists" in refused(archive, stores / "{model_version}")
+    (stores / "dangling").symlink_to(tmp_path / "nowhere")
+    assert "already exists" in refused(archive, stores / "dangling")
+
+
+CASES = {
+    # name: (members after the manifest, on top of the real store; what the message says)
+    "absolute name": ([entry("/tmp/ctl-authorized_keys", b"k")], "absolute name"),
+    "dot-dot name": ([entry("store/../../escaped", b"x")], "'..' part"),
+    "outside store/": ([entry("authorized_keys", b"k")], "neither"),
+    "symlink inside the store": (
+        [entry("store/link", kind=tarfile.SYMTYPE, link="ctl_store.json")],
+        "symbolic",
+    ),
+    "symlink out": ([entry("store/out", kind=tarfile.SYMTYPE, link="/etc/passwd")], "symbolic link"),
+    "hard link": ([entry("store/hard", kind=tarfile.LNKTYPE, link="ctl_snapshot.json")], "hard link"),
+    "device": ([entry("store/dev", kind=tarfile.CHRTYPE)], "character device"),
+    "fifo": ([entry("store/fifo", kind=tarfile.FIFOTYPE)], "FIFO"),
+    "duplicate": ([entry("store/extra", b"1"), entry("store/extra", b"2")], "appears twice"),
+    "file before its folder": ([entry("store/nofolder/x", b"1")], "without its folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_members_other_than_plain_files_and_folders_under_store_are_refused(tmp_path, real, case):
+    """Items 2 and 3: the allow-list, checked for every member before anything is written (the old code
+    restored most of these: tarfile's data filter allows links inside the folder, strips a leading /, keeps
+    the last of two members; it left the parent folders it made behind when it refused)."""
+    extra, said = CASES[case]
+    archive = craft(
+        tmp_path / "crafted.tar.gz",
+        [entry("ctl_snapshot.json", real["manifest"]), *extra],
+        real=real["store"],
+    )
+    assert said in refused(archive, tmp_path / "new" / "stores" / "{model_version}")
+
+
+def test_a_store_that_is_a_link_is_refused(tmp_path, real):
+    """Item 3: `store` as a link to a real store passed the check through its target, then the link was
+    moved into place as the store."""
+    archive = craft(
+        tmp_path / "linked.tar.gz",
+        [entry("ctl_snapshot.json", real["manifest"]), entry("store", kind=tarfile.SYMTYPE, link="real")],
+        real=real["store"],
+        real_as="real",
+    )
+    message = refused(archive, tmp_path / "stores" / "{model_version}")
+    assert "neither" in message or "symbolic link" in message
+
+
+def test_cve_2025_4517_link_chain_past_path_max_writes_nothing(tmp_path):
+    """Item 2: long folder names and a chain of links that take realpath() past PATH_MAX, so that tarfile's
+    data filter (3.11.7 and other unpatched Pythons) lets a hard link reach beside the staging folder:
+    `flag` there was overwritten and `newfile` created. Now refused before anything is written."""
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    (stores / "flag").write_text("original")
+    staging_len = len(str(stores / f".{VERSION}.restore-")) + 8  # mkdtemp's 8 random characters
+    steps = "abcdefghijklmnop"
+    component = "d" * ((os.pathconf(stores, "PC_PATH_MAX") - staging_len - 1) // (len(steps) + 1))
+    members = [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()]
+    path = ""
+    for step in steps:
+        members.append(entry(os.path.join(path, component)))
+        members.append(entry(os.path.join(path, step), kind=tarfile.SYMTYPE, link=component))
+        path = os.path.join(path, component)
+    linkpath = os.path.join(*steps, "l" * 254)
+    members.append(entry(linkpath, kind=tarfile.SYMTYPE, link=os.path.join(*[".."] * len(steps))))
+    members.append(entry("escape", kind=tarfile.SYMTYPE, link=os.path.join(linkpath, "..")))
+    members.append(entry("flaglink", kind=tarfile.LNKTYPE, link=os.path.join("escape", "flag")))
+    members.append(entry("flaglink", b"overwrite"))
+    members.append(entry("escape/newfile", b"new"))
+    archive = craft(tmp_path / "cve.tar.gz", members)
+    refused(archive, stores / "{model_version}")
+    assert (stores / "flag").read_text() == "original" and not (stores / "newfile").exists()
+
+
+def test_a_gzip_bomb_stops_at_the_cap(tmp_path):
+    """Item 4: a small archive that unpacks to much more (here 32 MiB of zeros in 33 KB, cap 1 MiB; the
+    old code wrote all of it to staging first). Refused from the member's size, and, for members that
+    declare nothing (400 empty files: headers only), from the bytes the stream has actually given."""
+    zeros = [
+        entry("ctl_snapshot.json", manifest_bytes()),
+        *fake_store(),
+        entry("store/zeros", bytes(32 << 20)),
+    ]
+    archive = craft(tmp_path / "bomb.tar.gz", zeros, level=9)
+    assert archive.stat().st_size < 100_000
+    limits = snap.RestoreLimits(max_bytes=1 << 20)
+    assert "--max-bytes / CTL_RESTORE_MAX_BYTES" in refused(
+        archive, tmp_path / "s" / "{model_version}", limits
+    )
+    empties = [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()]
+    empties += [entry(f"store/e{i}", b"") for i in range(400)]
+    archive = craft(tmp_path / "headers.tar.gz", empties)
+    limits = snap.RestoreLimits(max_bytes=64 << 10)
+    assert "more than 64.0 KiB" in refused(archive, tmp_path / "s" / "{model_version}", limits)
+
+
+def test_too_many_members_and_too_little_space_are_refused_before_writing(tmp_path):
+    """Item 4: the member cap, and the free space where the store goes (a member that says 1 PiB)."""
+    many = [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()]
+    many += [entry(f"store/f{i}", b"x") for i in range(20)]
+    archive = craft(tmp_path / "many.tar.gz", many)
+    limits = snap.RestoreLimits(max_members=10)
+    assert "more than 10 members (--max-members" in refused(
+        archive, tmp_path / "s" / "{model_version}", limits
+    )
+    # A header that says 1 PiB, its data never written: refused from the header, before any seek or write.
+    huge = tarfile.TarInfo("store/huge")
+    huge.size = 1 << 50
+    stream = snapshot_start() + huge.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+    archive = tmp_path / "huge.tar.gz"
+    archive.write_bytes(gzip.compress(stream))
+    limits = snap.RestoreLimits(max_bytes=1 << 60)
+    assert "free" in refused(archive, tmp_path / "s" / "{model_version}", limits)
+
+
+def snapshot_start() -> bytes:
+    """An uncompressed tar stream of a manifest and a store folder, without the end-of-archive blocks, for
+    raw headers to follow."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()]:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        end = tar.offset
+    return raw.getvalue()[:end]
+
+
+def pax(payload: bytes) -> bytes:
+    """A raw pax extended header (type x) carrying `payload`, padded to whole blocks."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(payload)
+    return info.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % tarfile.BLOCKSIZE)
+
+
+@pytest.mark.parametrize(
+    ("payload", "said"),
+    [
+        (b"1" * 65536, "larger than 8.0 KiB"),  # 4 s of regular expression on 3.11.7 (CVE-2024-6232)
+        (b"2 " * 3000 + b"x=\n", "malformed pax header"),  # quadratic record matching, under the cap
+        (b"30 hdrcharset=1 hdrcharset=1 h\n", "malformed pax header"),
+    ],
+)
+def test_hostile_tar_headers_are_refused_while_read(tmp_path, payload, said):
+    """Item 4: tarfile parses each header itself: the bytes it may read for one, and their form, are capped
+    (unpatched Pythons parse pax records with backtracking regular expressions)."""
+    plain = tarfile.TarInfo("store/x").tobuf(tarfile.USTAR_FORMAT)
+    stream = snapshot_start() + pax(payload) + plain + bytes(2 * tarfile.BLOCKSIZE)
+    archive = tmp_path / "header.tar.gz"
+    archive.write_bytes(gzip.compress(stream))
+    assert said in refused(archive, tmp_path / "s" / "{model_version}")
+
+
+MANIFESTS = {
+    "array": (b"[]", "holds an array, expected an object"),
+    "number": (b"3", "holds an integer"),
+    "NUL": (b"\x00", "not JSON"),
+    "NUL in the version": (manifest_bytes(model_version="a\x00b"), "model_version is 'a\\x00b'"),
+    "version ..": (manifest_bytes(model_version=".."), "model_version is '..'"),
+    "version with a slash": (manifest_bytes(model_version="a/b"), "model_version"),
+    "version not text": (manifest_bytes(model_version=3), "model_version is 3"),
+    "no version": (json.dumps({"format": 1, "dim": DIM}).encode(), "model_version is missing"),
+    "no products": (
+        json.dumps({"format": 1, "model_version": VERSION, "dim": DIM}).encode(),
+        "products is missing",
+    ),
+    "dim as text": (manifest_bytes(dim="16"), "dim is '16'"),
+    "products true": (manifest_bytes(products=True), "products is True"),
+    "counts not an object": (manifest_bytes(products_by_category=[]), "products_by_category is an array"),
+    "counts that do not add up": (manifest_bytes(products=3), "adds up to 0"),
+    "a negative count": (manifest_bytes(products=-1, products_by_category={"a": -1}), "products is -1"),
+    "format 2": (manifest_bytes(format=2), "format is 2"),
+    "a key twice": (b'{"format": 1, "format": 1}', "a key appears twice"),
+    "not UTF-8": (b'{"format": "\xff"}', "not JSON"),
+    "nested deep": (b"[" * 100_000, "not JSON"),
+    "a number too long": (manifest_bytes()[:-1] + b', "x": ' + b"9" * 5000 + b"}", "not JSON"),
+    "created with a newline": (manifest_bytes(created="a\nb"), "created is 'a\\nb'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFESTS))
+def test_malformed_manifests_are_refused_with_a_reason(tmp_path, case):
+    """Item 4: the manifest must be a JSON object of the expected fields and types (the old code raised
+    AttributeError/TypeError/ValueError tracebacks for `[]`, `3`, a NUL in the version, a version not text;
+    a missing field was a bare KeyError)."""
+    data, said = MANIFESTS[case]
+    archive = craft(tmp_path / "m.tar.gz", [entry("ctl_snapshot.json", data), *fake_store()])
+    message = refused(archive, tmp_path / "new" / "{model_version}")
+    assert "ctl_snapshot.json" in message and said in message, message
+
+
+def test_a_huge_manifest_is_refused_before_it_is_read(tmp_path):
+    """Item 4: the manifest is read only up to --max-manifest-bytes (1 MiB by default)."""
+    padded = manifest_bytes(pad="x" * (2 << 20))
+    archive = craft(tmp_path / "big.tar.gz", [entry("ctl_snapshot.json", padded), *fake_store()], level=9)
+    message = refused(archive, tmp_path / "new" / "{model_version}")
+    assert "larger than 1.0 MiB (--max-manifest-bytes / CTL_RESTORE_MAX_MANIFEST_BYTES)" in message
+    small = snap.RestoreLimits(max_manifest_bytes=100)
+    archive = craft(tmp_path / "ok.tar.gz", [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()])
+    assert "larger than 100 bytes" in refused(archive, tmp_path / "new" / "{model_version}", small)
+
+
+def test_restore_limits_come_from_flags_then_variables():
+    """The limits follow ctl/settings.py: a flag wins over CTL_RESTORE_*, a malformed value is named."""
+    parser = argparse.ArgumentParser()
+    snap.add_restore_arguments(parser)
+    env = {"CTL_RESTORE_MAX_BYTES": "4096", "CTL_RESTORE_MAX_MEMBERS": "9"}
+    limits = snap.restore_limits(parser.parse_args(["--max-members", "7"]), env)
+    assert (limits.max_bytes, limits.max_members, limits.max_manifest_bytes) == (4096, 7, 1 << 20)
+    with pytest.raises(snap.RestoreConfigError, match=r"CTL_RESTORE_MAX_BYTES='10GB': expected int"):
+        snap.restore_limits(parser.parse_args([]), {"CTL_RESTORE_MAX_BYTES": "10GB"})
+    with pytest.raises(snap.RestoreConfigError, match=r"--max-members=1: expected 2 or more"):
+        snap.restore_limits(parser.parse_args(["--max-members", "1"]), {})
+
+
+def test_restore_of_a_missing_or_foreign_file_says_so(tmp_path):
+    assert "No such file" in refused(tmp_path / "none.tar.gz", tmp_path / "new" / "{model_version}")
+    (tmp_path / "plain.txt").write_text("not an archive")
+    assert "not a readable .tar.gz" in refused(tmp_path / "plain.txt", tmp_path / "new" / "{model_version}")
+
+
+# ---------------------------------------------------------------- the snapshot side (siblings)
+
+
+def test_snapshot_refuses_a_store_it_could_not_restore(tmp_path, real):
+    """A link inside the store was archived as a link (restore refuses it; following it would archive what
+    lies outside the store); a store recording a version that names no folder made an archive whose path
+    came from it; a store record that is not an object was a TypeError traceback."""
+    store = tmp_path / "store"
+    asyncio.run(_fill(store, products(9)))
+    (tmp_path / "secret").write_text("outside the store")
+    (store / "leak").symlink_to(tmp_path / "secret")
+    with pytest.raises(snap.SnapshotError, match="leak is a symbolic link"):
+        snap.snapshot(store, tmp_path / "out.tar.gz")
+    assert not (tmp_path / "out.tar.gz").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(snap.SnapshotError, match=r"model_version is '\.\./\.\./outside'"):
+        snap.snapshot(real["bad"], tmp_path / "bad.tar.gz")
+    (store / "leak").unlink()
+    (store / "ctl_store.json").write_text("[]")
+    with pytest.raises(snap.SnapshotError, match="not a ctl store record: holds an array"):
+        snap.snapshot(store, tmp_path / "out.tar.gz")
+    assert not list(tmp_path.glob("*.tar.gz"))
