@@ -34,6 +34,7 @@ from ranker_service.store import Hits, ProductPoint, ProductStore, Query
 log = logging.getLogger(__name__)
 
 SCROLL_PAGE = 2048
+HITS_PER_CALL = 20_000  # certify's queries per store call: at most this many hits (vectors copied) a call
 MEAN_KEY_SAMPLE = 2048
 
 
@@ -208,8 +209,11 @@ class Retriever:
         rounds = 0
         while True:
             rounds += 1
-            await _step(ask)
-            lists = await self.store.search(vectors, ask.query, width, exact=True)
+            lists = []
+            step = max(1, HITS_PER_CALL // width)  # wide rounds in several calls, the loop's turn between
+            for start in range(0, len(vectors), step):
+                await _step(ask)
+                lists += await self.store.search(vectors[start : start + step], ask.query, width, exact=True)
             for hits in lists:
                 seen.add(hits)
             # each bound query's last score bounds every product it did not return (-inf: it returned all)

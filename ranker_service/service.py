@@ -139,7 +139,10 @@ class RankerApp:
         deadline = None if remaining is None else time.monotonic() + remaining
         asks = self._asks(req, deadline)
         scene = await self._scene(req, ready.info, remaining)
-        results = await asyncio.gather(*(ready.retriever.recommend(scene, ask) for ask in asks))
+        if ready.store.inline:  # one category after another: the loop gets a turn between their steps
+            results = [await ready.retriever.recommend(scene, ask) for ask in asks]
+        else:  # a remote store: the categories' queries wait on the network together
+            results = await asyncio.gather(*(ready.retriever.recommend(scene, ask) for ask in asks))
         for r in results:
             self.candidates.labels(r.mode.value).observe(r.candidates_scored)
             if r.mode is Mode.CERTIFY:

@@ -94,6 +94,9 @@ class ProductStore(ABC):
     model_version: str
     dim: int
     description: str  # for logs and GetCatalogStats, e.g. "embedded qdrant-edge at /var/lib/ctl/store"
+    # Calls run on the caller's thread and never wait (an embedded engine): running several at once gains
+    # nothing, and only delays everything else the event loop has to do (health checks) by all of them.
+    inline: bool = False
 
     @abstractmethod
     async def upsert(self, points: Sequence[ProductPoint]) -> None:

@@ -36,14 +36,16 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionMismatch
 from ranker_service.store._points import (
     FACET_START,
+    METADATA_TERMS,
     UNIT_STORED,
     check_limit,
     check_model,
+    condition_terms,
     excluded_point_ids,
     hits,
     in_order,
     map_errors,
-    metadata_path,
+    metadata_terms,
     parse_offset,
     point_ids,
     products,
@@ -100,12 +102,11 @@ def _filter(query: Query) -> qm.Filter:
     must: list[qm.Condition] = [qm.FieldCondition(key="category", match=qm.MatchValue(value=query.category))]
     must_not: list[qm.Condition] = []
     for condition in query.conditions:
-        path = metadata_path(condition.key)
-        if condition.any_of:
-            must.append(qm.FieldCondition(key=path, match=qm.MatchAny(any=list(condition.any_of))))
-        if condition.none_of:
-            # must_not + MatchAny rather than MatchExcept: MatchExcept also rejects points lacking the key.
-            must_not.append(qm.FieldCondition(key=path, match=qm.MatchAny(any=list(condition.none_of))))
+        any_of, none_of = condition_terms(condition)
+        if any_of:
+            must.append(qm.FieldCondition(key=METADATA_TERMS, match=qm.MatchAny(any=any_of)))
+        if none_of:
+            must_not.append(qm.FieldCondition(key=METADATA_TERMS, match=qm.MatchAny(any=none_of)))
     if query.exclude_ids:
         ids: list[qm.ExtendedPointId] = list(excluded_point_ids(query.exclude_ids))
         must_not.append(qm.HasIdCondition(has_id=ids))
@@ -360,7 +361,12 @@ async def _ensure_collection(
                         STYLE: qm.VectorParams(size=dim, distance=qm.Distance.DOT),
                         ATTENTION: qm.VectorParams(size=dim, distance=qm.Distance.DOT, hnsw_config=unindexed),
                     },
-                    metadata={"model_version": model_version, "dim": dim, UNIT_VECTORS: True},
+                    metadata={
+                        "model_version": model_version,
+                        "dim": dim,
+                        UNIT_VECTORS: True,
+                        METADATA_TERMS: True,
+                    },
                     shard_number=shards,
                     replication_factor=replication_factor,
                 )
@@ -372,16 +378,60 @@ async def _ensure_collection(
     with _map_errors(f"look up collection {collection!r}", where):
         target = await _resolve(client, collection)
     info = await _check_collection(client, target, collection, where, model_version, dim)
-    if not (info.config.metadata or {}).get(UNIT_VECTORS):
-        await _normalise_stored(client, target, where, info.config.metadata or {})
-    # Also when the collection exists: its creator may have stopped before making the index.
+    metadata = dict(info.config.metadata or {})
+    if not metadata.get(UNIT_VECTORS):
+        await _normalise_stored(client, target, where, metadata)
+        metadata[UNIT_VECTORS] = True
+    # Also when the collection exists: its creator may have stopped before making the indexes.
     # Local mode has no payload indexes (it warns that they have no effect), so none is asked for there.
-    if not local and "category" not in (info.payload_schema or {}):
-        with _map_errors("create the category index", where):
-            await client.create_payload_index(
-                target, "category", field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
-            )
+    for field in ("category", METADATA_TERMS):
+        if not local and field not in (info.payload_schema or {}):
+            with _map_errors(f"create the {field} index", where):
+                await client.create_payload_index(
+                    target, field, field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
+                )
+    if not metadata.get(METADATA_TERMS):
+        await _add_metadata_terms(client, target, where, metadata)
     return target
+
+
+async def _add_metadata_terms(
+    client: AsyncQdrantClient, collection: str, where: str, metadata: dict[str, Any]
+) -> None:
+    """Once per collection made before METADATA_TERMS: each product with metadata is given its terms
+    (products with the same metadata in one operation), so that filters find it; the collection's
+    metadata then records that it was done."""
+    done, offset = 0, None
+    while True:
+        with _map_errors(f"read collection {collection!r}", where):
+            records, offset = await client.scroll(
+                collection, limit=1024, offset=offset, with_payload=["metadata"], with_vectors=False
+            )
+        groups: dict[tuple[tuple[str, str], ...], list[qm.ExtendedPointId]] = {}
+        for r in records:
+            items = tuple(((r.payload or {}).get("metadata") or {}).items())
+            if items:
+                groups.setdefault(items, []).append(r.id)
+        if groups:
+            operations = [
+                qm.SetPayloadOperation(
+                    set_payload=qm.SetPayload(
+                        payload={METADATA_TERMS: metadata_terms(dict(items))}, points=ids
+                    )
+                )
+                for items, ids in groups.items()
+            ]
+            with _map_errors(f"add metadata terms to collection {collection!r}", where):
+                await client.batch_update_points(collection, operations, wait=True)
+            done += sum(map(len, groups.values()))
+        if offset is None:
+            break
+    if done:
+        log.info(
+            "collection %r at %s: %d products given the metadata terms filters use", collection, where, done
+        )
+    with _map_errors(f"update collection {collection!r}", where):
+        await client.update_collection(collection, metadata={**metadata, METADATA_TERMS: True})
 
 
 async def _normalise_stored(

@@ -34,12 +34,14 @@ from numpy.typing import NDArray
 
 from ranker_service.errors import StoreClosed, StoreError, StoreLocked, VersionMismatch
 from ranker_service.store._points import (
+    METADATA_TERMS,
     UNIT_STORED,
     check_limit,
     check_model,
+    condition_terms,
     excluded_point_ids,
     map_errors,
-    metadata_path,
+    metadata_terms,
     parse_offset,
     point_ids,
     products,
@@ -83,17 +85,26 @@ def _store_error(exc: Exception, action: str, path: Path) -> StoreError:
     return StoreError(f"qdrant-edge failed to {action} at {path}: {message}")
 
 
-def _write_meta(path: Path, model_version: str, dim: int) -> None:
-    """Record the model version and dimension atomically (tmp + os.replace): never a half-written file."""
+def _write_meta(path: Path, model_version: str, dim: int, **flags: bool) -> None:
+    """Record the model version and dimension (and `flags`: what the store's data was brought up to)
+    atomically (tmp + os.replace): never a half-written file."""
     tmp = path / f".{META_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # unique: two openers never clash
     try:
         with tmp.open("w") as f:
-            json.dump({"model_version": model_version, "dim": dim}, f, indent=2)
+            json.dump({"model_version": model_version, "dim": dim, **flags}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path / META_FILE)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _has_terms(path: Path) -> bool:
+    """Whether every stored product carries its METADATA_TERMS (stores made before them do not)."""
+    try:
+        return bool(json.loads((path / META_FILE).read_text()).get(METADATA_TERMS))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_meta(path: Path, model_version: str, dim: int) -> bool:
@@ -163,12 +174,11 @@ def _build_filter(query: Query) -> qe.Filter:
     must: list[Any] = [qe.FieldCondition(key="category", match=qe.MatchValue(query.category))]
     must_not: list[Any] = []
     for condition in query.conditions:
-        path = metadata_path(condition.key)
-        if condition.any_of:
-            must.append(qe.FieldCondition(key=path, match=qe.MatchAny(list(condition.any_of))))
-        if condition.none_of:
-            # must_not + MatchAny rather than MatchExcept: MatchExcept also rejects points lacking the key.
-            must_not.append(qe.FieldCondition(key=path, match=qe.MatchAny(list(condition.none_of))))
+        any_of, none_of = condition_terms(condition)
+        if any_of:
+            must.append(qe.FieldCondition(key=METADATA_TERMS, match=qe.MatchAny(any_of)))
+        if none_of:
+            must_not.append(qe.FieldCondition(key=METADATA_TERMS, match=qe.MatchAny(none_of)))
     if query.exclude_ids:
         must_not.append(qe.HasIdCondition(set(excluded_point_ids(query.exclude_ids))))
     return qe.Filter(must=must, must_not=must_not or None)
@@ -187,6 +197,7 @@ class EdgeStore(ProductStore):
         self.model_version = model_version
         self.dim = dim
         self.description = f"embedded qdrant-edge at {path}"
+        self.inline = True
         # Every product as this process stored it (ranker_service/store/table.py says why): searches ask the
         # engine for ids and scores only. Safe because this store is the shard's only writer (its WAL locks
         # the directory).
@@ -221,6 +232,24 @@ class EdgeStore(ProductStore):
                 "%s: %d products stored with vectors not of unit length, normalised", self.path, len(off)
             )
         return len(off)
+
+    def add_metadata_terms(self) -> int:
+        """Give the products of a store made before METADATA_TERMS their terms (from the table), so that
+        filters find them; products with the same metadata in one engine update. How many were given."""
+        shard = self._live()
+        groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        for pid, metadata in self._table.metadata_items():
+            groups.setdefault(tuple(metadata.items()), []).append(str(pid))
+        with _map_errors("add metadata terms", self.path):
+            for items, pids in groups.items():
+                for start in range(0, len(pids), 4096):
+                    payload = {METADATA_TERMS: metadata_terms(dict(items))}
+                    shard.update(qe.UpdateOperation.set_payload(pids[start : start + 4096], payload))
+            shard.flush()
+        done = sum(map(len, groups.values()))
+        if done:
+            log.info("%s: %d products given the metadata terms that filters use", self.path, done)
+        return done
 
     def _live(self) -> qe.EdgeShard:
         """The open shard; StoreClosed once `close()` was called."""
@@ -369,7 +398,7 @@ async def open_edge_store(
     root.mkdir(parents=True, exist_ok=True)
     known = _check_meta(root, model_version, dim)
     if not known:
-        _write_meta(root, model_version, dim)
+        _write_meta(root, model_version, dim, **{METADATA_TERMS: True})
     config = _engine_config(dim, indexing_threshold_kb)
     with _map_errors("open the shard", root):
         if (root / _ENGINE_CONFIG_FILE).exists():
@@ -377,15 +406,20 @@ async def open_edge_store(
         else:
             shard = qe.EdgeShard.create(str(root), config)
     try:
-        with _map_errors("create the category index", root):
-            if "category" not in shard.info().payload_schema:
-                shard.update(qe.UpdateOperation.create_field_index("category", qe.PayloadSchemaType.Keyword))
+        with _map_errors("create the payload indexes", root):
+            schema = shard.info().payload_schema
+            for field in ("category", METADATA_TERMS):
+                if field not in schema:
+                    shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
     except BaseException:
         shard.close()
         raise
     store = EdgeStore(shard, root, model_version, dim)
     try:
         await store.normalise_stored()
+        if not _has_terms(root):
+            store.add_metadata_terms()
+            _write_meta(root, model_version, dim, **{METADATA_TERMS: True})
     except BaseException:
         await store.close()
         raise
