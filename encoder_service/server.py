@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 
-from ctl.security import TokenAuth, parse_tokens, server_credentials
+from ctl.security import Tokens, server_credentials, token_auth
 from ctl.serving import Metrics, Server, build_server, serve_forever
+from ctl.settings import named
 from ctl.v1 import encoder_pb2_grpc
 from encoder_service.app import EncoderApp
 from encoder_service.backends import make_backend
-from encoder_service.config import EncoderConfig
+from encoder_service.config import ENV_PREFIX, EncoderConfig
 from encoder_service.errors import BackendUnavailable, ModelChanged
 from encoder_service.service import SERVICE_NAME, EncoderServicer
 
@@ -32,8 +33,12 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
     """The server bound to `config.address` (port 0: read `Server.port`) and its app; nothing started."""
     metrics = Metrics(SERVICE_NAME)
     app = EncoderApp(config, make_backend(config), metrics)
-    auth = TokenAuth(
-        {"encode": parse_tokens(config.tokens, "tokens")}, {}, protect_open=config.protect_health
+    auth = token_auth(
+        {"encode": Tokens(config.tokens, named(ENV_PREFIX, "tokens"))},
+        {},
+        protect_open=config.protect_health,
+        service=SERVICE_NAME,
+        host=config.host,
     )
     server = build_server(
         service_names=(SERVICE_NAME,),
@@ -44,7 +49,7 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
         metrics=metrics,
         max_message_bytes=config.max_message_bytes,
         max_concurrent_calls=config.max_concurrent_calls,
-        auth=auth if auth.enabled else None,
+        auth=auth,
         credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
         health_address=f"{config.address.rsplit(':', 1)[0]}:{config.health_port}"
         if config.health_port >= 0

@@ -19,20 +19,23 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from ctl.security import (
     READ,
     WRITE,
     SecurityConfigError,
-    TokenAuth,
+    Tokens,
     channel_credentials,
+    is_loopback,
     parse_token,
-    parse_tokens,
     server_credentials,
+    token_auth,
 )
 from ctl.serving import Metrics, Server, build_server, host_port, serve_forever
+from ctl.settings import named
 from ctl.v1 import ranker_pb2_grpc
-from ranker_service.config import RankerConfig
+from ranker_service.config import ENV_PREFIX, RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
 from ranker_service.errors import EncoderUnavailable, RankerError, StoreError, VersionMismatch
 from ranker_service.service import SERVICE_NAME, RankerApp, RankerServicer
@@ -40,7 +43,6 @@ from ranker_service.store import ProductStore, open_client_store, open_edge_stor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-LOOPBACK_HTTP = ("http://localhost", "http://127.0.0.1", "http://[::1]")
 PROBE_ERROR_REPEAT_S = 60.0  # a probe that keeps failing (a bug) is logged again at most this often
 
 # The scope each RankerService method needs when tokens are configured.
@@ -56,13 +58,14 @@ METHOD_SCOPES = {
 def qdrant_credentials(config: RankerConfig) -> tuple[str | None, str | None]:
     """The Qdrant API key (a value or @FILE) and the CA file to verify its TLS certificate with, checked
     at start-up so that a bad setting exits 2 at once."""
-    key = parse_token(config.qdrant_api_key, "qdrant_api_key", min_length=1) or None
+    key = parse_token(config.qdrant_api_key, named(ENV_PREFIX, "qdrant_api_key"), foreign=True) or None
     if config.qdrant_tls_ca:
         try:
             ssl.create_default_context(cafile=config.qdrant_tls_ca)
         except (OSError, ssl.SSLError) as exc:
             raise SecurityConfigError(f"qdrant_tls_ca: cannot load {config.qdrant_tls_ca}: {exc}") from exc
-    if key and config.qdrant_url.startswith("http://") and not config.qdrant_url.startswith(LOOPBACK_HTTP):
+    url = urlsplit(config.qdrant_url)
+    if key and url.scheme == "http" and not is_loopback(url.hostname or ""):
         log.warning("the Qdrant API key goes in plaintext to %s: use an https:// URL", config.qdrant_url)
     return key, config.qdrant_tls_ca or None
 
@@ -145,16 +148,19 @@ class Ranker:
             credentials=channel_credentials(
                 config.encoder_tls_ca, config.encoder_tls_cert, config.encoder_tls_key
             ),
-            token=parse_token(config.encoder_token, "encoder_token"),
+            # read again when its file changes: the encoder reads its own tokens again too
+            token=Tokens(config.encoder_token, named(ENV_PREFIX, "encoder_token"), single=True),
         )
         self.app = RankerApp(config, self.encoder, self.metrics)
-        auth = TokenAuth(
+        auth = token_auth(
             {
-                READ: parse_tokens(config.read_tokens, "read_tokens"),
-                WRITE: parse_tokens(config.write_tokens, "write_tokens"),
+                READ: Tokens(config.read_tokens, named(ENV_PREFIX, "read_tokens")),
+                WRITE: Tokens(config.write_tokens, named(ENV_PREFIX, "write_tokens")),
             },
             METHOD_SCOPES,
             protect_open=config.protect_health,
+            service=SERVICE_NAME,
+            host=config.host,
         )
         self.server: Server = build_server(
             service_names=(SERVICE_NAME,),
@@ -165,7 +171,7 @@ class Ranker:
             metrics=self.metrics,
             max_message_bytes=config.max_message_bytes,
             max_concurrent_calls=config.max_concurrent_calls,
-            auth=auth if auth.enabled else None,
+            auth=auth,
             credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
             health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
         )

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import http.server
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -197,11 +201,10 @@ def test_ctl_clients_speak_tls_and_tokens(servers, pki, synth_dir, tmp_path):
     image = next((synth_dir / "images").glob("*.jpg"))
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text(f'{{"product_id": "cli-1", "category": "bags", "image": "{image}"}}\n')
-    denied = _ctl("ingest", str(catalog), "--ranker", ranker.address, *tls, env={"CTL_TOKEN": READ_TOKEN})
+    ingest = ["ingest", str(catalog), "--ranker", ranker.address, "--images", str(synth_dir), *tls]
+    denied = _ctl(*ingest, env={"CTL_TOKEN": READ_TOKEN})
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stdout + denied.stderr
-    done = _ctl(
-        "ingest", str(catalog), "--ranker", ranker.address, "--fresh", *tls, env={"CTL_TOKEN": WRITE_TOKEN}
-    )
+    done = _ctl(*ingest, "--fresh", env={"CTL_TOKEN": WRITE_TOKEN})
     assert done.returncode == 0, done.stdout + done.stderr
     found = _ctl(
         "recommend", "--scene", str(image), "--category", "bags", "--ranker", ranker.address, *tls,
@@ -281,3 +284,429 @@ def test_the_qdrant_connection_verifies_tls_with_the_given_ca_and_sends_the_api_
         with pytest.raises(StoreError, match=r"cannot reach Qdrant .*CERTIFICATE_VERIFY_FAILED"):
             open_with(replace(config, qdrant_tls_ca=""))  # the system's CAs do not know the test CA
         assert not seen  # no request, so no key, reached a server that could not be verified
+
+
+# ---------------------------------------------------------------- token settings (issue 20, items 9 and 12)
+
+
+def test_a_comment_is_a_line_of_its_own_and_a_token_holds_neither_whitespace_nor_hash(tmp_path):
+    from ctl.security import SecurityConfigError, parse_tokens
+
+    good = "a" * 20
+    listed = tmp_path / "tokens"
+    listed.write_text(f"# the ingestion job\n   # indented, still a comment\n{good}\n\n  {'b' * 20}  \n")
+    assert parse_tokens(f"@{listed}", "--tokens") == (good, "b" * 20)
+    assert parse_tokens(f" {good} , {'c' * 16},", "--tokens") == (good, "c" * 16)
+    cases = {  # setting -> what the message must say
+        f"{good} {good}": "token 1 contains whitespace",
+        f"{good},{good}\tx": "token 2 contains whitespace",
+        f"{good}#comment": "token 1 contains '#'",
+        f"#{good}": "token 1 contains '#'",  # inline, '#' never starts a comment
+    }
+    inline_comment = tmp_path / "inline-comment"
+    inline_comment.write_text(f"{good} # the reader's token\n")
+    cases[f"@{inline_comment}"] = f"line 1 of {inline_comment} contains whitespace"
+    glued = tmp_path / "glued"
+    glued.write_text(f"# ok\n{good}#old\n")
+    cases[f"@{glued}"] = f"line 2 of {glued} contains '#'"
+    for setting, expected in cases.items():
+        with pytest.raises(SecurityConfigError) as caught:
+            parse_tokens(setting, "--tokens")
+        message = str(caught.value)
+        assert message.startswith("--tokens: ") and expected in message, (setting, message)
+        assert "characters" not in message and good not in message, message  # no length talk, no echo
+    with pytest.raises(SecurityConfigError, match=r"token 2 is too short: .*at least 16 characters"):
+        parse_tokens(f"{good},short", "--tokens")
+    # a key chosen by another system (Qdrant's) is taken as it is, '#' included, but not whitespace
+    assert parse_tokens("k#y", "--qdrant-api-key", foreign=True) == ("k#y",)
+    with pytest.raises(SecurityConfigError, match="contains whitespace"):
+        parse_tokens("k y", "--qdrant-api-key", foreign=True)
+
+
+def test_a_token_setting_given_that_yields_no_token_is_an_error(tmp_path):
+    from ctl.security import SecurityConfigError, parse_token, parse_tokens
+
+    empty, comments = tmp_path / "empty", tmp_path / "comments"
+    empty.write_text("")
+    comments.write_text("# rotated: the new token goes here\n\n   \n")
+    assert parse_tokens("", "--tokens") == () and parse_tokens("  ", "--tokens") == ()  # not given: none
+    for setting in (f"@{empty}", f"@{comments}", " , ,"):
+        for parse in (parse_tokens, parse_token):
+            with pytest.raises(SecurityConfigError, match="holds no token"):
+                parse(setting, "--tokens")
+
+
+def _refused_at_start(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """(exit status, output) of `ctl ARGS`, a server expected to stop before it listens; fails the test
+    if it serves instead."""
+    try:
+        server = Process(*args, env=env)
+    except RuntimeError as exc:  # it exited before it listened
+        return int(re.search(r"ctl exited with (-?\d+)", str(exc)).group(1)), str(exc)
+    output = server.output()
+    server.stop(kill=True)
+    pytest.fail(f"ctl {args[0]} started serving instead:\n{output}")
+
+
+def test_servers_refuse_to_start_when_a_token_setting_yields_no_token(tmp_path, exported_repo, caplog):
+    from ctl.security import Tokens, token_auth
+
+    empty, comments = tmp_path / "empty", tmp_path / "comments"
+    empty.write_text("")
+    comments.write_text("# the token is written here at rotation\n")
+    encoder = ("serve-encoder", "--model-repo", str(exported_repo), "--port", "0", "--metrics-port", "-1")
+    ranker = ("serve-ranker", "--encoder", "localhost:1", "--store-path", str(tmp_path / "store"),
+              "--port", "0", "--metrics-port", "-1")  # fmt: skip
+    for path in (empty, comments):
+        code, output = _refused_at_start(*encoder, env={"CTL_ENCODER_TOKENS": f"@{path}"})
+        assert code == 2 and f"--tokens / CTL_ENCODER_TOKENS: the token file {path} holds no token" in output
+        assert "Traceback" not in output
+        for setting, other in (("read", "write"), ("write", "read")):  # the other scope has a token
+            code, output = _refused_at_start(
+                *ranker, f"--{setting}-tokens", f"@{path}", f"--{other}-tokens", WRITE_TOKEN
+            )
+            named = f"--{setting}-tokens / CTL_RANKER_{setting.upper()}_TOKENS"
+            assert code == 2 and f"{named}: the token file {path} holds no token" in output
+    code, output = _refused_at_start(*ranker, "--encoder-token", f"@{empty}")
+    assert code == 2 and f"--encoder-token / CTL_RANKER_ENCODER_TOKEN: the token file {empty}" in output
+    code, output = _refused_at_start(*ranker, "--read-tokens", f"{READ_TOKEN} extra")
+    assert code == 2 and "--read-tokens / CTL_RANKER_READ_TOKENS: token 1 contains whitespace" in output
+    assert READ_TOKEN not in output
+    # no token setting at all: it runs, and says so loudly (quietly on loopback only: `ctl demo`)
+    with caplog.at_level("INFO", logger="ctl.security"):
+        for host in ("127.0.0.1", "[::1]", "localhost", "0.0.0.0", "[::]", "10.1.2.3"):
+            assert (
+                token_auth({"any": Tokens("", "--tokens")}, {}, protect_open=False, service="s", host=host)
+                is None
+            )
+    assert [r.levelname for r in caplog.records] == ["INFO"] * 3 + ["WARNING"] * 3
+    open_ranker = Process(*ranker, "--store-path", str(tmp_path / "open-store"))
+    try:
+        assert "WARNING" in open_ranker.output()
+        assert "ctl.v1.RankerService runs WITHOUT authentication" in open_ranker.output()
+    finally:
+        open_ranker.stop(kill=True)
+
+
+# ---------------------------------------------------------------- reloading (issue 20, item 10)
+
+
+def test_a_token_file_is_read_again_when_it_changes_and_never_falls_open(tmp_path, caplog):
+    from ctl.security import Tokens
+
+    old, new = "old-token-0123456789abcdef", "new-token-0123456789abcdef"
+    path = tmp_path / "tokens"
+    path.write_text(f"{old}\n")
+    tokens = Tokens(f"@{path}", "--tokens", check_s=0)  # 0: look at the file on every use
+    assert tokens.current() == (old,)
+    path.write_text(f"{old}\n{new}\n")
+    assert tokens.current() == (old, new)
+    path.write_text(f"# {old} was revoked\n{new}\n")
+    assert tokens.current() == (new,)
+    with caplog.at_level("ERROR", logger="ctl.security"):
+        for half_done in ("", "# only a comment\n", f"{new} # a comment\n"):
+            path.write_text(half_done)
+            assert tokens.current() == (new,) and tokens.current() == (new,)  # the last good ones stay
+        path.unlink()
+        assert tokens.current() == (new,)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 4, errors  # once per change, not once per use
+    assert "holds no token" in errors[0] and "stay in force" in errors[0] and "cannot read" in errors[3]
+    assert all(new not in e for e in errors)
+    path.write_text(f"{old}\n")
+    assert tokens.current() == (old,)
+    # looked at no more often than asked: a change is seen once check_s has passed
+    now = [0.0]
+    slow = Tokens(f"@{path}", "--tokens", check_s=1.0, clock=lambda: now[0])
+    path.write_text(f"{new}\n")
+    assert slow.current() == (old,)
+    now[0] = 1.0
+    assert slow.current() == (new,)
+
+
+def _bearer_server(tmp_path, server_tokens: str, client_token: str):
+    """A health-only server on loopback whose every call needs a token of `server_tokens`, and a client
+    channel sending `client_token`; both read their files again on every use (check_s=0)."""
+    from grpc_health.v1 import health as health_aio
+
+    from ctl.security import TokenAuth, Tokens, aio_channel
+
+    auth = TokenAuth({"any": Tokens(server_tokens, "--tokens", check_s=0)}, {}, protect_open=True)
+    server = grpc.aio.server(interceptors=[auth])
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    client = aio_channel(f"127.0.0.1:{port}", None, Tokens(client_token, "--token", single=True, check_s=0))
+    return server, client
+
+
+def test_the_ranker_sends_the_encoder_token_its_file_holds_now(tmp_path):
+    """The ranker's token for the encoder and the encoder's tokens come from files that rotate together
+    (the secure overlay mounts one Secret key for both): the client side reads its file again too."""
+    first, second = "first-token-0123456789abcdef", "second-token-0123456789abcdef"
+    server_file, client_file = tmp_path / "encoder-tokens", tmp_path / "encoder-token"
+    server_file.write_text(f"{first}\n")
+    client_file.write_text(f"{first}\n")
+
+    async def scenario() -> list[grpc.StatusCode | None]:
+        server, client = _bearer_server(tmp_path, f"@{server_file}", f"@{client_file}")
+        await server.start()
+        codes = []
+        try:
+            stub = health_pb2_grpc.HealthStub(client)
+            for change in (None, "server", "client"):
+                if change == "server":
+                    server_file.write_text(f"{second}\n")
+                elif change == "client":
+                    client_file.write_text(f"# rotated\n{second}\n")
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    codes.append(None)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+        finally:
+            await client.close()
+            await server.stop(0)
+        return codes
+
+    assert asyncio.run(scenario()) == [None, grpc.StatusCode.UNAUTHENTICATED, None]
+
+
+def _atomic_write(path, data: bytes) -> None:
+    """As a Kubernetes Secret volume changes: the new file appears whole, under the old name."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_bytes(data)
+    staged.replace(path)
+
+
+@pytest.fixture
+def reloading_ranker(pki, tmp_path):
+    """A ranker with TLS (mutual), read and write tokens from files it may not keep: copies, which the
+    tests change. Its encoder never answers, so a call with a valid token is answered UNAVAILABLE (it
+    waits for the encoder) and one without UNAUTHENTICATED: which tokens it takes can be seen."""
+    folder = tmp_path / "reloading"
+    folder.mkdir()
+    files = {name: folder / name for name in ("tls.crt", "tls.key", "read", "write")}
+    files["tls.crt"].write_bytes(Path(pki.server_cert).read_bytes())
+    files["tls.key"].write_bytes(Path(pki.server_key).read_bytes())
+    files["read"].write_text(f"{READ_TOKEN}\n")
+    files["write"].write_text(f"{WRITE_TOKEN}\n")
+    ranker = Process(
+        "serve-ranker", "--encoder", "localhost:1", "--startup-timeout-s", "0", "--store-path",
+        str(folder / "store"), "--port", "0", "--metrics-port", "-1",
+        env={"CTL_RANKER_TLS_CERT": str(files["tls.crt"]), "CTL_RANKER_TLS_KEY": str(files["tls.key"]),
+             "CTL_RANKER_TLS_CLIENT_CA": pki.ca, "CTL_RANKER_READ_TOKENS": f"@{files['read']}",
+             "CTL_RANKER_WRITE_TOKENS": f"@{files['write']}"},
+    )  # fmt: skip
+    try:
+        yield ranker, files
+    finally:
+        ranker.stop(kill=True)  # SIGTERM waits for the start-up wait on the encoder to end (reported)
+
+
+ACCEPTED, REFUSED = "accepted", "refused"
+
+
+def _token_taken(address: str, ca: str, pki: PKI, token: str) -> str:
+    """Whether the ranker takes `token` for GetCatalogStats: ACCEPTED (past the token check, the call
+    waits for the encoder), REFUSED (UNAUTHENTICATED), else the call's code and message. A new
+    connection, its TLS verified with `ca`."""
+    creds = channel_credentials(ca, pki.client_cert, pki.client_key)
+    with grpc.secure_channel(address, creds) as chan:
+        stub = ranker_pb2_grpc.RankerServiceStub(chan)
+        code, message = _error(lambda: stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest(),
+                                                            timeout=10, metadata=bearer(token)))  # fmt: skip
+    if code == grpc.StatusCode.UNAVAILABLE and "waiting for the encoder" in message:
+        return ACCEPTED
+    return REFUSED if code == grpc.StatusCode.UNAUTHENTICATED else f"{code}: {message}"
+
+
+def _eventually(condition, what: str, timeout: float = 30) -> None:
+    """Polls `condition` until it holds (the ranker looks at its token files about once a second)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.1)
+
+
+def test_the_ranker_revokes_and_takes_tokens_as_their_files_change(reloading_ranker, pki):
+    ranker, files = reloading_ranker
+    new_reader = "new-reader-0123456789abcdef"
+    code = functools.partial(_token_taken, ranker.address, pki.ca, pki)
+    assert code(READ_TOKEN) == ACCEPTED and code(new_reader) == REFUSED
+    # a rotation: the new token first, then the old one removed (revoked)
+    _atomic_write(files["read"], f"{READ_TOKEN}\n{new_reader}\n".encode())
+    _eventually(lambda: code(new_reader) == ACCEPTED, "a token added to the file is taken")
+    assert code(READ_TOKEN) == ACCEPTED
+    _atomic_write(files["read"], f"# {len(READ_TOKEN)} characters, revoked\n{new_reader}\n".encode())
+    _eventually(lambda: code(READ_TOKEN) == REFUSED, "a token removed from the file is refused")
+    assert code(new_reader) == ACCEPTED and code(WRITE_TOKEN) == ACCEPTED  # the write scope may read
+    # emptied in place (a rotation half done): logged, and the last good tokens stay; never open
+    files["read"].write_text("")
+    # (a file is looked at when a token is checked: each poll makes a call)
+    _eventually(lambda: code(READ_TOKEN) and "holds no token" in ranker.output(), "the empty file is logged")
+    assert code(new_reader) == ACCEPTED and code(READ_TOKEN) == REFUSED and code("") == REFUSED
+    assert code("x" * 20) == REFUSED
+    line = next(x for x in ranker.output().splitlines() if "holds no token" in x)
+    assert " ERROR " in line and "--read-tokens / CTL_RANKER_READ_TOKENS" in line and "stay in force" in line
+    files["read"].write_text(f"{READ_TOKEN}\n")
+    _eventually(lambda: code(READ_TOKEN) == ACCEPTED, "usable again: the file's tokens are taken")
+    assert code(new_reader) == REFUSED
+    assert READ_TOKEN not in ranker.output() and new_reader not in ranker.output()
+
+
+def _served_fingerprint(address: str) -> str:
+    """SHA-256 of the certificate the server presents on a new TLS connection (not verified here:
+    which one it is is the question)."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+
+
+def _fingerprint(cert_file: str) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(Path(cert_file).read_text())).hexdigest()
+
+
+def test_a_renewed_certificate_is_served_and_a_half_written_one_is_not(reloading_ranker, pki, tmp_path):
+    ranker, files = reloading_ranker
+    renewed, later = make_pki(tmp_path / "renewed"), make_pki(tmp_path / "later")  # other CAs: other certs
+    assert _served_fingerprint(ranker.address) == _fingerprint(pki.server_cert)
+    # renewed as cert-manager does: the Secret's files replaced (key first, then certificate)
+    _atomic_write(files["tls.key"], Path(renewed.server_key).read_bytes())
+    _atomic_write(files["tls.crt"], Path(renewed.server_cert).read_bytes())
+    assert _served_fingerprint(ranker.address) == _fingerprint(renewed.server_cert)
+    assert _token_taken(ranker.address, renewed.ca, pki, READ_TOKEN) == ACCEPTED  # verified with the new CA
+    assert _token_taken(ranker.address, pki.ca, pki, READ_TOKEN).startswith("StatusCode.UNAVAILABLE")
+    assert f"SHA-256 {_colons(_fingerprint(renewed.server_cert))}" in ranker.output()
+    # caught half-written: the last good certificate stays, and the failure is logged once
+    full = Path(later.server_cert).read_bytes()
+    files["tls.crt"].write_bytes(full[: len(full) // 2])
+    for _ in range(3):
+        assert _served_fingerprint(ranker.address) == _fingerprint(renewed.server_cert)
+    refused = [line for line in ranker.output().splitlines() if "still serving the certificate" in line]
+    assert len(refused) == 1 and " ERROR " in refused[0] and str(files["tls.crt"]) in refused[0]
+    # a certificate whose key is not there yet is not served either; both written: served
+    files["tls.crt"].write_bytes(full)
+    assert _served_fingerprint(ranker.address) == _fingerprint(renewed.server_cert)
+    files["tls.key"].write_bytes(Path(later.server_key).read_bytes())
+    assert _served_fingerprint(ranker.address) == _fingerprint(later.server_cert)
+    assert _token_taken(ranker.address, later.ca, pki, READ_TOKEN) == ACCEPTED
+
+
+def _colons(hexdigest: str) -> str:
+    upper = hexdigest.upper()
+    return ":".join(upper[i : i + 2] for i in range(0, len(upper), 2))
+
+
+# ---------------------------------------------------------------- clients (issue 20, item 11)
+
+
+def test_only_this_machine_counts_as_local():
+    from ctl.security import is_local
+
+    local = [
+        "localhost:50052",
+        "LOCALHOST:1",
+        "localhost",
+        "127.0.0.1:50052",
+        "127.8.9.10:1",
+        "[::1]:50052",
+        "::1",
+        "unix:/run/ctl.sock",
+        "unix:///run/ctl.sock",
+        "unix-abstract:ctl",
+        "dns:///localhost:1",
+        "dns://8.8.8.8/localhost:1",
+        "ipv4:127.0.0.1:1,127.0.0.2:2",
+        "ipv6:[::1]:1",
+        "[::ffff:127.0.0.1]:1",
+    ]
+    remote = [
+        "10.255.255.1:50052",
+        "ctl-ranker:50052",
+        "ctl-ranker.ctl.svc:50052",
+        "[2001:db8::1]:1",
+        "0.0.0.0:50052",
+        "dns:///ctl-ranker:1",
+        "ipv4:127.0.0.1:1,10.0.0.1:2",
+        "localhost.example.com:1",
+        "127.0.0.1.nip.io:1",
+        "xds:///ctl-ranker",
+        ":50052",
+        "",
+    ]
+    assert [t for t in local if not is_local(t)] == []
+    assert [t for t in remote if is_local(t)] == []
+
+
+def test_clients_refuse_to_send_a_token_in_plaintext_to_another_machine(tmp_path, pki):
+    from ctl.cli import build_parser
+    from ctl.security import SecurityConfigError, client_security
+
+    remote = "10.255.255.1:50052"  # not routed: a call there would hang until its deadline
+    args = build_parser().parse_args(["health", remote, "--token", READ_TOKEN])
+    with pytest.raises(SecurityConfigError) as caught:
+        client_security(args)  # before any channel exists
+    message = str(caught.value)
+    assert f"--token would travel in plaintext to {remote}" in message and "--allow-insecure-token" in message
+    assert READ_TOKEN not in message
+    for allowed in (
+        ["health", "localhost:1", "--token", READ_TOKEN],  # this machine
+        ["health", remote],  # no token
+        ["health", remote, "--token", READ_TOKEN, "--tls-ca", pki.ca],  # TLS
+        ["health", remote, "--token", READ_TOKEN, "--allow-insecure-token"],
+    ):
+        assert client_security(build_parser().parse_args(allowed))[1] == (
+            "" if len(allowed) == 2 else READ_TOKEN
+        )
+    # through the commands: one line, exit 2, nothing sent
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text('{"product_id": "p", "category": "bags", "image": "x.jpg"}\n')
+    scene = tmp_path / "scene.jpg"
+    scene.write_bytes(b"not read")
+    for command in (
+        ["health", remote, "--timeout", "60"],
+        ["recommend", "--scene", str(scene), "--category", "bags", "--ranker", remote, "--timeout", "60"],
+        ["ingest", str(catalog), "--ranker", remote],
+    ):
+        result = _ctl(*command, env={"CTL_TOKEN": READ_TOKEN})
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, (command, output)
+        assert f"--token would travel in plaintext to {remote}" in output and "Traceback" not in output
+        assert READ_TOKEN not in output
+    # allowed: it goes, with a warning (and fails here for want of a server)
+    allowed = _ctl("health", "127.0.0.1:1", "--timeout", "5", env={"CTL_TOKEN": READ_TOKEN})
+    assert allowed.returncode == 1 and "plaintext" not in allowed.stdout + allowed.stderr  # this machine
+    for how in ({"CTL_ALLOW_INSECURE_TOKEN": "true"}, {}):
+        flags = [] if how else ["--allow-insecure-token"]
+        result = _ctl(
+            "health", "10.255.255.1:1", "--timeout", "1", *flags, env={"CTL_TOKEN": READ_TOKEN, **how}
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert (
+            "WARNING" in result.stderr
+            and "a bearer token goes in plaintext to 10.255.255.1:1" in result.stderr
+        )
+    bad = _ctl("health", remote, env={"CTL_TOKEN": READ_TOKEN, "CTL_ALLOW_INSECURE_TOKEN": "maybe"})
+    assert bad.returncode == 2 and "CTL_ALLOW_INSECURE_TOKEN='maybe': expected true or false" in bad.stdout
+
+
+def test_the_qdrant_key_in_plaintext_is_warned_of_unless_it_stays_on_this_machine(caplog):
+    """A sibling of item 11: the ranker's warning matched URL prefixes, so `http://localhost.example.com`
+    passed as loopback."""
+    key = "qdrant-key-from-a-secret"
+    warned = {}
+    local = ("http://localhost:6333", "http://127.0.0.1:6333", "http://[::1]:6333", "https://qdrant:6333")
+    remote = ("http://localhost.example.com:6333", "http://127.0.0.1.nip.io:6333", "HTTP://qdrant:6333")
+    for url in local + remote:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ranker_service.server"):
+            assert qdrant_credentials(RankerConfig(qdrant_url=url, qdrant_api_key=key)) == (key, None)
+        warned[url] = any("plaintext" in r.getMessage() for r in caplog.records)
+    assert tuple(url for url, w in warned.items() if w) == remote
