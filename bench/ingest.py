@@ -114,6 +114,8 @@ def main() -> None:
                         str(catalog),
                         "--ranker",
                         address,
+                        "--images",  # the image paths are absolute, under it
+                        str(args.data),
                     ],
                     capture_output=True,
                     text=True,

@@ -149,9 +149,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     import grpc
 
-    from ctl.recommend import catalog_images, file_reader, format_table, request, section
+    from ctl.ingest.catalog import CatalogError
+    from ctl.recommend import catalog_images, format_table, request, section
     from ctl.report import write_report
     from ctl.security import SecurityConfigError, bearer, channel, client_security
+    from ctl.terminal import printable
     from ctl.v1 import ranker_pb2_grpc
 
     log = logging.getLogger("ctl.recommend")
@@ -175,18 +177,26 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                 metadata=bearer(token),
             )
         except grpc.RpcError as exc:
-            log.error("Recommend at %s: %s: %s", args.ranker, exc.code().name, exc.details())
+            log.error("Recommend at %s: %s: %s", args.ranker, exc.code().name, printable(exc.details()))
             return 1
     print(format_table(reply, explain))
     if args.html is not None:
-        images = file_reader(catalog_images(args.catalog, args.images) if args.catalog else {})
+        try:
+            images = (
+                catalog_images(args.catalog, args.images, allow_outside=args.allow_images_outside)
+                if args.catalog
+                else (lambda _: None)
+            )
+        except CatalogError as exc:
+            log.error("--catalog %s", exc)
+            return 2
         page = write_report(
             args.html,
             f"Complete the look — {args.scene.name}",
             [section(args.scene.name, scene, reply, images)],
             f"ranker {args.ranker}, model {reply.model_version}",
         )
-        print(f"\nreport: {page.resolve()}")
+        print(f"\nreport: {printable(page.resolve())}")
     return 0
 
 
@@ -226,6 +236,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from ctl.security import SecurityConfigError, bearer, channel, client_security
+    from ctl.terminal import printable
 
     try:
         credentials, token = client_security(args)
@@ -240,7 +251,7 @@ def cmd_health(args: argparse.Namespace) -> int:
                 metadata=bearer(token),
             )
         except grpc.RpcError as exc:
-            print(f"{args.address}: {exc.code().name}: {exc.details()}")
+            print(f"{args.address}: {exc.code().name}: {printable(exc.details())}")
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address}{' ' + args.service if args.service else ''}: {status}")
@@ -360,7 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of the call, seconds")
     p.add_argument("--html", type=Path, help="write the scene, its attention and the products as HTML")
     p.add_argument("--catalog", type=Path, help="the ingestion catalog, to show the product images")
-    p.add_argument("--images", type=Path, help="folder the catalog's image paths are relative to")
+    p.add_argument(
+        "--images", type=Path, help="folder the catalog's image paths are relative to, and must lie in"
+    )
+    p.add_argument(
+        "--allow-images-outside",
+        action="store_true",
+        help="show image files outside --images too (links, ../)",
+    )
     add_client_arguments(p)
     p.set_defaults(func=cmd_recommend)
 

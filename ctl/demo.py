@@ -20,7 +20,7 @@ import grpc
 from ctl.ingest.cli import run_against
 from ctl.ingest.job import IngestConfig, format_summary
 from ctl.local import local_services
-from ctl.recommend import file_reader, request, section
+from ctl.recommend import request, section
 from ctl.report import write_report
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 
@@ -152,7 +152,7 @@ async def _serve(config: DemoConfig, repo: Path, catalog: Path, data: Path, pres
 async def _report(config: DemoConfig, ranker: str, catalog: Path, data: Path, preset: str) -> Path:
     from ctl.recommend import catalog_images
 
-    images = file_reader(catalog_images(catalog))
+    images = catalog_images(catalog)
     scenes = await asyncio.to_thread(held_out_scenes, data, config.show_scenes)
     sections = []
     async with grpc.aio.insecure_channel(ranker) as channel:

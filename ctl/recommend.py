@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from ctl.ingest.catalog import read_catalog
+from ctl.ingest.catalog import ImageFileError, read_catalog, read_image
 from ctl.report import SceneSection, ShownProduct
+from ctl.terminal import printable
 from ctl.v1 import ranker_pb2
+
+log = logging.getLogger(__name__)
 
 MODES = {
     "pooled": ranker_pb2.RETRIEVAL_MODE_POOLED,
@@ -25,32 +29,48 @@ def request(
 
 
 def format_table(reply: ranker_pb2.RecommendResponse, explain: bool) -> str:
-    """One block per category: rank, product id, distance (and its global/local parts with explain)."""
-    out = [f"model {reply.model_version}"]
+    """One block per category: rank, product id, distance (and its global/local parts with explain). Ids,
+    categories and the model version are the catalog's data: their control characters are escaped."""
+    out = [f"model {printable(reply.model_version)}"]
     for result in reply.results:
         mode = ranker_pb2.RetrievalMode.Name(result.mode).removeprefix("RETRIEVAL_MODE_").lower()
         out.append(
-            f"\n{result.category}: {len(result.products)} of {result.category_size} products "
+            f"\n{printable(result.category)}: {len(result.products)} of {result.category_size} products "
             f"({mode}, {result.candidates_scored} scored{', certified exact' if result.certified else ''})"
         )
-        width = max([10, *(len(p.product_id) for p in result.products)])
+        ids = [printable(p.product_id) for p in result.products]
+        width = max([10, *map(len, ids)])
         head = f"{'rank':>4}  {'product':<{width}}  {'distance':>8}"
         out.append(head + (f"  {'global':>8}  {'local':>8}" if explain else ""))
-        for rank, p in enumerate(result.products, 1):
-            line = f"{rank:>4}  {p.product_id:<{width}}  {p.distance:>8.4f}"
+        for rank, (shown, p) in enumerate(zip(ids, result.products), 1):
+            line = f"{rank:>4}  {shown:<{width}}  {p.distance:>8.4f}"
             out.append(line + (f"  {p.global_distance:>8.4f}  {p.local_distance:>8.4f}" if explain else ""))
     return "\n".join(out)
 
 
-def catalog_images(catalog: Path, images: Path | None = None, fmt: str | None = None) -> dict[str, Path]:
-    """Product id -> image file, from an ingestion catalog (for showing the products)."""
+def catalog_images(
+    catalog: Path, images: Path | None = None, fmt: str | None = None, allow_outside: bool = False
+) -> Callable[[str], bytes | None]:
+    """Product id -> its image's bytes, from an ingestion catalog (for showing the products), read as the
+    job reads them (`read_image`: under `images`, by default the catalog's folder, unless `allow_outside`;
+    regular files within the encoder's limit). None for a product with no readable image, with a warning
+    naming the file and the reason."""
     root = images or Path(catalog).parent
-    found: dict[str, Path] = {}
+    found: dict[str, str] = {}
     for record in read_catalog(Path(catalog), fmt):
         if not record.problem and record.product_id not in found:
-            path = Path(record.image)
-            found[record.product_id] = path if path.is_absolute() else root / path
-    return found
+            found[record.product_id] = record.image
+
+    def read(product_id: str) -> bytes | None:
+        if product_id not in found:
+            return None
+        try:
+            return read_image(root, found[product_id], allow_outside=allow_outside)
+        except ImageFileError as exc:
+            log.warning("product %r: not shown: %s", product_id, exc)
+            return None
+
+    return read
 
 
 def section(
@@ -80,14 +100,3 @@ def section(
         for result in reply.results
     }
     return SceneSection(title, scene, reply.grid, categories, notes or [])
-
-
-def file_reader(paths: dict[str, Path]) -> Callable[[str], bytes | None]:
-    def read(product_id: str) -> bytes | None:
-        path = paths.get(product_id)
-        try:
-            return path.read_bytes() if path else None
-        except OSError:
-            return None
-
-    return read

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctl.v1 import encoder_pb2_grpc
@@ -173,3 +174,65 @@ class Encoder:
 def encoder_config(repo: Path, **overrides: Any) -> EncoderConfig:
     settings: dict[str, Any] = {"model_repo": repo, "host": "127.0.0.1", "port": 0, "metrics_port": -1}
     return EncoderConfig(**{**settings, **overrides})
+
+
+# ---- a proxy that stalls a client at a known call (the kill tests)
+
+
+class HoldingProxy:
+    """A gRPC proxy on loopback (served on a LoopThread) that forwards every unary or client-streaming call
+    to `target` as it is (bytes in, bytes out, statuses passed back), except that the calls of `method`
+    after its first `passes` wait until `release()`. It stalls a client or a server at a known point (the
+    4th UpsertProducts stream; a ranker's 4th EncodeProducts call) however fast the machine is, so that a
+    test can kill something there without a race. (Image files can no longer stall a job: `ctl ingest`
+    refuses named pipes.)"""
+
+    def __init__(self, loop: LoopThread, target: str, method: str, passes: int):
+        self.loop, self.target, self.method, self.passes = loop, target, method, passes
+        self.calls = 0  # of `method`, held or not
+        self.server, self.channel, self._released, port = loop.call(self._start())
+        self.address = f"127.0.0.1:{port}"
+
+    async def _start(self):
+        channel = grpc.aio.insecure_channel(self.target)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([_Forward(self)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, channel, asyncio.Event(), port
+
+    async def gate(self, method: str) -> None:
+        if method == self.method:
+            self.calls += 1
+            if self.calls > self.passes:
+                await self._released.wait()
+
+    def release(self) -> None:
+        self.loop.loop.call_soon_threadsafe(self._released.set)
+
+    def close(self) -> None:
+        self.release()
+        self.loop.call(self.server.stop(0))
+        self.loop.call(self.channel.close())
+
+
+class _Forward(grpc.GenericRpcHandler):
+    def __init__(self, proxy: HoldingProxy):
+        self.proxy = proxy
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method, proxy = details.method, self.proxy
+        name = method.lstrip("/").replace("/", ".")
+        streaming = descriptor_pool.Default().FindMethodByName(name).client_streaming
+
+        async def forward(request, context):
+            await proxy.gate(method)
+            call = (proxy.channel.stream_unary if streaming else proxy.channel.unary_unary)(method)
+            try:
+                return await call(request, timeout=context.time_remaining())
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details())
+
+        if streaming:
+            return grpc.stream_unary_rpc_method_handler(forward)
+        return grpc.unary_unary_rpc_method_handler(forward)

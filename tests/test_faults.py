@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,7 +32,16 @@ from ranker_service import server as ranker_server
 from ranker_service.config import RankerConfig
 from ranker_service.server import Ranker
 from ranker_service.store import open_client_store
-from tests.servers import REPO, Encoder, Process, encoder_config, health, wait_serving, wait_until
+from tests.servers import (
+    REPO,
+    Encoder,
+    HoldingProxy,
+    Process,
+    encoder_config,
+    health,
+    wait_serving,
+    wait_until,
+)
 
 PRODUCTS = 120
 
@@ -58,29 +65,26 @@ def _landed(journal: Path) -> int:
 
 
 def test_ranker_killed_during_ingestion_the_job_retries_and_the_catalog_ends_complete(
-    exported_repo, synth_dir, tmp_path
+    loop, exported_repo, synth_dir, tmp_path
 ):
     categories = json.loads((synth_dir / "fashion-cat.json").read_text())
     rows = [
-        {"product_id": sig, "category": cat, "image": str(synth_dir / "images" / f"{sig}.jpg")}
+        {"product_id": sig, "category": cat, "image": f"images/{sig}.jpg"}
         for sig, cat in sorted(categories.items())[:PRODUCTS]
     ]
-    # The 31st image is a named pipe, fed only once the ranker was killed: the job cannot finish before the
-    # kill however fast the machine is.
-    blocking = tmp_path / "blocking.jpg"
-    os.mkfifo(blocking)
-    blocked_image = Path(rows[30]["image"]).read_bytes()
-    rows[30]["image"] = str(blocking)
     catalog = tmp_path / "catalog.jsonl"
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
     journal = tmp_path / "catalog.jsonl.journal"
     encoder = Process(
         "serve-encoder", "--model-repo", str(exported_repo), "--port", "0", "--metrics-port", "-1"
     )
+    # The ranker's 4th EncodeProducts call (the job's 4th stream of 4) is held until the ranker was killed:
+    # the job cannot finish before the kill however fast the machine is, and streams are in flight at it.
+    proxy = HoldingProxy(loop, encoder.address, "/ctl.v1.EncoderService/EncodeProducts", passes=3)
     port = _free_port()
     store = str(tmp_path / "store" / "{model_version}")
     ranker_args = (
-        "serve-ranker", "--encoder", encoder.address, "--store-path", store, "--port", str(port),
+        "serve-ranker", "--encoder", proxy.address, "--store-path", store, "--port", str(port),
         "--metrics-port", "-1",
     )  # fmt: skip
     ranker = Process(*ranker_args)
@@ -89,7 +93,7 @@ def test_ranker_killed_during_ingestion_the_job_retries_and_the_catalog_ends_com
         wait_serving(ranker.address)
         job = subprocess.Popen(
             [sys.executable, "-m", "ctl.cli", "ingest", str(catalog), "--ranker", ranker.address,
-             "--batch", "4", "--streams", "2", "--retries", "8"],
+             "--images", str(synth_dir), "--batch", "4", "--streams", "2", "--retries", "8"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 120
@@ -100,13 +104,10 @@ def test_ranker_killed_during_ingestion_the_job_retries_and_the_catalog_ends_com
         ranker.stop(kill=True)  # SIGKILL in the middle of the job's streams
         assert ranker.proc.returncode == -signal.SIGKILL
         assert _landed(journal) < PRODUCTS and job.poll() is None
-        # the pipe's writing end, opened once the job's reader gets there (maybe after the restart)
-        feeder = threading.Thread(target=blocking.write_bytes, args=(blocked_image,), daemon=True)
-        feeder.start()
+        proxy.release()
         time.sleep(1.0)
         ranker = Process(*ranker_args)  # the same port and store: the job's retries reach it
         out, _ = job.communicate(timeout=240)
-        feeder.join(10)
         assert job.returncode == 0, out
         assert "retry" in out  # the job saw the ranker go and retried
         with grpc.insecure_channel(ranker.address) as channel:
@@ -120,6 +121,7 @@ def test_ranker_killed_during_ingestion_the_job_retries_and_the_catalog_ends_com
         if job is not None and job.poll() is None:
             job.kill()
         ranker.stop()
+        proxy.close()
         encoder.stop()
 
 

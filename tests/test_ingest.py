@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -25,14 +26,15 @@ from ctl.ingest.catalog import read_catalog
 from ctl.local import local_services
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.browser import images_loaded, open_page
-from tests.servers import REPO
+from tests.servers import REPO, HoldingProxy
 
 GOOD = 150  # products of the generated set in the catalog
 
 
 def ctl(*args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("timeout", 300)
     return subprocess.run(
-        [sys.executable, "-m", "ctl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kw
+        [sys.executable, "-m", "ctl.cli", *args], cwd=REPO, capture_output=True, text=True, **kw
     )
 
 
@@ -142,19 +144,16 @@ def test_catalog_formats_and_problems(tmp_path):
     assert "unknown column 'colour'" in p1.problem
 
 
-def test_killed_job_resumes_and_ends_with_exactly_the_catalog(services, stub, catalog):
+def test_killed_job_resumes_and_ends_with_exactly_the_catalog(loop, services, stub, catalog):
     path, good, expected = catalog
     journal = path.with_name(path.name + ".journal")
     args = ["ingest", str(path), "--ranker", services.ranker_address, "--batch", "4", "--streams", "1"]
-    # The 31st product's image is a named pipe: reading it blocks the job there, so it is killed half-way
-    # however fast the machine is (no race between the job and the kill).
-    blocking = path.parent / good[30]["image"]
-    real = blocking.read_bytes()
-    blocking.unlink()
-    os.mkfifo(blocking)
+    # The job's 4th UpsertProducts stream is held by a proxy in front of the ranker: the job is killed
+    # there, half-way, however fast the machine is (no race between the job and the kill).
+    proxy = HoldingProxy(loop, services.ranker_address, "/ctl.v1.RankerService/UpsertProducts", passes=3)
     try:
         first = subprocess.Popen(
-            [sys.executable, "-m", "ctl.cli", *args],
+            [sys.executable, "-m", "ctl.cli", *args[:2], "--ranker", proxy.address, *args[4:]],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -167,8 +166,7 @@ def test_killed_job_resumes_and_ends_with_exactly_the_catalog(services, stub, ca
         first.send_signal(signal.SIGKILL)
         first.wait()
     finally:
-        blocking.unlink()
-        blocking.write_bytes(real)
+        proxy.close()
     landed = journaled(journal)
     assert first.returncode == -signal.SIGKILL and 12 <= landed < GOOD
     assert landed <= stats(stub).total_products < GOOD  # half-way: more may have landed than journaled
@@ -250,6 +248,7 @@ def test_csv_catalog_into_the_embedded_store(exported_repo, synth_dir, tmp_path)
     path.write_text("\n".join(lines) + "\n")
     store = tmp_path / "store" / "{model_version}"
     common = ["--embedded", "--model-repo", str(exported_repo), "--store-path", str(store)]
+    common += ["--images", str(synth_dir)]  # the paths are absolute, under it
     done = ctl("ingest", str(path), *common, "--metadata-columns", "season")
     assert done.returncode == 0, done.stdout + done.stderr
     assert summary_number(done.stdout, "ingested now") == 20
@@ -310,7 +309,8 @@ def ranker_on(loop, exported_repo, store: Path):
 
 
 def small_catalog(synth_dir: Path, path: Path, first: int, n: int) -> list[dict]:
-    """`n` products of the generated set (from the `first`-th), image paths absolute, as JSON lines."""
+    """`n` products of the generated set (from the `first`-th), image paths absolute (ingest them with
+    `--images synth_dir`), as JSON lines."""
     categories = json.loads((synth_dir / "fashion-cat.json").read_text())
     rows = [
         {"product_id": sig, "category": cat, "image": str(synth_dir / "images" / f"{sig}.jpg")}
@@ -332,7 +332,7 @@ def test_a_wiped_store_gets_the_whole_catalog_again(loop, exported_repo, synth_d
     rows = small_catalog(synth_dir, path, 0, 24)
     store = tmp_path / "store"
     with ranker_on(loop, exported_repo, store) as services:
-        first = ctl("ingest", str(path), "--ranker", services.ranker_address)
+        first = ctl("ingest", str(path), "--ranker", services.ranker_address, "--images", str(synth_dir))
         assert first.returncode == 0, first.stdout + first.stderr
         assert summary_number(first.stdout, "ingested now") == 24
     shutil.rmtree(store)
@@ -341,7 +341,7 @@ def test_a_wiped_store_gets_the_whole_catalog_again(loop, exported_repo, synth_d
         grpc.insecure_channel(services.ranker_address) as channel,
     ):
         assert stats(ranker_pb2_grpc.RankerServiceStub(channel)).total_products == 0
-        again = ctl("ingest", str(path), "--ranker", services.ranker_address)
+        again = ctl("ingest", str(path), "--ranker", services.ranker_address, "--images", str(synth_dir))
         after = stats(ranker_pb2_grpc.RankerServiceStub(channel))
     out = again.stdout + again.stderr
     assert after.total_products == 24, out
@@ -367,7 +367,7 @@ def test_products_deleted_from_the_store_are_sent_again(loop, exported_repo, syn
         grpc.insecure_channel(services.ranker_address) as channel,
     ):
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
-        args = ["--ranker", services.ranker_address]
+        args = ["--ranker", services.ranker_address, "--images", str(synth_dir)]
         assert ctl("ingest", str(path), *args).returncode == 0
         counts = by_category(rows)
         big = max(counts, key=counts.get)
@@ -435,7 +435,7 @@ def test_products_deleted_during_the_job_are_reported_and_a_rerun_sends_them(
 ):
     path = tmp_path / "catalog.jsonl"
     rows = small_catalog(synth_dir, path, 0, 12)
-    config = IngestConfig(catalog=path, batch=4, streams=1)
+    config = IngestConfig(catalog=path, images=synth_dir, batch=4, streams=1)
     gone = [r["product_id"] for r in rows[:2]]  # in the first stream
     with ranker_on(loop, exported_repo, tmp_path / "store") as services:
         deleting = _DeleteAfterTheFirstStream(services.ranker_address, gone)
@@ -449,7 +449,7 @@ def test_products_deleted_during_the_job_are_reported_and_a_rerun_sends_them(
         assert summary.short == gone
         assert not summary.ok and "STORE SHORT" in format_summary(config, summary)
 
-        again = ctl("ingest", str(path), "--ranker", services.ranker_address)
+        again = ctl("ingest", str(path), "--ranker", services.ranker_address, "--images", str(synth_dir))
         assert again.returncode == 0, again.stdout + again.stderr
         assert summary_number(again.stdout, "re-sent") == 2
         assert summary_number(again.stdout, "already ingested") == 10
@@ -522,7 +522,7 @@ def test_products_missing_from_a_store_restored_after_the_catalog_evolved_are_se
         grpc.insecure_channel(services.ranker_address) as channel,
     ):
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
-        args = ["--ranker", services.ranker_address]
+        args = ["--ranker", services.ranker_address, "--images", str(synth_dir)]
         assert ctl("ingest", str(cat), *args).returncode == 0
         second = ctl("ingest", str(cat2), *args)
         assert second.returncode == 0 and summary_number(second.stdout, "ingested now") == 60, second.stdout
@@ -561,7 +561,7 @@ def test_products_the_store_holds_in_an_older_version_are_sent_again(
         grpc.insecure_channel(services.ranker_address) as channel,
     ):
         stub = ranker_pb2_grpc.RankerServiceStub(channel)
-        args = ["--ranker", services.ranker_address]
+        args = ["--ranker", services.ranker_address, "--images", str(synth_dir)]
         assert ctl("ingest", str(path), *args).returncode == 0
         older = [  # what an older copy of the store held: another price, another category
             ranker_pb2.Product(
@@ -595,3 +595,334 @@ def test_products_the_store_holds_in_an_older_version_are_sent_again(
         ]
         third = ctl("ingest", str(path), *args)
         assert summary_number(third.stdout, "ingested now") == 0, third.stdout + third.stderr
+
+
+# --- catalog files: image paths, strict records, what is printed (issue 20, items 13-16) ------------------
+
+SECRET = "TOPSECRET-CANARY-7f3a"  # what a file outside the images folder holds
+ENV_CANARY = "SECRETXY"  # the first variable of the job's environment: /proc/self/environ starts with it
+SHOES = "Apparel & Accessories|Shoes"
+
+
+def _two_good(synth_dir: Path, images: Path) -> list[dict]:
+    """Two products of the generated set with their images copied into `images`."""
+    categories = json.loads((synth_dir / "fashion-cat.json").read_text())
+    rows = []
+    for sig, category in sorted(categories.items())[:2]:
+        shutil.copyfile(synth_dir / "images" / f"{sig}.jpg", images / f"{sig}.jpg")
+        rows.append({"product_id": sig, "category": category, "image": f"{sig}.jpg"})
+    return rows
+
+
+def _limited_memory() -> None:
+    """The job runs in 2 GiB of address space: reading /dev/zero to its end (as it did) fails, fast. (Runs
+    in the forked child before exec: nothing to import there.)"""
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def _hostile(kind: str, root: Path, images: Path) -> tuple[str, str, str]:
+    """Plants one hostile image reference of `kind`: (the catalog's image value, status, reason)."""
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_text(SECRET)
+    away = "is outside the images folder"
+    if kind == "absolute":
+        return str(outside / "secret.jpg"), "PERMISSION_DENIED", away
+    if kind == "dotdot":
+        return "../outside/secret.jpg", "PERMISSION_DENIED", away
+    if kind == "symlink":
+        (images / "link.jpg").symlink_to(outside / "secret.jpg")
+        return "link.jpg", "PERMISSION_DENIED", away
+    if kind == "symlinked-folder":  # a link in the middle of the path: O_NOFOLLOW alone would follow it
+        (images / "sub").symlink_to(outside, target_is_directory=True)
+        return "sub/secret.jpg", "PERMISSION_DENIED", away
+    if kind == "dev-zero":
+        (images / "zero.jpg").symlink_to("/dev/zero")
+        return "zero.jpg", "PERMISSION_DENIED", away
+    if kind == "fifo":  # opening it to read would wait for a writer forever
+        os.mkfifo(images / "pipe.jpg")
+        return "pipe.jpg", "INVALID_ARGUMENT", "is a named pipe, not a regular file"
+    if kind == "proc-environ":
+        return "/proc/self/environ", "PERMISSION_DENIED", away
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["absolute", "dotdot", "symlink", "symlinked-folder", "dev-zero", "fifo", "proc-environ"]
+)
+def test_an_image_path_that_leaves_the_images_folder_fails_its_record_alone_and_leaks_nothing(
+    services, synth_dir, tmp_path, kind
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    good = _two_good(synth_dir, images)
+    image, code, reason = _hostile(kind, tmp_path, images)
+    bad_id = "bad\x1b[31m-" + kind  # printed nowhere raw either
+    rows = [good[0], {"product_id": bad_id, "category": SHOES, "image": image}, good[1]]
+    path = tmp_path / "catalog.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {ENV_CANARY: "the-token-value", **os.environ}  # first, so /proc/self/environ starts with it
+    done = ctl(
+        "ingest", str(path), "--ranker", services.ranker_address, "--images", str(images),
+        env=env, preexec_fn=_limited_memory, timeout=120,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out  # one record failed; not a crash
+    assert summary_number(done.stdout, "ingested now") == 2, out  # the job went on with the good ones
+    (failure,) = report(path.with_name(path.name + ".errors.jsonl"))
+    assert (failure["line"], failure["product_id"], failure["code"]) == (2, bad_id, code)
+    assert reason in failure["reason"] and repr(str(images / image)) in failure["reason"], failure
+    text = out + path.with_name(path.name + ".errors.jsonl").read_text()
+    assert SECRET[:8] not in text and ENV_CANARY not in text and "the-token" not in text
+    assert "\x1b" not in out
+
+
+def test_images_outside_the_folder_are_read_when_allowed_but_never_devices_or_oversized_files(
+    services, synth_dir, tmp_path
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    categories = json.loads((synth_dir / "fashion-cat.json").read_text())
+    sig, category = sorted(categories.items())[3]
+    (images / "zero.jpg").symlink_to("/dev/zero")
+    big = images / "big.jpg"
+    big.write_bytes((synth_dir / "images" / f"{sig}.jpg").read_bytes() + bytes(2000))
+    rows = [
+        {"product_id": "outside", "category": category, "image": str(synth_dir / "images" / f"{sig}.jpg")},
+        {"product_id": "zero", "category": SHOES, "image": "zero.jpg"},
+        {"product_id": "big", "category": SHOES, "image": "big.jpg"},
+    ]
+    path = tmp_path / "catalog.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    limit = big.stat().st_size - 1
+    args = ["ingest", str(path), "--ranker", services.ranker_address, "--images", str(images)]
+    refused = ctl(*args, "--max-image-bytes", str(limit), preexec_fn=_limited_memory, timeout=120)
+    assert refused.returncode == 1 and summary_number(refused.stdout, "ingested now") == 0
+    codes = {
+        f["product_id"]: (f["code"], f["reason"]) for f in report(tmp_path / "catalog.jsonl.errors.jsonl")
+    }
+    assert codes["outside"][0] == "PERMISSION_DENIED" and "--allow-images-outside" in codes["outside"][1]
+
+    allowed = ctl(
+        *args,
+        "--allow-images-outside",
+        "--max-image-bytes",
+        str(limit),
+        preexec_fn=_limited_memory,
+        timeout=120,
+    )
+    assert allowed.returncode == 1, allowed.stdout + allowed.stderr
+    assert summary_number(allowed.stdout, "ingested now") == 1  # the image outside, by its real path
+    failures = {
+        f["product_id"]: (f["code"], f["reason"]) for f in report(tmp_path / "catalog.jsonl.errors.jsonl")
+    }
+    assert failures == {
+        "zero": (
+            "INVALID_ARGUMENT",
+            f"image {str(images / 'zero.jpg')!r} is a character device, not a regular file",
+        ),
+        "big": (
+            "INVALID_ARGUMENT",
+            f"image {str(big)!r} is {limit + 1} bytes, over the limit of {limit} bytes (the encoder's "
+            "--max-image-bytes)",
+        ),
+    }
+    # the same switch from the environment; a malformed value is named, exit 2
+    env_allowed = ctl(*args, env={**os.environ, "CTL_INGEST_ALLOW_IMAGES_OUTSIDE": "yes"}, timeout=120)
+    assert summary_number(env_allowed.stdout, "already ingested") == 1, (
+        env_allowed.stdout + env_allowed.stderr
+    )
+    bad = ctl(*args, env={**os.environ, "CTL_INGEST_ALLOW_IMAGES_OUTSIDE": "perhaps"}, timeout=120)
+    assert (
+        bad.returncode == 2
+        and "CTL_INGEST_ALLOW_IMAGES_OUTSIDE='perhaps': expected true or false" in bad.stderr
+    )
+
+
+def test_read_image_reads_regular_files_under_the_root_within_the_limit(tmp_path):
+    from ctl.ingest.catalog import ImageFileError, read_image
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.jpg").write_bytes(b"12345")
+    (root / "inner.jpg").symlink_to(root / "a" / "x.jpg")  # a link that stays inside is fine
+    assert read_image(root, "a/x.jpg", max_bytes=5) == b"12345"
+    assert read_image(root, "inner.jpg") == b"12345"
+    assert read_image(root, str(root / "a" / "x.jpg")) == b"12345"  # absolute, but under the root
+    assert read_image(root, "a/../a/x.jpg") == b"12345"
+    for reference, code, says in [
+        ("a/x.jpg", "INVALID_ARGUMENT", "is 5 bytes, over the limit of 4 bytes"),
+        ("a", "INVALID_ARGUMENT", "is a directory, not a regular file"),
+        ("nope.jpg", "NOT_FOUND", "No such file or directory"),
+        ("a/x.jpg/y", "NOT_FOUND", "Not a directory"),
+        ("bad\0.jpg", "INVALID_ARGUMENT", "not a valid path"),
+    ]:
+        with pytest.raises(ImageFileError) as caught:
+            read_image(root, reference, max_bytes=4)
+        assert caught.value.code == code and says in str(caught.value), (reference, str(caught.value))
+    (root / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageFileError, match="is an empty file"):
+        read_image(root, "empty.jpg")
+
+
+def test_a_csv_record_that_cannot_be_read_fails_alone_at_its_first_line(services, synth_dir, tmp_path):
+    """A field over csv's 128 KiB limit aborted the whole job with a traceback; bytes that are not UTF-8
+    were replaced, so two Latin-1 ids became one; a record over several lines was reported at its last."""
+    images = tmp_path / "images"
+    images.mkdir()
+    a, b = _two_good(synth_dir, images)
+    lines = [
+        b"product_id,category,image,metadata.note",
+        f'{a["product_id"]},{a["category"]},{a["image"]},"two\nlines"'.encode(),  # lines 2-3
+        b"huge,Shoes," + a["image"].encode() + b"," + b"x" * (200 * 1024),  # line 4
+        b"caf\xe9,Shoes," + a["image"].encode() + b",latin-1",  # line 5
+        b"caf\xe8,Shoes," + b["image"].encode() + b",latin-1 too",  # line 6
+        b"nocat,," + b["image"].encode() + b',"over\nthree\nlines"',  # lines 7-9
+        f"{b['product_id']},{b['category']},{b['image']},ok".encode(),  # line 10
+    ]
+    path = tmp_path / "catalog.csv"
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    done = ctl("ingest", str(path), "--ranker", services.ranker_address, "--images", str(images), timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    assert summary_number(done.stdout, "ingested now") == 2, out
+    failures = [
+        (f["line"], f["product_id"], f["code"]) for f in report(tmp_path / "catalog.csv.errors.jsonl")
+    ]
+    assert failures == [
+        (4, "", "INVALID_ARGUMENT"),
+        (5, "", "INVALID_ARGUMENT"),
+        (6, "", "INVALID_ARGUMENT"),
+        (7, "nocat", "INVALID_ARGUMENT"),
+    ]
+    reasons = [f["reason"] for f in report(tmp_path / "catalog.csv.errors.jsonl")]
+    assert "field larger than field limit (131072)" in reasons[0]
+    assert "not valid UTF-8 (byte 0xe9 at line 5, byte 4)" in reasons[1]
+    assert "not valid UTF-8 (byte 0xe8 at line 6, byte 4)" in reasons[2]
+    assert "category is missing or empty" in reasons[3]
+
+
+MiB = 1 << 20  # a catalog record's limit (ctl.ingest.catalog.MAX_RECORD_BYTES)
+
+
+def test_json_lines_are_decoded_strictly_and_bounded(tmp_path):
+    jsonl = tmp_path / "c.jsonl"
+    row = '{"product_id": "%s", "category": "Shoes", "image": "a.jpg"}\n'
+    jsonl.write_bytes(
+        (row % "a").encode()
+        + (row % "caf\xe9").encode("latin-1")  # not UTF-8
+        + (row % "caf\xe8").encode("latin-1")  # another id: replaced, both became 'caf\ufffd'
+        + (row % "\\ud800").encode()  # valid JSON, but no UTF-8 for it
+        + b'{"product_id": "long", "metadata": {"x": "' + b"y" * 2 * MiB + b'"}}\n'
+        + (row % "last").encode()
+    )  # fmt: skip
+    records = [(r.line, r.product_id, r.problem) for r in read_catalog(jsonl)]
+    assert [(line, pid) for line, pid, _ in records] == [
+        (1, "a"), (2, ""), (3, ""), (4, "\ud800"), (5, ""), (6, "last"),
+    ]  # fmt: skip
+    assert "not valid UTF-8 (byte 0xe9 at line 2, byte 20)" in records[1][2]
+    assert "not valid UTF-8 (byte 0xe8 at line 3, byte 20)" in records[2][2]
+    assert "lone surrogate" in records[3][2]
+    assert f"record over {MiB} bytes (line 5)" in records[4][2]
+    assert records[0][2] == records[5][2] == ""
+
+
+def test_csv_records_are_decoded_strictly_bounded_and_placed_at_their_first_line(tmp_path):
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_bytes(
+        b"\xef\xbb\xbfproduct_id,category,image\r\n"  # Excel's byte order mark
+        b'a"b,Shoes,a.jpg\r\n'  # a quote inside an unquoted field is a character
+        b'q,"He said ""hi""",a.jpg\r\n'
+        b"caf\xe9,Shoes,a.jpg\r\n"
+        b"caf\xe8,Shoes,a.jpg\r\n"
+        b'multi,,"one\ntwo\nthree"\r\n'  # lines 6-8, no category: reported at 6
+        b"huge,Shoes," + b"x" * 200_000 + b"\r\n"  # a field over csv's 128 KiB
+        b'big,"' + (b"z" * 999 + b"\n") * 1100 + b'",a.jpg\n'  # over 1 MiB: held nowhere, skipped
+        b"after,Shoes,a.jpg\n"
+        b'open,"never closed,a.jpg\nlost,Shoes,a.jpg\n'
+    )
+    records = [(r.line, r.product_id, r.category, r.problem) for r in read_catalog(csv_path)]
+    assert [r[:2] for r in records] == [
+        (2, 'a"b'), (3, "q"), (4, ""), (5, ""), (6, "multi"), (9, ""), (10, ""), (1111, "after"), (1112, ""),
+    ]  # fmt: skip
+    assert records[0][2:] == ("Shoes", "") and records[1][2:] == ('He said "hi"', "")
+    assert "not valid UTF-8 (byte 0xe9 at line 4, byte 4)" in records[2][3]
+    assert "not valid UTF-8 (byte 0xe8 at line 5, byte 4)" in records[3][3]
+    assert "category is missing or empty" in records[4][3]
+    assert "field larger than field limit (131072)" in records[5][3]
+    assert f"record over {MiB} bytes (lines 10-1110)" in records[6][3]
+    assert records[7][3] == "" and "not closed" in records[8][3]
+
+
+def test_recommend_escapes_what_it_prints_and_shows_only_images_under_the_folder(
+    services, stub, synth_dir, tmp_path
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "secret.txt").write_text(SECRET)
+    categories = json.loads((synth_dir / "fashion-cat.json").read_text())
+    sigs = sorted(categories)[:2]
+    category = "Escapes\x1b]0;title\x07|Shoes"
+    evil, peek = "evil\x1b[31m", "peek\x9b2J"
+    products = [
+        ranker_pb2.Product(
+            product_id=pid, category=category, image=(synth_dir / "images" / f"{s}.jpg").read_bytes()
+        )
+        for pid, s in zip([evil, peek], sigs)
+    ]
+    requests = (ranker_pb2.UpsertProductsRequest(product=p) for p in products)
+    assert stub.UpsertProducts(requests, timeout=60).upserted == 2
+    shutil.copyfile(synth_dir / "images" / f"{sigs[0]}.jpg", images / "evil.jpg")
+    (images / "peek.jpg").symlink_to(tmp_path / "secret.txt")  # shown by the page, before
+    shown_catalog = tmp_path / "shown.jsonl"
+    shown_catalog.write_text(
+        json.dumps({"product_id": evil, "category": category, "image": "evil.jpg"})
+        + "\n"
+        + json.dumps({"product_id": peek, "category": category, "image": "peek.jpg"})
+        + "\n"
+    )
+    pairs = [json.loads(line) for line in (synth_dir / "fashion.json").read_text().splitlines()]
+    scene = synth_dir / "images" / f"{sorted({p['scene'] for p in pairs})[0]}.jpg"
+    page_path = tmp_path / "page.html"
+    shown = ctl(
+        "recommend", "--ranker", services.ranker_address, "--scene", str(scene), "--category", category,
+        "--html", str(page_path), "--catalog", str(shown_catalog), "--images", str(images),
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout + shown.stderr
+    assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out
+    assert "evil\\x1b[31m" in shown.stdout and "peek\\x9b2J" in shown.stdout
+    assert "Escapes\\x1b]0;title\\x07|Shoes: 2 of 2 products" in shown.stdout
+    page = page_path.read_text()
+    assert page.count('<img class="product"') == 1 and page.count('<span class="noimage">') == 1  # evil's
+    import base64
+
+    assert base64.b64encode(SECRET.encode())[:12].decode() not in page and SECRET not in page
+    assert (
+        "'peek\\x9b2J': not shown: image" in shown.stderr and "is outside the images folder" in shown.stderr
+    )
+
+
+def test_ctl_health_escapes_a_servers_error_details(loop):
+    """A sibling: `ctl health` printed a server's error details as they came."""
+
+    async def start():
+        async def check(request, context):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down\x1b[31m\x9b2J")
+
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(check)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": handler})]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = loop.call(start())
+    try:
+        checked = ctl("health", f"127.0.0.1:{port}", timeout=60)
+    finally:
+        loop.call(server.stop(0))
+    assert checked.returncode == 1
+    assert checked.stdout.strip() == f"127.0.0.1:{port}: UNAVAILABLE: down\\x1b[31m\\x9b2J", checked.stdout

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import grpc
 
-from ctl.ingest.catalog import FORMATS, CatalogError
+from ctl.ingest.catalog import FORMATS, MAX_IMAGE_BYTES, CatalogError
 from ctl.ingest.job import IngestConfig, Summary, format_summary, ingest
 from ctl.security import add_client_arguments, aio_channel, client_security
-from ctl.settings import parse_int
+from ctl.serving import parse_bool
+from ctl.settings import GRPC_MAX_MESSAGE_BYTES, parse_int
+from ctl.terminal import printable
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -53,6 +55,17 @@ def _count(name: str, low: int, high: int):
     return parse
 
 
+def _switch(name: str) -> bool:
+    """CTL_INGEST_<name> as a switch: true/false, yes/no, on/off, 1/0 (unset: false). Read when the job
+    runs; a ValueError naming the variable otherwise (exit 2)."""
+    variable = f"CTL_INGEST_{name}"
+    text = os.environ.get(variable, "")
+    try:
+        return parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"{variable}={text[:40]!r}: expected true or false") from None
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "ingest",
@@ -64,7 +77,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("catalog", type=Path, help="catalog file: .jsonl or .csv")
     p.add_argument(
-        "--images", type=Path, help="folder the image paths are relative to (default: the catalog's)"
+        "--images",
+        type=Path,
+        help="folder the image paths are relative to, and that they must lie in once links are followed "
+        "(default: the catalog's)",
+    )
+    p.add_argument(
+        "--allow-images-outside",
+        action="store_true",
+        help="read image files outside --images too (absolute paths, ../, links): only for a catalog you "
+        "trust as much as this job's file access (env CTL_INGEST_ALLOW_IMAGES_OUTSIDE; default false)",
     )
     p.add_argument("--format", choices=FORMATS, help="catalog format (default: from the suffix)")
     p.add_argument("--metadata-columns", default="", help="comma-separated extra columns kept as metadata")
@@ -90,10 +112,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ("batch", "64", 1, 100_000, "records per stream"),
         ("streams", "4", 1, 256, "streams in flight"),
         ("retries", "5", 0, 100, "retries of a failed stream"),
+        (
+            "max_image_bytes",
+            str(MAX_IMAGE_BYTES),
+            1,
+            GRPC_MAX_MESSAGE_BYTES,
+            "largest image file sent, in bytes; larger ones fail unread (the encoder's --max-image-bytes)",
+        ),
     ):
         variable = f"CTL_INGEST_{name.upper()}"
         p.add_argument(
-            f"--{name}",
+            f"--{name.replace('_', '-')}",
             type=_count(name, low, high),
             default=_env(name.upper(), default),
             help=f"{text} (env {variable}; default {default})",
@@ -118,6 +147,8 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
         journal=args.journal,
         errors=args.errors,
         fresh=args.fresh,
+        allow_images_outside=args.allow_images_outside or _switch("ALLOW_IMAGES_OUTSIDE"),
+        max_image_bytes=args.max_image_bytes,
     )
 
 
@@ -154,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     except grpc.aio.AioRpcError as exc:
-        log.error("the ranker at %s: %s: %s", args.ranker, exc.code().name, exc.details())
+        log.error("the ranker at %s: %s: %s", args.ranker, exc.code().name, printable(exc.details()))
         return 1
     print(format_summary(config, summary))
     return 0 if summary.ok else 1

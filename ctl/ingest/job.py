@@ -39,9 +39,10 @@ from typing import TypeVar
 
 import grpc
 
-from ctl.ingest.catalog import CatalogRecord, read_catalog
+from ctl.ingest.catalog import MAX_IMAGE_BYTES, CatalogRecord, ImageFileError, read_catalog, read_image
 from ctl.ingest.journal import Journal, Outcome
 from ctl.progress import progress_bar
+from ctl.terminal import printable
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,11 @@ class IngestConfig:
     fresh: bool = False  # forget the journal
     retries: int = 5  # per stream, on UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / ABORTED
     stream_timeout_s: float = 600.0
+    allow_images_outside: bool = False  # read image files outside `images_dir` (links, ../, absolute paths)
+    max_image_bytes: int = MAX_IMAGE_BYTES  # larger image files fail here, unread (the encoder's limit)
 
     def __post_init__(self):
-        for name in ("batch", "streams"):
+        for name in ("batch", "streams", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected at least 1")
         if self.retries < 0:
@@ -200,18 +203,16 @@ class _Planner:
         if record.problem:
             self._fail(record, "INVALID_ARGUMENT", record.problem)
             return None
-        path = Path(record.image)
-        if not path.is_absolute():
-            path = self.config.images_dir / path
         unreadable = ("", "")  # (status, reason) when the image cannot be sent
         try:
-            image = path.read_bytes()
-        except OSError as exc:
-            image = b""
-            unreadable = ("NOT_FOUND", f"image {str(path)!r}: {exc.strerror or exc}")
-        else:
-            if not image:
-                unreadable = ("INVALID_ARGUMENT", f"image {str(path)!r} is an empty file")
+            image = read_image(
+                self.config.images_dir,
+                record.image,
+                allow_outside=self.config.allow_images_outside,
+                max_bytes=self.config.max_image_bytes,
+            )
+        except ImageFileError as exc:
+            image, unreadable = b"", (exc.code, str(exc))
         digest = _digest(record, image)
         earlier = self.seen.get(record.product_id)
         if earlier is not None:
@@ -265,7 +266,7 @@ async def _retried(call: Callable[[], Awaitable[T]], method: str, config: Ingest
                 "%s: %s (%s); retry %d/%d in %.1f s",
                 method,
                 exc.code().name,
-                exc.details(),
+                printable(exc.details()),
                 attempt + 1,
                 config.retries,
                 delay,
@@ -398,7 +399,7 @@ async def _check_after(
             log.warning(OLD_RANKER)
             return
         summary.stopped = f"{exc.code().name}: {exc.details()} (checking the store after the job)"
-        log.error("GetProducts failed: %s", summary.stopped)
+        log.error("GetProducts failed: %s", printable(summary.stopped))
         return
     summary.short = lacking + other
     if summary.short:
@@ -465,7 +466,9 @@ async def _stream(
         reply = await _send(stub, items, config)
     except grpc.aio.AioRpcError as exc:
         summary.stopped = f"{exc.code().name}: {exc.details()}"
-        log.error("UpsertProducts failed: %s; stopping (run the job again to continue)", summary.stopped)
+        log.error(
+            "UpsertProducts failed: %s; stopping (run the job again to continue)", printable(summary.stopped)
+        )
         _not_sent(summary, items, summary.stopped)
         return
     failed = {f.index: f for f in reply.failures}
@@ -509,12 +512,13 @@ def write_report(path: Path, failures: list[Failure]) -> None:
 def format_summary(config: IngestConfig, summary: Summary) -> str:
     sent_rate = summary.ingested / summary.seconds if summary.seconds else 0.0
     lines = [
-        f"catalog {config.catalog}: {summary.records} records (model {summary.model_version})",
+        f"catalog {printable(config.catalog)}: {summary.records} records "
+        f"(model {printable(summary.model_version)})",
         f"  ingested now          {summary.ingested:>8}",
-        f"  already ingested      {summary.already:>8}   (journal {config.journal_path})",
+        f"  already ingested      {summary.already:>8}   (journal {printable(config.journal_path)})",
         f"  re-sent               {summary.resent:>8}   (journaled, but not in the store as journaled)",
         f"  identical duplicates  {summary.duplicates:>8}",
-        f"  failed                {len(summary.failures):>8}   (report {config.errors_path})",
+        f"  failed                {len(summary.failures):>8}   (report {printable(config.errors_path)})",
         f"  took {summary.seconds:.1f} s ({sent_rate:.1f} products/s ingested)",
     ]
     if summary.failures:
@@ -541,5 +545,5 @@ def format_summary(config: IngestConfig, summary: Summary) -> str:
             "again to send them"
         )
     if summary.stopped:
-        lines.append(f"  STOPPED: {summary.stopped} — run the same command again to continue")
+        lines.append(f"  STOPPED: {printable(summary.stopped)} — run the same command again to continue")
     return "\n".join(lines)
