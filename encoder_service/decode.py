@@ -60,7 +60,18 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int) -> np.
     except Image.UnidentifiedImageError as exc:
         raise ImageError(
             f"cannot decode image: not an image in a supported format ({_FORMAT_NAMES}); "
-            f"{len(data)} bytes starting {data[:8]!r}"
+            f"{len(data)} bytes of {_kind(data)}"
         ) from exc
     except Exception as exc:  # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError, ...
         raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def _kind(data: bytes) -> str:
+    """What unreadable bytes look like, without quoting them (an error report may travel further than the
+    file: a catalog's path to /proc/self/environ would hand over the tokens it starts with)."""
+    head = data[:512].lstrip()
+    if head[:1] == b"<":
+        return "markup (an HTML or XML page?)"
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "text"
+    return "binary data"

@@ -138,6 +138,14 @@ class RankerConfig:
             check=at_least(1),
         ),
     )
+    max_certify_width: int = field(
+        default=4096,
+        metadata=setting(
+            "certify's bound queries stop widening at this many products each (at most --max-pool); a "
+            "category not certified by then is answered with certified=false",
+            check=at_least(1),
+        ),
+    )
     max_stream_records: int = field(
         default=100_000,
         metadata=setting(
@@ -172,6 +180,14 @@ class RankerConfig:
         metadata=setting(
             "image bytes per batch of UpsertProducts: a batch is sent once it holds this many (or "
             "--upsert-batch images); a stream holds at most (upsert concurrency + 1) batches",
+            check=at_least(1),
+        ),
+    )
+    upsert_bytes_in_flight: int = field(
+        default=64 * MiB,
+        metadata=setting(
+            "bytes of UpsertProducts records held in batches being encoded at once, over all streams (a "
+            "larger batch waits until no other is held, then goes alone)",
             check=at_least(1),
         ),
     )

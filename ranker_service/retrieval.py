@@ -6,10 +6,10 @@ Three modes (DESIGN.md §2):
   uses the store's HNSW index above: HNSW's recall depends on the data (docs/BENCHMARKS.md), a scan of
   100k products costs ~20 ms;
 - exhaustive: every product of the category (that passes the filters) scored exactly;
-- certify: the pooled query plus the R bound queries f_s + f_i, all exact and in one batch call; the
-  bound queries' limit doubles until the K-th best exact distance beats every unscored product, up to
-  `max_pool`: a category that does not certify by then (near-identical products) is answered with the best
-  found, `certified=false`.
+- certify: the pooled query plus the R bound queries f_s + f_i, all exact, batched in calls of at most
+  HITS_PER_CALL hits; the bound queries' limit doubles until the K-th best exact distance beats every
+  unscored product, up to `max_certify_width` (4,096; at most `max_pool`): a category that does not
+  certify by then (near-identical products) is answered with the best found, `certified=false`.
 
 Before each store call the event loop gets a turn and the caller's deadline is checked (`_step`).
 """
@@ -34,7 +34,7 @@ from ranker_service.store import Hits, ProductPoint, ProductStore, Query
 log = logging.getLogger(__name__)
 
 SCROLL_PAGE = 2048
-HITS_PER_CALL = 20_000  # certify's queries per store call: at most this many hits (vectors copied) a call
+HITS_PER_CALL = 8192  # certify's queries per store call: at most this many hits (vectors copied) a call
 MEAN_KEY_SAMPLE = 2048
 
 
@@ -101,6 +101,7 @@ class Retriever:
     changed_key_after_s: float = 2.0  # a changed category's key is recomputed at most this often
     max_pool: int = 10_000
     exact_below: int = 200_000  # categories up to this size get exact candidate queries
+    max_certify_width: int = 4096  # certify's bound queries stop doubling here (unless the pool is larger)
     _mean_keys: dict[str, _MeanKey] = field(default_factory=dict)
     _refreshing: dict[str, asyncio.Task[NDArray[np.float32] | None]] = field(default_factory=dict)
     _changes: dict[str, int] = field(default_factory=dict)  # per category: forget() calls so far
@@ -203,7 +204,7 @@ class Retriever:
     async def _certify(self, scene: Scene, ask: Ask, size: int) -> Result:
         q = pooled_query(scene, await self.mean_key(ask.query.category))
         bounds_q = bound_queries(scene)
-        width = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
+        width = first = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         vectors = np.concatenate([q[None, :], bounds_q])
         seen = _Seen()
         rounds = 0
@@ -230,12 +231,13 @@ class Retriever:
                     await _step(ask)
                     result.category_size = await self.store.count(ask.query)
                 return result
-            if width >= self.max_pool:
+            cap = max(first, min(self.max_pool, self.max_certify_width))
+            if width >= cap:
                 # the work cap: a category of near-identical products never certifies short of scoring
                 # all of it (R bound queries of the whole category at once: 100k products, 20 s, 3.7 GB);
                 # the best found so far, not certified
                 return result
-            vectors, width = bounds_q, min(width * 2, self.max_pool)
+            vectors, width = bounds_q, min(width * 2, cap)
 
 
 class _Seen:

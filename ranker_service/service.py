@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -88,6 +89,48 @@ def _text(value: str, name: str, limit: int = MAX_ID_BYTES) -> str:
     return value
 
 
+class ByteBudget:
+    """Bytes that UpsertProducts batches may hold at once, over all streams: each stream's batches are
+    bounded too (`upsert_concurrency`), but 64 streams of 20 MB images would still hold gigabytes. Granted
+    in the order asked; a batch larger than the whole budget waits until nothing else holds any, then goes
+    alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    async def acquire(self, size: int) -> int:
+        """Wait until `size` bytes fit; returns what was granted (to release)."""
+        size = min(size, self.limit)
+        if not self._waiting and self._fits(size):
+            self.used += size
+            return size
+        waiter = (size, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        try:
+            await waiter[1]
+        except asyncio.CancelledError:
+            if waiter[1].done() and not waiter[1].cancelled():  # granted, but the caller has gone
+                self.release(size)
+            elif waiter in self._waiting:
+                self._waiting.remove(waiter)
+                self.release(0)  # the ones behind it may fit now
+            raise
+        return size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        while self._waiting and self._fits(self._waiting[0][0]):
+            size, future = self._waiting.popleft()
+            if not future.done():
+                self.used += size
+                future.set_result(None)
+
+
 class RankerApp:
     """The ranker's state and logic, usable without gRPC (a caller passes its remaining deadline)."""
 
@@ -96,6 +139,7 @@ class RankerApp:
         self.encoder = encoder
         self._ready: _Ready | None = None
         self._categories: set[str] = set()  # the catalog's categories (a superset after deletes)
+        self.image_bytes = ByteBudget(config.upsert_bytes_in_flight)
         self.waiting_for = "the encoder"  # what start-up waits for, told to callers until ready
         self.candidates = metrics.histogram(
             "ctl_ranker_candidates_scored", "products scored exactly per category of a Recommend", ["mode"]
@@ -114,7 +158,12 @@ class RankerApp:
 
     async def attach(self, info: ModelInfo, store: ProductStore) -> None:
         """Ready to serve: the model is known and the store open; mean keys are computed in the background."""
-        retriever = Retriever(store, max_pool=self.config.max_pool, exact_below=self.config.exact_below)
+        retriever = Retriever(
+            store,
+            max_pool=self.config.max_pool,
+            exact_below=self.config.exact_below,
+            max_certify_width=self.config.max_certify_width,
+        )
         await retriever.warm()
         self._categories = set(await store.counts_by_category())
         self._ready = _Ready(info, store, retriever)
@@ -254,22 +303,32 @@ class RankerApp:
         writer: dict[str, asyncio.Task] = {}  # the latest batch holding each product id
         stored: set[str] = set()
 
-        async def flush(items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task]) -> None:
+        async def flush(
+            items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task], granted: int
+        ) -> None:
             try:
                 points = await self._prepare(items, reply, ready, remaining)
+                self.image_bytes.release(granted)  # the images are encoded: only vectors are left
+                granted = 0
                 if earlier:
                     await asyncio.wait(earlier)
                 await self._store(points, ready)
                 stored.update(p.product_id for p in points)
                 reply.upserted = len(stored)
             finally:
+                self.image_bytes.release(granted)
                 slots.release()
 
-        async def start(items: list[tuple[int, ranker_pb2.Product]]) -> None:
+        async def start(items: list[tuple[int, ranker_pb2.Product]], size: int) -> None:
             await slots.acquire()  # back-pressure: stop reading while `upsert_concurrency` batches run
+            try:  # and while the images of every stream's batches in flight take the whole budget
+                granted = await self.image_bytes.acquire(size)
+            except BaseException:
+                slots.release()
+                raise
             ids = {p.product_id for _, p in items}
             earlier = {writer[i] for i in ids if i in writer and not writer[i].done()}
-            task = asyncio.create_task(flush(items, earlier))
+            task = asyncio.create_task(flush(items, earlier, granted))
             tasks.append(task)
             writer.update(dict.fromkeys(ids, task))
 
@@ -286,15 +345,15 @@ class RankerApp:
                     _fail(reply, index, request.product.product_id, "INVALID_ARGUMENT", problem)
                     continue
                 batch.append((index, request.product))
-                batch_bytes += len(request.product.image)
+                batch_bytes += request.product.ByteSize()
                 if len(batch) >= self.config.upsert_batch or batch_bytes >= self.config.upsert_batch_bytes:
-                    await start(batch)
+                    await start(batch, batch_bytes)
                     batch, batch_bytes = [], 0
                     for t in tasks:
                         if t.done() and t.exception() is not None:
                             raise t.exception()
             if batch:
-                await start(batch)
+                await start(batch, batch_bytes)
             await asyncio.gather(*tasks)
             if too_long:
                 limit = self.config.max_stream_records
@@ -485,9 +544,10 @@ def _record_problem(product: ranker_pb2.Product, config: RankerConfig, max_image
     if content == "image":
         if not product.image:
             return "image is empty"
-        if len(product.image) > max_image_bytes:
+        size = len(product.image)  # (each read of the field copies it)
+        if size > max_image_bytes:
             return (
-                f"image is {len(product.image):,} bytes; the encoder takes at most {max_image_bytes:,} "
+                f"image is {size:,} bytes; the encoder takes at most {max_image_bytes:,} "
                 "(ModelInfo.max_image_bytes): make it smaller"
             )
     return ""

@@ -153,3 +153,21 @@ def test_mutated_images_decode_or_raise_image_error(data):
         assert message  # a message to act on
     else:
         assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"CTL_TOKEN=s3cr3t-s3cr3t-s3cr3t\nHOME=/root\n", "text"),
+        (b"<!DOCTYPE html><html><body>404</body></html>", "markup"),
+        (b"\x00\x01SECRETS\xff" * 10, "binary data"),
+    ],
+)
+def test_an_unreadable_image_is_described_never_quoted(data: bytes, kind: str) -> None:
+    """Issue 20 #13's sibling: the error echoed the first 8 bytes of what it could not decode, so a
+    catalog pointing at /proc/self/environ got the token variable it starts with into the error report."""
+    with pytest.raises(ImageError) as error:
+        decode_image(data, 64, 1 << 20, 1 << 20)
+    message = str(error.value)
+    assert kind in message and f"{len(data)} bytes" in message
+    assert "CTL_TOKEN" not in message and "SECRET" not in message and "DOCTYPE" not in message

@@ -335,3 +335,91 @@ def test_legal_images_that_together_exceed_one_encoder_call_are_all_ingested(loo
         assert "the encoder takes at most" in reply.failures[0].error.message
     finally:
         encoder.close()
+
+
+def test_the_byte_budget_grants_in_order_lets_an_oversized_batch_go_alone_and_survives_cancels() -> None:
+    """The budget behind #6 (UpsertProducts held 4.8 GB for 32 legal 20 MB images): bytes held at once
+    never exceed it, except one batch larger than all of it, which waits until nothing else is held."""
+    from ranker_service.service import ByteBudget
+
+    async def scenario() -> list:
+        budget = ByteBudget(100)
+        log: list = []
+
+        async def hold(name: str, size: int, release: asyncio.Event) -> None:
+            granted = await budget.acquire(size)
+            log.append((name, budget.used))
+            await release.wait()
+            budget.release(granted)
+
+        events = {name: asyncio.Event() for name in "abcde"}
+        tasks = {
+            "a": asyncio.create_task(hold("a", 60, events["a"])),
+            "b": asyncio.create_task(hold("b", 30, events["b"])),
+            "c": asyncio.create_task(hold("c", 500, events["c"])),  # larger than the budget
+            "d": asyncio.create_task(hold("d", 5, events["d"])),  # fits, but waits its turn behind c
+            "e": asyncio.create_task(hold("e", 50, events["e"])),
+        }
+        await asyncio.sleep(0.01)
+        assert log == [("a", 60), ("b", 90)]
+        tasks["e"].cancel()  # a caller that goes away while waiting
+        events["a"].set()
+        events["b"].set()
+        await asyncio.sleep(0.01)
+        assert log[2] == ("c", 100) and budget.used == 100  # alone, granted the whole budget
+        events["c"].set()
+        await asyncio.sleep(0.01)
+        events["d"].set()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert budget.used == 0 and not budget._waiting
+        return log
+
+    log = asyncio.run(scenario())
+    assert [name for name, _ in log] == ["a", "b", "c", "d"]
+    assert all(used <= 100 for _, used in log)
+
+
+def test_streams_together_hold_no_more_image_bytes_than_the_budget(loop, exported_repo) -> None:
+    """#6: each stream bounded its batches by count, and all streams together by nothing: 32 legal 20 MB
+    images took the ranker from 103 MB to 4.8 GB. Scaled down: three concurrent streams of ~300 KB images
+    against a 700 KB budget; the encoder calls in flight (a spy around the real client) never hold more."""
+    encoder = Encoder(loop, encoder_config(exported_repo))
+    try:
+        encoder.wait_serving()
+        address = f"127.0.0.1:{encoder.server.port}"
+        images = [_noise_png(320, seed) for seed in range(12)]
+        state = {"now": 0, "most": 0}
+
+        def stream(s: int) -> list[ranker_pb2.UpsertProductsRequest]:
+            return [
+                ranker_pb2.UpsertProductsRequest(
+                    product=ranker_pb2.Product(product_id=f"s{s}-{i}", category="bags", image=b)
+                )
+                for i, b in enumerate(images[s * 4 : s * 4 + 4])
+            ]
+
+        async def scenario():
+            async def upsert(app, store):
+                real = app.encoder.encode_products
+
+                async def spying(images, remaining=None):
+                    size = sum(map(len, images))
+                    state["now"] += size
+                    state["most"] = max(state["most"], state["now"])
+                    try:
+                        return await real(images, remaining)
+                    finally:
+                        state["now"] -= size
+
+                app.encoder.encode_products = spying
+                replies = await asyncio.gather(*(app.upsert(_stream(stream(s)), None) for s in range(3)))
+                return replies, await store.count()
+
+            config = RankerConfig(upsert_batch=1, upsert_concurrency=4, upsert_bytes_in_flight=700 * KiB)
+            return await _with_app(config, upsert, address, real_encoder=True)
+
+        replies, stored = loop.call(scenario(), timeout=120)
+        assert stored == 12 and all(r.upserted == 4 and not r.failures for r in replies)
+        assert 0 < state["most"] <= 700 * KiB, state
+    finally:
+        encoder.close()

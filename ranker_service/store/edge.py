@@ -169,6 +169,13 @@ def _cached_filter(query: Query) -> qe.Filter:
     return _build_filter(query)
 
 
+@functools.lru_cache(maxsize=4)
+def _excluded(exclude_ids: tuple[str, ...]) -> qe.HasIdCondition:
+    """The engine's condition for a query's exclusions, built once per Recommend (a call's categories and
+    store calls share the tuple): 10,000 ids took ~25 ms to hand to the engine each time."""
+    return qe.HasIdCondition(set(excluded_point_ids(exclude_ids)))
+
+
 def _build_filter(query: Query) -> qe.Filter:
     """Category must match; each condition's any_of must hold, none_of must not (a missing key passes)."""
     must: list[Any] = [qe.FieldCondition(key="category", match=qe.MatchValue(query.category))]
@@ -180,7 +187,7 @@ def _build_filter(query: Query) -> qe.Filter:
         if none_of:
             must_not.append(qe.FieldCondition(key=METADATA_TERMS, match=qe.MatchAny(none_of)))
     if query.exclude_ids:
-        must_not.append(qe.HasIdCondition(set(excluded_point_ids(query.exclude_ids))))
+        must_not.append(_excluded(query.exclude_ids))
     return qe.Filter(must=must, must_not=must_not or None)
 
 
