@@ -214,15 +214,21 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Unpack a snapshot into a new store folder, checked before it is moved into place: 0, or 1."""
-    from ctl.snapshot import SnapshotError, restore
+    """Unpack a snapshot into a new store folder, checked before it is moved into place: 0, 1 refused (one
+    line: why), 2 a bad setting."""
+    from ctl.snapshot import RestoreConfigError, SnapshotError, restore, restore_limits
 
     target = restore_target(args)
     if not target.strip():
         logging.getLogger("ctl.restore").error("CTL_RANKER_STORE_PATH is empty: give the folder to create")
         return 2
     try:
-        folder, manifest = restore(args.archive, target)
+        limits = restore_limits(args)
+    except RestoreConfigError as exc:
+        logging.getLogger("ctl.restore").error("%s", exc)
+        return 2
+    try:
+        folder, manifest = restore(args.archive, target, limits)
     except SnapshotError as exc:
         logging.getLogger("ctl.restore").error("%s", exc)
         return 1
@@ -398,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the folder to create; {model_version} is replaced (default: CTL_RANKER_STORE_PATH or "
         "ctl-store/{model_version})",
     )
+    from ctl.snapshot import add_restore_arguments
+
+    add_restore_arguments(p)
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("health", help="ask a server's gRPC health check; exit 0 when SERVING")

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ctl.security import aio_channel
+from ctl.security import Tokens, aio_channel
 from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
 from ranker_service.errors import (
@@ -85,7 +85,7 @@ class EncoderClient:
         *,
         products_timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        token: str = "",
+        token: str | Tokens = "",
     ):
         self.address = address
         self.max_message_bytes = max_message_bytes

@@ -471,6 +471,27 @@ def test_restore_limits_come_from_flags_then_variables():
         snap.restore_limits(parser.parse_args(["--max-members", "1"]), {})
 
 
+def test_ctl_restore_takes_its_limits_from_flags_and_variables(tmp_path):
+    """`ctl restore`: a limit from its flag or CTL_RESTORE_* refuses with exit 1 and one line naming it;
+    a malformed limit is a bad setting, exit 2 (needs the flags wired in ctl/cli.py)."""
+    archive = craft(tmp_path / "ok.tar.gz", [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()])
+    target = str(tmp_path / "new" / "{model_version}")
+    small = ctl("restore", "--max-members", "2", str(archive), target)
+    assert small.returncode == 1 and "--max-members / CTL_RESTORE_MAX_MEMBERS" in small.stderr, small.stderr
+    assert len(small.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+    env = {**os.environ, "CTL_RESTORE_MAX_BYTES": "10GB"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "ctl.cli", "restore", str(archive), target],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "CTL_RESTORE_MAX_BYTES='10GB'" in bad.stderr, bad.stderr
+
+
 def test_restore_of_a_missing_or_foreign_file_says_so(tmp_path):
     assert "No such file" in refused(tmp_path / "none.tar.gz", tmp_path / "new" / "{model_version}")
     (tmp_path / "plain.txt").write_text("not an archive")
