@@ -390,6 +390,26 @@ def build_server(
     return Server(server, port, health, service_names, metrics, health_server, health_port)
 
 
+async def _started(start: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Runs `start` unless `stop` is set first (SIGTERM while waiting for a dependency at start-up: the
+    pod is told to go, and must not wait for SIGKILL); False when it was stopped. `start`'s error is
+    raised."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    if starting.cancelled():
+        return False
+    starting.result()
+    return True
+
+
 async def serve_forever(
     server: Server,
     *,
@@ -409,8 +429,8 @@ async def serve_forever(
             loop.add_signal_handler(sig, stop.set)
     await server.start()
     try:
-        if on_start is not None:
-            await on_start()
+        if on_start is not None and not await _started(on_start(), stop):
+            log.info("stopped while starting (waiting for dependencies)")
         await stop.wait()
         log.info("shutting down: NOT_SERVING, %.1f s for in-flight calls", grace)
     finally:

@@ -456,3 +456,17 @@ def _create_alias(alias: str, collection: str):
     from qdrant_client import models as qm
 
     return qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=collection, alias_name=alias))
+
+
+def test_sigterm_while_waiting_for_the_encoder_at_start_up_stops_the_ranker(tmp_path):
+    """Issue 20 #5's sibling: SIGTERM was only looked at once start-up was over, so a ranker waiting for an
+    encoder that is not there (here: a port nobody listens on, start-up timeout 10 minutes) ignored it
+    until the timeout, and Kubernetes had to SIGKILL the pod. Now it stops at once, exit status 0."""
+    nobody = f"127.0.0.1:{_free_port()}"  # closed again: nobody answers there
+    ranker = Process(
+        "serve-ranker", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--encoder", nobody,
+        "--store-path", str(tmp_path / "store" / "{model_version}"), "--startup-timeout-s", "600",
+    )  # fmt: skip
+    wait_until(lambda: "waiting" in ranker.output().lower(), timeout=60)
+    assert ranker.stop() == 0, ranker.output()[-2000:]  # not killed after 30 s (-9)
+    assert "stopped while starting" in ranker.output()
