@@ -8,6 +8,7 @@ ERROR_CODES; one bad record of an UpsertProducts stream fails alone and is liste
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -304,31 +305,33 @@ class RankerApp:
         stored: set[str] = set()
 
         async def flush(
-            items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task], granted: int
+            items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task], held: list[int]
         ) -> None:
-            try:
-                points = await self._prepare(items, reply, ready, remaining)
-                self.image_bytes.release(granted)  # the images are encoded: only vectors are left
-                granted = 0
-                if earlier:
-                    await asyncio.wait(earlier)
-                await self._store(points, ready)
-                stored.update(p.product_id for p in points)
-                reply.upserted = len(stored)
-            finally:
-                self.image_bytes.release(granted)
-                slots.release()
+            points = await self._prepare(items, reply, ready, remaining)
+            self.image_bytes.release(held.pop())  # the images are encoded: only vectors are left
+            if earlier:
+                await asyncio.wait(earlier)
+            await self._store(points, ready)
+            stored.update(p.product_id for p in points)
+            reply.upserted = len(stored)
+
+        def finished(held: list[int], task: asyncio.Task) -> None:
+            # a done callback, not a `finally`: a task cancelled before it ran never runs its coroutine,
+            # and the bytes it held would be lost to every stream for good
+            self.image_bytes.release(sum(held))
+            slots.release()
 
         async def start(items: list[tuple[int, ranker_pb2.Product]], size: int) -> None:
             await slots.acquire()  # back-pressure: stop reading while `upsert_concurrency` batches run
             try:  # and while the images of every stream's batches in flight take the whole budget
-                granted = await self.image_bytes.acquire(size)
+                held = [await self.image_bytes.acquire(size)]
             except BaseException:
                 slots.release()
                 raise
             ids = {p.product_id for _, p in items}
             earlier = {writer[i] for i in ids if i in writer and not writer[i].done()}
-            task = asyncio.create_task(flush(items, earlier, granted))
+            task = asyncio.create_task(flush(items, earlier, held))
+            task.add_done_callback(functools.partial(finished, held))
             tasks.append(task)
             writer.update(dict.fromkeys(ids, task))
 

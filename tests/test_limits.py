@@ -423,3 +423,26 @@ def test_streams_together_hold_no_more_image_bytes_than_the_budget(loop, exporte
         assert 0 < state["most"] <= 700 * KiB, state
     finally:
         encoder.close()
+
+
+def test_a_stream_that_breaks_off_gives_back_every_byte_it_held() -> None:
+    """Review of #6: the bytes a batch held were given back in its task's `finally`, which never runs
+    for a task cancelled before it started: a caller whose stream broke off right after a batch was
+    sent left those bytes taken for good, and enough such callers would stop every upload."""
+    rng = np.random.default_rng(7)
+    v = _unit(rng.standard_normal((4, DIM)))
+
+    async def broken() -> AsyncIterator[ranker_pb2.UpsertProductsRequest]:
+        yield _product("p0", "shoes", v[0], v[0])
+        raise ConnectionResetError("the caller went away")  # as the stream's next read would fail
+
+    async def scenario(app, store):
+        for _ in range(3):
+            with pytest.raises(ConnectionResetError):
+                await app.upsert(broken(), None)
+            assert app.image_bytes.used == 0
+        reply = await app.upsert(_stream([_product(f"q{i}", "shoes", v[i], v[i]) for i in range(4)]), None)
+        return reply, app.image_bytes.used
+
+    reply, used = asyncio.run(_with_app(RankerConfig(upsert_batch=1), scenario))
+    assert reply.upserted == 4 and used == 0
