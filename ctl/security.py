@@ -555,14 +555,19 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
 
 def token_auth(
-    scopes: Mapping[str, Tokens], methods: Mapping[str, str], *, protect_open: bool, service: str, host: str
+    scopes: Mapping[str, Tokens], methods: Mapping[str, str], *, protect_open: bool
 ) -> TokenAuth | None:
     """The interceptor for `scopes`, or None when no token setting is given: the server then lets every
-    caller in, which must never go unnoticed (a warning, unless it listens on loopback only: `ctl demo`,
-    `ctl ingest --embedded`)."""
+    caller in, which must never go unnoticed: once it listens, the server says so with
+    `warn_unauthenticated`."""
     auth = TokenAuth(scopes, methods, protect_open=protect_open)
-    if auth.enabled:
-        return auth
+    return auth if auth.enabled else None
+
+
+def warn_unauthenticated(scopes: Mapping[str, Tokens], *, service: str, host: str) -> None:
+    """Log that a server listening on `host` runs without tokens: a warning, unless it listens on loopback
+    only (`ctl demo`, `ctl ingest --embedded`). Called once the port is bound: a server that cannot
+    listen says only that."""
     log.log(
         logging.INFO if is_loopback(host.strip("[]")) else logging.WARNING,
         "%s runs WITHOUT authentication: no tokens are set (%s), so whoever reaches its port may call every "
@@ -571,4 +576,3 @@ def token_auth(
         ", ".join(tokens.what for tokens in scopes.values()),
         host,
     )
-    return None

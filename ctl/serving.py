@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -312,10 +312,14 @@ class Server:
     # gRPC probes, `ctl health` without --tls-ca); None when not asked for.
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    # said once the server listens (a server that cannot listen says only that): e.g. that it runs open
+    notices: list[Callable[[], None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.grpc_server.start()
         log.info("%s listening on port %d", ", ".join(self.service_names), self.port)
+        for notice in self.notices:
+            notice()
         if self.health_server is not None:
             await self.health_server.start()
             log.info("plaintext health checks on port %d", self.health_port)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
-from ctl.security import Tokens, server_credentials, token_auth
+from ctl.security import Tokens, server_credentials, token_auth, warn_unauthenticated
 from ctl.serving import Metrics, Server, build_server, serve_forever
 from ctl.settings import named
 from ctl.v1 import encoder_pb2_grpc
@@ -33,13 +34,8 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
     """The server bound to `config.address` (port 0: read `Server.port`) and its app; nothing started."""
     metrics = Metrics(SERVICE_NAME)
     app = EncoderApp(config, make_backend(config), metrics)
-    auth = token_auth(
-        {"encode": Tokens(config.tokens, named(ENV_PREFIX, "tokens"))},
-        {},
-        protect_open=config.protect_health,
-        service=SERVICE_NAME,
-        host=config.host,
-    )
+    scopes = {"encode": Tokens(config.tokens, named(ENV_PREFIX, "tokens"))}
+    auth = token_auth(scopes, {}, protect_open=config.protect_health)
     server = build_server(
         service_names=(SERVICE_NAME,),
         add_servicers=lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(
@@ -55,6 +51,10 @@ async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
         if config.health_port >= 0
         else None,
     )
+    if auth is None:
+        server.notices.append(
+            functools.partial(warn_unauthenticated, scopes, service=SERVICE_NAME, host=config.host)
+        )
     return server, app
 
 

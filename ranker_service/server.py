@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -31,6 +32,7 @@ from ctl.security import (
     parse_token,
     server_credentials,
     token_auth,
+    warn_unauthenticated,
 )
 from ctl.serving import Metrics, Server, build_server, host_port, serve_forever
 from ctl.settings import named
@@ -152,15 +154,14 @@ class Ranker:
             token=Tokens(config.encoder_token, named(ENV_PREFIX, "encoder_token"), single=True),
         )
         self.app = RankerApp(config, self.encoder, self.metrics)
+        scopes = {
+            READ: Tokens(config.read_tokens, named(ENV_PREFIX, "read_tokens")),
+            WRITE: Tokens(config.write_tokens, named(ENV_PREFIX, "write_tokens")),
+        }
         auth = token_auth(
-            {
-                READ: Tokens(config.read_tokens, named(ENV_PREFIX, "read_tokens")),
-                WRITE: Tokens(config.write_tokens, named(ENV_PREFIX, "write_tokens")),
-            },
+            scopes,
             METHOD_SCOPES,
             protect_open=config.protect_health,
-            service=SERVICE_NAME,
-            host=config.host,
         )
         self.server: Server = build_server(
             service_names=(SERVICE_NAME,),
@@ -175,6 +176,10 @@ class Ranker:
             credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
             health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
         )
+        if auth is None:
+            self.server.notices.append(
+                functools.partial(warn_unauthenticated, scopes, service=SERVICE_NAME, host=config.host)
+            )
         # a bad key file or CA file: exit 2 now, not once the encoder answered
         self._qdrant = qdrant_credentials(config) if config.qdrant_url else (None, None)
         self.store: ProductStore | None = None

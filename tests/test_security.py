@@ -349,7 +349,7 @@ def _refused_at_start(*args: str, env: dict[str, str] | None = None) -> tuple[in
 
 
 def test_servers_refuse_to_start_when_a_token_setting_yields_no_token(tmp_path, exported_repo, caplog):
-    from ctl.security import Tokens, token_auth
+    from ctl.security import Tokens, token_auth, warn_unauthenticated
 
     empty, comments = tmp_path / "empty", tmp_path / "comments"
     empty.write_text("")
@@ -375,10 +375,9 @@ def test_servers_refuse_to_start_when_a_token_setting_yields_no_token(tmp_path, 
     # no token setting at all: it runs, and says so loudly (quietly on loopback only: `ctl demo`)
     with caplog.at_level("INFO", logger="ctl.security"):
         for host in ("127.0.0.1", "[::1]", "localhost", "0.0.0.0", "[::]", "10.1.2.3"):
-            assert (
-                token_auth({"any": Tokens("", "--tokens")}, {}, protect_open=False, service="s", host=host)
-                is None
-            )
+            scopes = {"any": Tokens("", "--tokens")}
+            assert token_auth(scopes, {}, protect_open=False) is None
+            warn_unauthenticated(scopes, service="s", host=host)
     assert [r.levelname for r in caplog.records] == ["INFO"] * 3 + ["WARNING"] * 3
     open_ranker = Process(*ranker, "--store-path", str(tmp_path / "open-store"))
     try:
