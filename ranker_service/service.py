@@ -197,11 +197,12 @@ class RankerApp:
             self.candidates.labels(r.mode.value).observe(r.candidates_scored)
             if r.mode is Mode.CERTIFY:
                 self.certify_rounds.observe(r.rounds)
-        return ranker_pb2.RecommendResponse(
+        reply = ranker_pb2.RecommendResponse(
             results=[_category_proto(r, req.explain) for r in results],
             model_version=ready.info.model_version,
             grid=ready.info.grid,
         )
+        return self._fitting(reply, "the products found", "ask for a smaller limit or fewer categories")
 
     def _asks(self, req: ranker_pb2.RecommendRequest, deadline: float | None = None) -> list[Ask]:
         """One Ask per category, sharing one Query's conditions and exclusions (built once per call);
@@ -282,6 +283,17 @@ class RankerApp:
                 f"this ranker serves {info.model_version}"
             )
         return unit_scene(scene_from_proto(emb, info.regions, info.dim))
+
+    def _fitting(self, reply, what: str, advice: str):
+        """`reply`, if one message may carry it: gRPC would fail the send with RESOURCE_EXHAUSTED, which
+        callers retry as a passing error, while only a smaller request helps (INVALID_ARGUMENT)."""
+        size, most = reply.ByteSize(), self.config.max_message_bytes - _CALL_ENVELOPE
+        if size > most:
+            raise InvalidRequest(
+                f"{what} make a reply of {size:,} bytes (with their metadata), more than one reply may "
+                f"carry ({most:,}): {advice}"
+            )
+        return reply
 
     # --- UpsertProducts --------------------------------------------------------------------------------
 
@@ -503,13 +515,14 @@ class RankerApp:
         ids = _product_ids(req.product_ids, MAX_GET)
         found = await ready.store.lookup(ids)
         present = {p.product_id for p in found}
-        return ranker_pb2.GetProductsResponse(
+        reply = ranker_pb2.GetProductsResponse(
             products=[
                 ranker_pb2.StoredProduct(product_id=p.product_id, category=p.category, metadata=p.metadata)
                 for p in found
             ],
             not_found=[p for p in ids if p not in present],
         )
+        return self._fitting(reply, f"the {len(ids):,} products asked for", "ask for fewer ids per call")
 
     async def stats(self) -> ranker_pb2.CatalogStats:
         ready = self.ready

@@ -446,3 +446,23 @@ def test_a_stream_that_breaks_off_gives_back_every_byte_it_held() -> None:
 
     reply, used = asyncio.run(_with_app(RankerConfig(upsert_batch=1), scenario))
     assert reply.upserted == 4 and used == 0
+
+
+def test_get_products_whose_reply_would_not_fit_is_refused_as_such() -> None:
+    """#8's sibling: 10,000 ids a call of products with up to 16 KiB of metadata each make a reply of up
+    to 160 MB; gRPC failed its send with RESOURCE_EXHAUSTED, which callers (ctl ingest's journal check)
+    retry as a passing error, again and again. Now INVALID_ARGUMENT, saying to ask for fewer ids."""
+    rng = np.random.default_rng(8)
+    v = _unit(rng.standard_normal((100, DIM)))
+    requests = [_product(f"p{i}", "shoes", v[i], v[i], {"story": "x" * 4000}) for i in range(100)]
+
+    async def scenario(app, store):
+        assert (await app.upsert(_stream(requests), None)).upserted == 100
+        few = await app.get_products(ranker_pb2.GetProductsRequest(product_ids=["p1", "p2"]))
+        with pytest.raises(InvalidRequest, match="ask for fewer ids per call") as error:
+            await app.get_products(ranker_pb2.GetProductsRequest(product_ids=[f"p{i}" for i in range(100)]))
+        return few, str(error.value)
+
+    few, message = asyncio.run(_with_app(RankerConfig(max_message_bytes=200 * KiB), scenario))
+    assert [p.product_id for p in few.products] == ["p1", "p2"]
+    assert "the 100 products asked for make a reply of" in message
