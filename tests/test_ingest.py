@@ -926,3 +926,20 @@ def test_ctl_health_escapes_a_servers_error_details(loop):
         loop.call(server.stop(0))
     assert checked.returncode == 1
     assert checked.stdout.strip() == f"127.0.0.1:{port}: UNAVAILABLE: down\\x1b[31m\\x9b2J", checked.stdout
+
+
+def test_a_stream_write_failing_in_grpc_core_is_retried_like_unavailable():
+    """Seen in test_faults' killed-ranker run: a stream written while the ranker died failed with
+    INTERNAL "Internal error from Core" (grpc/grpc#36066) and stopped the job instead of retrying. The
+    ranker never answered such a call; an INTERNAL that the ranker itself sent is not retried."""
+    from grpc.aio import AioRpcError, Metadata
+
+    from ctl.ingest.job import _transient
+
+    def error(code: grpc.StatusCode, details: str) -> AioRpcError:
+        return AioRpcError(code, Metadata(), Metadata(), details)
+
+    assert _transient(error(grpc.StatusCode.INTERNAL, "Internal error from Core"))
+    assert _transient(error(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+    assert not _transient(error(grpc.StatusCode.INTERNAL, "the store's vectors are corrupt"))
+    assert not _transient(error(grpc.StatusCode.INVALID_ARGUMENT, "bad"))

@@ -62,6 +62,19 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
 }
+# grpc's asyncio client fails a stream's write on a call the transport already ended (the ranker killed
+# mid-stream) with INTERNAL "Internal error from Core" (grpc/grpc#36066) instead of UNAVAILABLE: the
+# ranker never answered, so it is retried like UNAVAILABLE. An INTERNAL the ranker sent is not.
+CORE_WRITE_FAILED = "Internal error from Core"
+
+
+def _transient(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the call may succeed if made again (upserts are idempotent)."""
+    if exc.code() == grpc.StatusCode.INTERNAL:
+        return (exc.details() or "").startswith(CORE_WRITE_FAILED)
+    return exc.code() in RETRYABLE
+
+
 # The journal's checks against the store: GetProducts calls of at most CHECK_IDS ids and about CHECK_BYTES
 # of reply (gRPC's default receive limit is 4 MiB; a listing's metadata can be long).
 CHECK_IDS = 10_000
@@ -260,7 +273,7 @@ async def _retried(call: Callable[[], Awaitable[T]], method: str, config: Ingest
         try:
             return await call()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE or attempt == config.retries:
+            if not _transient(exc) or attempt == config.retries:
                 raise
             log.warning(
                 "%s: %s (%s); retry %d/%d in %.1f s",
@@ -296,7 +309,7 @@ async def catalog_stats(
         try:
             return await stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest(), timeout=10)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE or time.monotonic() > deadline:
+            if not _transient(exc) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
 
