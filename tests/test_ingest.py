@@ -765,6 +765,16 @@ def test_read_image_reads_regular_files_under_the_root_within_the_limit(tmp_path
         read_image(root, "empty.jpg")
 
 
+def _two_ingested(path: Path, ranker: str, images: Path) -> list[dict]:
+    """Runs `ctl ingest` on a catalog of two good records and bad ones: it must end (exit 1, no traceback)
+    with the two ingested; returns its error report."""
+    done = ctl("ingest", str(path), "--ranker", ranker, "--images", str(images), timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    assert summary_number(done.stdout, "ingested now") == 2, out
+    return report(path.with_name(path.name + ".errors.jsonl"))
+
+
 def test_a_csv_record_that_cannot_be_read_fails_alone_at_its_first_line(services, synth_dir, tmp_path):
     """A field over csv's 128 KiB limit aborted the whole job with a traceback; bytes that are not UTF-8
     were replaced, so two Latin-1 ids became one; a record over several lines was reported at its last."""
@@ -782,20 +792,14 @@ def test_a_csv_record_that_cannot_be_read_fails_alone_at_its_first_line(services
     ]
     path = tmp_path / "catalog.csv"
     path.write_bytes(b"\r\n".join(lines) + b"\r\n")
-    done = ctl("ingest", str(path), "--ranker", services.ranker_address, "--images", str(images), timeout=120)
-    out = done.stdout + done.stderr
-    assert done.returncode == 1 and "Traceback" not in out, out
-    assert summary_number(done.stdout, "ingested now") == 2, out
-    failures = [
-        (f["line"], f["product_id"], f["code"]) for f in report(tmp_path / "catalog.csv.errors.jsonl")
-    ]
-    assert failures == [
+    failures = _two_ingested(path, services.ranker_address, images)
+    assert [(f["line"], f["product_id"], f["code"]) for f in failures] == [
         (4, "", "INVALID_ARGUMENT"),
         (5, "", "INVALID_ARGUMENT"),
         (6, "", "INVALID_ARGUMENT"),
         (7, "nocat", "INVALID_ARGUMENT"),
     ]
-    reasons = [f["reason"] for f in report(tmp_path / "catalog.csv.errors.jsonl")]
+    reasons = [f["reason"] for f in failures]
     assert "field larger than field limit (131072)" in reasons[0]
     assert "not valid UTF-8 (byte 0xe9 at line 5, byte 4)" in reasons[1]
     assert "not valid UTF-8 (byte 0xe8 at line 6, byte 4)" in reasons[2]
@@ -825,6 +829,46 @@ def test_json_lines_are_decoded_strictly_and_bounded(tmp_path):
     assert "lone surrogate" in records[3][2]
     assert f"record over {MiB} bytes (line 5)" in records[4][2]
     assert records[0][2] == records[5][2] == ""
+
+
+def test_a_json_line_pythons_reader_refuses_fails_alone(services, synth_dir, tmp_path):
+    """json.loads raises ValueError for a number of over 4,300 digits and RecursionError for 200,000 '[':
+    only JSONDecodeError was caught, so one such record ended the whole job (exit 2, or a traceback), and
+    `ctl recommend --html --catalog` read the catalog the same way."""
+    images = tmp_path / "images"
+    images.mkdir()
+    a, b = _two_good(synth_dir, images)
+    lines = [
+        json.dumps(a),
+        '{"product_id": "big", "category": "Shoes", "image": "x.jpg", "metadata": {"n": %s}}' % ("1" * 5000),
+        "[" * 200_000,
+        '{"product_id": "deep", "category": "Shoes", "image": "x.jpg", "metadata": %s}' % ("[" * 100_000),
+        json.dumps(b),
+    ]
+    path = tmp_path / "catalog.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    records = [(r.line, r.product_id, r.problem) for r in read_catalog(path)]
+    assert [(line, pid) for line, pid, _ in records] == [
+        (1, a["product_id"]), (2, "big"), (3, ""), (4, "deep"), (5, b["product_id"]),
+    ]  # fmt: skip
+    assert records[1][2] == "JSON not read: a number has more than 4300 digits"
+    assert records[2][2] == records[3][2] == "JSON not read: arrays or objects nested too deeply"
+    failures = _two_ingested(path, services.ranker_address, images)
+    assert [(f["line"], f["product_id"], f["code"]) for f in failures] == [
+        (2, "big", "INVALID_ARGUMENT"),
+        (3, "", "INVALID_ARGUMENT"),
+        (4, "deep", "INVALID_ARGUMENT"),
+    ]
+    # a journal line damaged the same way is ignored like any unreadable line, not a crash
+    journal = tmp_path / "catalog.jsonl.journal"
+    with journal.open("a") as f:
+        f.write("[" * 200_000 + "\n" + '{"id": %s}\n' % ("9" * 5000) + "\n")
+    again = ctl(
+        "ingest", str(path), "--ranker", services.ranker_address, "--images", str(images), timeout=120
+    )
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stdout + again.stderr
+    assert summary_number(again.stdout, "already ingested") == 2, again.stdout + again.stderr
+    assert again.stderr.count("unreadable: ignored") == 2, again.stderr
 
 
 def test_csv_records_are_decoded_strictly_bounded_and_placed_at_their_first_line(tmp_path):

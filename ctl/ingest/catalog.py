@@ -23,6 +23,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,8 @@ def _read_jsonl(path: Path, f: io.TextIOBase, metadata_columns: tuple[str, ...])
             continue
         try:
             row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield CatalogRecord(number, _guess_id(text), problem=f"not valid JSON: {exc.msg}")
+        except (ValueError, RecursionError) as exc:
+            yield CatalogRecord(number, _guess_id(text), problem=_json_problem(exc))
             continue
         if not isinstance(row, dict):
             yield CatalogRecord(number, "", problem="not a JSON object")
@@ -117,6 +118,18 @@ def _read_jsonl(path: Path, f: io.TextIOBase, metadata_columns: tuple[str, ...])
             yield CatalogRecord(number, product_id, problem="metadata: expected an object of strings")
             continue
         yield _record(number, row, dict(metadata), metadata_columns)
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Why json could not read a line, for the error report: whatever it raises (malformed JSON, a number
+    of more digits than Python converts, nesting deeper than its recursion limit) fails that record alone."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON: {exc.msg}"
+    if isinstance(exc, RecursionError):
+        return "JSON not read: arrays or objects nested too deeply"
+    if "integer string conversion" in str(exc):
+        return f"JSON not read: a number has more than {sys.get_int_max_str_digits()} digits"
+    return f"not valid JSON: {exc}"
 
 
 def _read_csv(path: Path, f: io.TextIOBase, metadata_columns: tuple[str, ...]) -> Iterator[CatalogRecord]:

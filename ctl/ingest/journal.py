@@ -60,7 +60,7 @@ class Journal:
         lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
         try:
             header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, a 5,000-digit number, deep nesting
             header = {}
         if header != self.header:
             log.warning(
@@ -82,7 +82,7 @@ class Journal:
                     entry.get("reason", ""),
                     entry.get("listing", ""),
                 )
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, RecursionError, KeyError, TypeError):
                 if number != len(lines):
                     log.warning("journal %s line %d unreadable: ignored", self.path, number)
 
