@@ -4,8 +4,9 @@ qdrant-edge cannot snapshot a live shard from Python, and its write-ahead log lo
 ranker has it open; so a snapshot is taken of a store no ranker holds (stop the ranker, or snapshot a
 replica's copy): the store is opened (which proves nobody else has it and replays its log), flushed and
 closed, then archived as a .tar.gz with a manifest (model version, dimension, products per category).
-A store that holds a link or a special file is refused rather than archived (a link could carry a file
-from outside the store into the archive).
+A store that holds a link, a file of more than one name (a hard link) or a special file is refused rather
+than archived (each could carry a file from outside the store into the archive), and so is one holding a
+name restore refuses (the same rules, `_name_fault`).
 
 Restore treats the archive as hostile until proven otherwise, and unpacks with its own code rather than
 tarfile's extraction (whose "data" filter is bypassable on unpatched Pythons, CVE-2025-4517, and missing
@@ -22,7 +23,8 @@ on some: Debian's 3.11.2), so it is equally safe on every Python ctl supports:
    it must not exist and must lie under the template's fixed part (`ctl-store/` of the default);
 3. the members are written into a fresh staging folder beside the target, each file created anew
    (O_EXCL, never through a link), the bytes counted as they are written;
-4. the restored store is opened and must hold what the manifest says; only then is it moved into place.
+4. the restored store is opened and must hold what the manifest says (a damaged one that makes the engine
+   panic is refused like any other); only then is it moved into place.
 Any failure removes the staging folder and the parent folders the restore created, and the message names
 the archive and the target, never the staging folder.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import io
 import json
@@ -42,12 +45,13 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +174,41 @@ def _store_meta(store_dir: Path, shown: str) -> tuple[str, int]:
         raise SnapshotError(f"{shown}/{META_FILE} is not a ctl store record: {exc}") from None
 
 
+# What `_inventory` lets through: the caller's interruptions. Anything else the engine raises is about the
+# store, a panic included (pyo3_runtime.PanicException, a BaseException: a damaged shard makes qdrant-edge
+# index past a file's end).
+_NOT_ENGINE_FAULTS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
+
+
+@contextlib.contextmanager
+def _engine_report() -> Iterator[None]:
+    """Holds what is written to stderr (file descriptor 2) while the engine has a store open: a panic's
+    report (the Rust hook prints the message, a source line and maybe a backtrace) is dropped, as the
+    SnapshotError says it in one line; anything else is passed on afterwards, in order. Other threads'
+    output in the meantime is held too (ctl snapshot and restore run none)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            keep = False
+            try:
+                yield
+                keep = True
+            except BaseException as exc:
+                keep = isinstance(exc, (Exception, *_NOT_ENGINE_FAULTS))
+                raise
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                if keep:
+                    held.seek(0)
+                    with open(2, "wb", closefd=False) as stderr:
+                        shutil.copyfileobj(held, stderr)
+    finally:
+        os.close(saved)
+
+
 async def _inventory(store_dir: Path, shown: str) -> dict:
     """Opens the store (proving no ranker holds it), reads what it holds, flushes and closes it. Messages
     name the store as `shown` (restore's staging folder is gone by the time anyone reads them)."""
@@ -177,13 +216,19 @@ async def _inventory(store_dir: Path, shown: str) -> dict:
 
     version, dim = _store_meta(store_dir, shown)
     try:
-        store = await open_edge_store(store_dir, version, dim)
-        try:
-            counts = await store.counts_by_category()
-        finally:
-            await store.close()
-    except Exception as exc:  # the engine's own errors, and anything a damaged shard makes it raise
-        raise SnapshotError(f"cannot open {shown}: {str(exc).replace(str(store_dir), shown)}") from exc
+        with _engine_report():
+            store = await open_edge_store(store_dir, version, dim)
+            try:
+                counts = await store.counts_by_category()
+            finally:
+                await store.close()
+    except _NOT_ENGINE_FAULTS:
+        raise
+    except BaseException as exc:  # the engine's own errors, and its panic on a damaged shard
+        reason = (str(exc) or type(exc).__name__).replace(str(store_dir), shown).replace("\n", " ")
+        if not isinstance(exc, Exception):
+            reason = f"qdrant-edge panicked ({reason[:200]}): the store is damaged"
+        raise SnapshotError(f"cannot open {shown}: {reason}") from exc
     return {
         "format": FORMAT,
         "model_version": version,
@@ -199,34 +244,53 @@ async def _inventory(store_dir: Path, shown: str) -> dict:
 
 def snapshot(store_dir: Path, out: Path) -> dict:
     """Archives the embedded store at `store_dir` into `out` (.tar.gz, written atomically); the manifest.
-    Only regular files and folders are archived, without owners; a link or a special file in the store
-    is refused (following a link would archive what lies outside the store)."""
+    Only folders and regular files of one name (no hard links) are archived, without owners, under names
+    restore accepts; anything else in the store is refused (following a link, or a second name of a file
+    outside the store, would archive what lies outside it). Warns when restoring the archive needs more than
+    restore's default limits."""
     store_dir = Path(os.path.realpath(store_dir))  # a link given as the store is the operator's choice
     manifest = asyncio.run(_inventory(store_dir, str(store_dir)))
-    total = {"members": 1, "bytes": 0}
+    members = 1
 
     def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal members
+        where = store_dir / info.name.partition("/")[2]
+        fault = _name_fault(info.name)
+        if fault:
+            raise SnapshotError(  # repr: the name may hold control characters or bytes not UTF-8
+                f"{str(where)!r} {fault}, which ctl restore refuses in an archive "
+                "(rename it, or move it out of the store)"
+            )
         if not (info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.isdir()):
-            where = store_dir / info.name.partition("/")[2]
             raise SnapshotError(
                 f"{where} is {_kind(info)}: a snapshot holds only regular files and folders "
                 "(move it out of the store, or copy what it points to into it)"
             )
+        links = os.lstat(where).st_nlink if info.isfile() else 1
+        if links > 1:
+            raise SnapshotError(
+                f"{where} is a hard link (one of {links} names of a file, which may lie outside the store): "
+                "a snapshot holds only files of one name (replace it with a copy)"
+            )
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        total["members"] += 1
-        total["bytes"] += info.size + 2 * tarfile.BLOCKSIZE
+        members += 1
         return info
 
+    data = json.dumps(manifest, indent=2).encode()
+    try:
+        _check_manifest(_parse_json(data))  # restore's own check: a category it would refuse, say
+    except _Refused as exc:
+        raise SnapshotError(f"{store_dir} would make a manifest ctl restore refuses: {exc}") from None
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tmp, "w:gz") as tar:
-            data = json.dumps(manifest, indent=2).encode()
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mtime = len(data), int(time.time())
             tar.addfile(info, fileobj=io.BytesIO(data))
             tar.add(store_dir, arcname=STORE, filter=plain)
+            stream = tar.offset + tarfile.BLOCKSIZE  # what restore reads: up to the first end block
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -236,8 +300,9 @@ def snapshot(store_dir: Path, out: Path) -> dict:
         tmp.unlink(missing_ok=True)
     defaults = RestoreLimits()
     for name, have, limit in (
-        ("max_bytes", total["bytes"], defaults.max_bytes),
-        ("max_members", total["members"], defaults.max_members),
+        ("max_bytes", stream, defaults.max_bytes),
+        ("max_members", members, defaults.max_members),
+        ("max_manifest_bytes", len(data), defaults.max_manifest_bytes),
     ):
         if have > limit:
             log.warning(
@@ -334,23 +399,32 @@ def _kind(member: tarfile.TarInfo) -> str:
     }.get(member.type, f"of tar type {_shown(member.type)}")
 
 
-def _checked_name(member: tarfile.TarInfo) -> str:
-    """The member's name, if it is one a ctl snapshot has: relative, no empty/`.`/`..` parts, no control
-    characters, under `store/` or the manifest itself."""
-    name = member.name[:-1] if member.isdir() and member.name.endswith("/") else member.name
+def _name_fault(name: str) -> str | None:
+    """What is wrong with a member name, or None if a ctl snapshot may have it: relative, no empty/`.`/`..`
+    parts, no control characters or backslash, not too long, under `store/` or the manifest itself. Both
+    sides apply it: restore to refuse an archive, snapshot to refuse a store restore would refuse."""
     if _CONTROL.search(name) or "\\" in name:
-        raise _Refused(f"member {_shown(name)} has control characters, a backslash or bytes not UTF-8")
+        return "has control characters, a backslash or bytes not UTF-8"
     if len(name.encode()) > NAME_BYTES:
-        raise _Refused(f"member {_shown(name)} has a name longer than {NAME_BYTES} bytes")
+        return f"has a name longer than {NAME_BYTES} bytes"
     if name.startswith("/"):
-        raise _Refused(f"member {_shown(name)} has an absolute name")
+        return "has an absolute name"
     parts = name.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise _Refused(f"member {_shown(name)} has an empty, '.' or '..' part")
+        return "has an empty, '.' or '..' part"
     if any(len(part.encode()) > PART_BYTES for part in parts):
-        raise _Refused(f"member {_shown(name)} has a part longer than {PART_BYTES} bytes")
+        return f"has a part longer than {PART_BYTES} bytes"
     if name != MANIFEST and parts[0] != STORE:
-        raise _Refused(f"member {_shown(name)} is neither {MANIFEST} nor under {STORE}/")
+        return f"is neither {MANIFEST} nor under {STORE}/"
+    return None
+
+
+def _checked_name(member: tarfile.TarInfo) -> str:
+    """The member's name, if it is one a ctl snapshot has (`_name_fault`)."""
+    name = member.name[:-1] if member.isdir() and member.name.endswith("/") else member.name
+    fault = _name_fault(name)
+    if fault:
+        raise _Refused(f"member {_shown(name)} {fault}")
     return name
 
 

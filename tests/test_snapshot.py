@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -198,10 +199,18 @@ def fake_store(version: str = VERSION) -> list:
     return [entry("store"), entry("store/ctl_store.json", meta)]
 
 
-def craft(path: Path, members: list, *, real: Path | None = None, real_as: str = "store", level: int = 1):
+def craft(
+    path: Path,
+    members: list,
+    *,
+    real: Path | None = None,
+    real_as: str = "store",
+    level: int = 1,
+    fmt: int = tarfile.DEFAULT_FORMAT,
+):
     """Writes a .tar.gz: `members` in order, a real store folder (`real`, archived as `real_as`) after the
     first one (the manifest)."""
-    with tarfile.open(path, "w:gz", compresslevel=level) as tar:
+    with tarfile.open(path, "w:gz", compresslevel=level, format=fmt) as tar:
         for i, (info, data) in enumerate(members):
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
             if i == 0 and real is not None:
@@ -519,3 +528,136 @@ def test_snapshot_refuses_a_store_it_could_not_restore(tmp_path, real):
     with pytest.raises(snap.SnapshotError, match="not a ctl store record: holds an array"):
         snap.snapshot(store, tmp_path / "out.tar.gz")
     assert not list(tmp_path.glob("*.tar.gz"))
+
+
+# ---------------------------------------------------------------- review of issue 20, items 12-14
+
+
+def damaged_copy(source: Path, into: Path) -> Path:
+    """A copy of a real store whose chunked-storage status files are emptied: qdrant-edge panics opening it
+    (pyo3_runtime.PanicException, a BaseException)."""
+    shutil.copytree(source, into)
+    emptied = list(into.rglob("status.dat"))
+    assert emptied
+    for path in emptied:
+        path.write_bytes(b"")
+    return into
+
+
+def one_line(done: subprocess.CompletedProcess) -> str:
+    """A CLI refusal: exit 1, one line on stderr (no traceback, no engine panic report)."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_a_store_the_engine_panics_on_is_refused_in_one_line(tmp_path, real):
+    """Item 12: qdrant-edge panics on a damaged shard; its PanicException is a BaseException, which the
+    store check's `except Exception` let through as a traceback (restore, and snapshot of such a store).
+    Now a SnapshotError of one line, the Rust panic report held back, nothing left behind."""
+    damaged = damaged_copy(real["store"], tmp_path / "src" / "damaged")
+    archive = craft(tmp_path / "panic.tar.gz", [entry("ctl_snapshot.json", real["manifest"])], real=damaged)
+    target = tmp_path / "stores" / "{model_version}"
+    message = refused(archive, target)
+    assert "qdrant-edge panicked" in message and "the store is damaged" in message, message
+    line = one_line(ctl("restore", str(archive), str(target)))
+    assert "qdrant-edge panicked" in line and not (tmp_path / "stores").exists()
+
+    out = tmp_path / "out" / "x.tar.gz"
+    with pytest.raises(snap.SnapshotError, match=f"cannot open {damaged}: qdrant-edge panicked"):
+        snap.snapshot(damaged, out)
+    assert "qdrant-edge panicked" in one_line(ctl("snapshot", str(damaged), str(out)))
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+@pytest.fixture
+def store_copy(tmp_path, real) -> Path:
+    """A fresh copy of the real store, to put a hostile file into."""
+    return Path(shutil.copytree(real["store"], tmp_path / "store"))
+
+
+def no_archive(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if p.name.endswith((".tar.gz", ".tmp"))]
+
+
+def test_snapshot_refuses_a_hard_link_to_a_file_outside_the_store(tmp_path, store_copy):
+    """Item 13: only symbolic links were refused; a second name of a file outside the store (st_nlink 2)
+    was archived with that file's bytes. qdrant-edge stores use no hard links."""
+    secret = tmp_path / "outside-secret"
+    secret.write_text("not part of the catalog")
+    os.link(secret, store_copy / "segments" / "notes")
+    with pytest.raises(snap.SnapshotError, match=r"segments/notes is a hard link \(one of 2 names"):
+        snap.snapshot(store_copy, tmp_path / "x.tar.gz")
+    no_archive(tmp_path)
+    (store_copy / "segments" / "notes").unlink()
+    assert snap.snapshot(store_copy, tmp_path / "x.tar.gz")["products"] == 28  # the rest is archived
+
+
+NAMES = {
+    # a file name in the store: what both snapshot and restore say of it
+    "backslash": ("back\\slash.bak", "a backslash"),
+    "control character": ("bell\x07", "control characters"),
+    "bytes not UTF-8": (os.fsdecode(b"latin-\xe9"), "bytes not UTF-8"),
+    "too long": ("/".join(["d" * 250] * 4 + ["f" * 100]), "a name longer than 1024 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMES))
+def test_snapshot_refuses_a_name_restore_refuses(tmp_path, store_copy, case):
+    """Item 14: snapshot archived any name (a backslash, control characters, bytes not UTF-8, a path of
+    more than 1024 bytes), making an archive restore refuses. Both now apply one rule, `_name_fault`: the
+    snapshot is refused, naming the file, and restore says the same of such a member."""
+    name, said = NAMES[case]
+    path = store_copy / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    with pytest.raises(snap.SnapshotError, match="which ctl restore refuses") as info:
+        snap.snapshot(store_copy, tmp_path / "x.tar.gz")
+    message = str(info.value)
+    assert said in message and repr(name)[1:-1] in message, message
+    no_archive(tmp_path)
+    # the same name in an archive (GNU headers keep its bytes as they are): restore says the same
+    parts = f"store/{name}".split("/")
+    folders = [entry("/".join(parts[:i])) for i in range(2, len(parts))]
+    members = [
+        entry("ctl_snapshot.json", manifest_bytes()),
+        *fake_store(),
+        *folders,
+        entry(f"store/{name}", b"x"),
+    ]
+    (tmp_path / "r").mkdir()
+    crafted = craft(tmp_path / "r" / "crafted.tar.gz", members, fmt=tarfile.GNU_FORMAT)
+    assert said in refused(crafted, tmp_path / "r" / "new" / "{model_version}")
+
+
+def test_snapshot_warns_when_restore_needs_more_than_its_default_limits(tmp_path, caplog):
+    """Item 14's sibling: a manifest over restore's default --max-manifest-bytes (1 MiB: here 2,100
+    categories of 512 bytes, which the ranker takes) made, without a word, an archive restore refuses."""
+    points = [
+        ProductPoint(p.product_id, f"{i:05d}".ljust(512, "c"), p.style, p.attention, {}, VERSION)
+        for i, p in enumerate(products(2100))
+    ]
+    store = tmp_path / "store"
+    asyncio.run(_fill(store, points))
+    archive = tmp_path / "wide.tar.gz"
+    with caplog.at_level("WARNING", logger="ctl.snapshot"):
+        manifest = snap.snapshot(store, archive)
+    assert len(manifest["products_by_category"]) == 2098
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("--max-manifest-bytes / CTL_RESTORE_MAX_MANIFEST_BYTES" in w for w in warned), warned
+    assert "--max-manifest-bytes" in refused(archive, tmp_path / "new" / "{model_version}")
+    bigger = snap.RestoreLimits(max_manifest_bytes=4 << 20)
+    assert snap.restore(archive, str(tmp_path / "new" / "{model_version}"), bigger)[1] == manifest
+
+
+def test_snapshot_refuses_a_store_whose_manifest_restore_would_refuse(tmp_path):
+    """Item 14's sibling: the manifest is checked with restore's own rules before the archive is written:
+    a category of more than 1024 bytes (the ranker takes 512; the store layer itself takes any) made an
+    archive no restore accepts, at any limit."""
+    store = tmp_path / "store"
+    point = products(1)[0]
+    long = ProductPoint("p9", "c" * 1100, point.style, point.attention, {}, VERSION)
+    asyncio.run(_fill(store, [long]))
+    with pytest.raises(snap.SnapshotError, match=r"manifest ctl restore refuses: category 'ccc.* 1 to 1024"):
+        snap.snapshot(store, tmp_path / "x.tar.gz")
+    no_archive(tmp_path)
