@@ -112,6 +112,13 @@ class RankerConfig:
         default=1000,
         metadata=setting("most any_of + none_of values of one Recommend filter", check=at_least(1)),
     )
+    max_filter_bytes: int = field(
+        default=64 * 1024,
+        metadata=setting(
+            "most bytes of filter values (any_of and none_of, all filters) in one Recommend",
+            check=at_least(1),
+        ),
+    )
     max_exclude: int = field(
         default=10_000,
         metadata=setting("most exclude_product_ids in one Recommend", check=at_least(0)),

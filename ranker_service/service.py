@@ -91,10 +91,10 @@ def _text(value: str, name: str, limit: int = MAX_ID_BYTES) -> str:
 
 
 class ByteBudget:
-    """Bytes that UpsertProducts batches may hold at once, over all streams: each stream's batches are
-    bounded too (`upsert_concurrency`), but 64 streams of 20 MB images would still hold gigabytes. Granted
-    in the order asked; a batch larger than the whole budget waits until nothing else holds any, then goes
-    alone."""
+    """Bytes of UpsertProducts records that the ranker may hold at once, over all streams, from when a
+    record is read until its batch is encoded: each stream's batches are bounded too
+    (`upsert_concurrency`), but 64 streams of 20 MB images would still hold gigabytes. Granted in the
+    order asked; a record larger than the whole budget waits until nothing else holds any, then goes."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -104,12 +104,20 @@ class ByteBudget:
     def _fits(self, size: int) -> bool:
         return self.used == 0 or self.used + size <= self.limit
 
+    def try_acquire(self, size: int) -> int | None:
+        """`size` bytes (at most the limit) if they are free now and nobody waits, else None."""
+        size = min(size, self.limit)
+        if self._waiting or not self._fits(size):
+            return None
+        self.used += size
+        return size
+
     async def acquire(self, size: int) -> int:
         """Wait until `size` bytes fit; returns what was granted (to release)."""
+        granted = self.try_acquire(size)
+        if granted is not None:
+            return granted
         size = min(size, self.limit)
-        if not self._waiting and self._fits(size):
-            self.used += size
-            return size
         waiter = (size, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
         try:
@@ -234,6 +242,11 @@ class RankerApp:
                 "(combine values of one key into one filter's any_of / none_of)"
             )
         conditions = []
+        values_bytes = sum(len(v.encode()) for f in req.filters for v in (*f.any_of, *f.none_of))
+        if values_bytes > cfg.max_filter_bytes:
+            raise InvalidRequest(
+                f"filters: at most {cfg.max_filter_bytes:,} bytes of values per call, got {values_bytes:,}"
+            )
         for i, f in enumerate(req.filters):
             _text(f.key, f"filters[{i}].key", MAX_METADATA_KEY_BYTES)
             if not f.any_of and not f.none_of:
@@ -334,18 +347,35 @@ class RankerApp:
             slots.release()
 
         async def start(items: list[tuple[int, ranker_pb2.Product]], size: int) -> None:
-            await slots.acquire()  # back-pressure: stop reading while `upsert_concurrency` batches run
-            try:  # and while the images of every stream's batches in flight take the whole budget
-                held = [await self.image_bytes.acquire(size)]
+            """Send a batch holding `size` bytes of the budget (given back if it cannot start)."""
+            try:
+                await slots.acquire()  # back-pressure: stop reading while `upsert_concurrency` batches run
             except BaseException:
-                slots.release()
+                self.image_bytes.release(size)
                 raise
+            held = [size]
             ids = {p.product_id for _, p in items}
             earlier = {writer[i] for i in ids if i in writer and not writer[i].done()}
             task = asyncio.create_task(flush(items, earlier, held))
             task.add_done_callback(functools.partial(finished, held))
             tasks.append(task)
             writer.update(dict.fromkeys(ids, task))
+
+        batch_held = 0  # bytes of the budget the batch being read holds
+
+        async def admit(size: int) -> int:
+            """The budget's bytes for a record of `size` read: at once if they are free; else the batch
+            read so far is sent first (what it holds comes back once encoded, whatever other streams
+            wait for), then the stream waits, reading nothing more meanwhile."""
+            nonlocal batch, batch_held
+            granted = self.image_bytes.try_acquire(size)
+            if granted is None:
+                if batch:
+                    items, held = batch, batch_held
+                    batch, batch_held = [], 0
+                    await start(items, held)
+                granted = await self.image_bytes.acquire(size)
+            return granted
 
         try:
             too_long = False
@@ -359,16 +389,22 @@ class RankerApp:
                 if problem:
                     _fail(reply, index, request.product.product_id, "INVALID_ARGUMENT", problem)
                     continue
+                size = request.product.ByteSize()
+                granted = await admit(size)
                 batch.append((index, request.product))
-                batch_bytes += request.product.ByteSize()
+                batch_bytes += size
+                batch_held += granted
                 if len(batch) >= self.config.upsert_batch or batch_bytes >= self.config.upsert_batch_bytes:
-                    await start(batch, batch_bytes)
-                    batch, batch_bytes = [], 0
+                    items, held = batch, batch_held
+                    batch, batch_bytes, batch_held = [], 0, 0
+                    await start(items, held)
                     for t in tasks:
                         if t.done() and t.exception() is not None:
                             raise t.exception()
             if batch:
-                await start(batch, batch_bytes)
+                items, held = batch, batch_held
+                batch, batch_held = [], 0
+                await start(items, held)
             await asyncio.gather(*tasks)
             if too_long:
                 limit = self.config.max_stream_records
@@ -381,6 +417,8 @@ class RankerApp:
         except StreamTooLong:
             raise
         except BaseException as exc:
+            self.image_bytes.release(batch_held)  # read, never sent
+            batch_held = 0
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -436,7 +474,11 @@ class RankerApp:
 
     def _encoder_limits(self, info: ModelInfo) -> tuple[int, int]:
         """(largest image, most image bytes per EncodeProducts call): what the encoder says it takes
-        (ModelInfo) and what this ranker's channel sends, less room for the message's framing."""
+        (ModelInfo: the latest the probe read, as the encoder may restart with other limits) and what
+        this ranker's channel sends, less room for the message's framing."""
+        latest = self.encoder.info
+        if latest is not None and latest.model_version == info.model_version:
+            info = latest
         request = min(b for b in (info.max_request_bytes, self.encoder.max_message_bytes) if b)
         per_call = max(1, request - _CALL_ENVELOPE)
         return min(info.max_image_bytes or per_call, per_call - _IMAGE_ENVELOPE), per_call

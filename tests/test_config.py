@@ -41,6 +41,7 @@ RANKER_DEFAULTS = {
     "max_pool": 10_000,
     "max_filters": 16,
     "max_filter_values": 1000,
+    "max_filter_bytes": 65_536,
     "max_exclude": 10_000,
     "max_catalog_categories": 10_000,
     "max_metadata_keys": 64,

@@ -29,7 +29,7 @@ from ranker_service.encoder_client import EncoderClient, ModelInfo
 from ranker_service.errors import DeadlineExceeded, InvalidRequest
 from ranker_service.service import ERROR_CODES, RankerApp
 from ranker_service.store import open_edge_store
-from tests.servers import Encoder, encoder_config
+from tests.servers import Encoder, encoder_config, wait_until
 
 VERSION, DIM, REGIONS = "m-1", 16, 4
 CERTIFY = ranker_pb2.RETRIEVAL_MODE_CERTIFY
@@ -111,6 +111,7 @@ async def _fill(app: RankerApp, categories: Sequence[str], per_category: int, se
         ("conditions", "filters: at most 16 per call, got 1000"),
         ("values", "at most 1000 any_of + none_of values, got 1001"),
         ("long value", "filters[0].none_of[] is longer than 4096 bytes"),
+        ("value bytes", "filters: at most 65,536 bytes of values per call, got 16,384,000"),
         ("exclusions", "exclude_product_ids: at most 10000 per call, got 10001"),
     ],
 )
@@ -128,6 +129,9 @@ def test_recommend_refuses_requests_beyond_its_bounds(shape: str, expected: str)
         )
     elif shape == "long value":
         req.filters.add(key="brand", none_of=["x" * 4097])
+    elif shape == "value bytes":  # review: 16 × 1,000 values of up to 4 KiB: a 61 MiB request froze it 12 s
+        for i in range(16):
+            req.filters.add(key=f"k{i}", any_of=[f"{j:04d}" + "x" * 1020 for j in range(1000)])
     else:
         req.exclude_product_ids.extend(f"p{i}" for i in range(10_001))
 
@@ -466,3 +470,76 @@ def test_get_products_whose_reply_would_not_fit_is_refused_as_such() -> None:
     few, message = asyncio.run(_with_app(RankerConfig(max_message_bytes=200 * KiB), scenario))
     assert [p.product_id for p in few.products] == ["p1", "p2"]
     assert "the 100 products asked for make a reply of" in message
+
+
+def test_a_stream_stops_reading_while_the_byte_budget_is_taken() -> None:
+    """Review of #6: the budget was taken per batch sent, so a stream waiting for it still read and held a
+    whole batch (16 streams of 1.7 MiB images: 1.2 GB, over the pod's 1 GiB). Now each record takes its
+    bytes as it is read: with the budget taken, a stream reads one record and waits."""
+    rng = np.random.default_rng(9)
+    v = _unit(rng.standard_normal((40, DIM)))
+    reads = {"n": 0}
+
+    async def counted() -> AsyncIterator[ranker_pb2.UpsertProductsRequest]:
+        for i in range(40):
+            reads["n"] += 1
+            yield _product(f"p{i}", "shoes", v[i], v[i])
+
+    async def scenario(app, store):
+        taken = await app.image_bytes.acquire(app.image_bytes.limit)  # other streams hold all of it
+        upload = asyncio.create_task(app.upsert(counted(), None))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        read_while_taken = reads["n"]
+        app.image_bytes.release(taken)
+        reply = await upload
+        return read_while_taken, reply, app.image_bytes.used
+
+    read_while_taken, reply, used = asyncio.run(_with_app(RankerConfig(upsert_batch=32), scenario))
+    assert read_while_taken == 1
+    assert reply.upserted == 40 and used == 0
+
+
+def test_encoder_calls_follow_the_limits_of_an_encoder_restarted_with_smaller_ones(
+    loop, exported_repo
+) -> None:
+    """Review of #7: the ranker sized its encoder calls by the ModelInfo read at start-up, so an encoder
+    restarted with a smaller request size failed every stream of images (UNAVAILABLE, retried forever).
+    The health probe reads ModelInfo again; the calls follow what it read."""
+    from tests.test_faults import _free_port
+
+    port = _free_port()
+    images = [_noise_png(320, seed) for seed in range(4)]  # ~300 KB each, 1.2 MB together
+    requests = [
+        ranker_pb2.UpsertProductsRequest(
+            product=ranker_pb2.Product(product_id=f"img-{i}", category="bags", image=b)
+        )
+        for i, b in enumerate(images)
+    ]
+    first = Encoder(loop, encoder_config(exported_repo, port=port, max_message_bytes=8 * MiB)).wait_serving()
+    address = f"127.0.0.1:{port}"
+    state: dict = {}
+
+    async def start(app, store):
+        state["app"] = app
+        state["done"] = asyncio.get_running_loop().create_future()
+        await state["done"]  # the app stays up while the encoder restarts
+        return None
+
+    try:
+        runner = loop.submit(_with_app(RankerConfig(upsert_batch=32), start, address, real_encoder=True))
+        wait_until(lambda: "app" in state, timeout=30)
+        first.close()
+        second = Encoder(loop, encoder_config(exported_repo, port=port, max_message_bytes=MiB)).wait_serving()
+        try:
+            app = state["app"]
+            info = loop.call(app.encoder.model_info())  # what the health probe does every few seconds
+            assert info.max_request_bytes == MiB
+            reply = loop.call(app.upsert(_stream(requests), None), timeout=120)
+            assert reply.upserted == 4 and not reply.failures
+        finally:
+            loop.loop.call_soon_threadsafe(state["done"].set_result, None)
+            runner.result(30)
+            second.close()
+    finally:
+        first.close()

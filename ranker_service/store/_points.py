@@ -8,6 +8,7 @@ engine (its filter and point types, its calls, its error messages) stays in its 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,10 +43,14 @@ def map_errors(translate: Callable[[Exception], RankerError]) -> Iterator[None]:
         raise translate(exc) from exc
 
 
-# Metadata filters match this indexed keyword list (one keyword per entry), not the metadata object: a
+# Metadata filters match this indexed keyword list (one digest per entry), not the metadata object: a
 # condition on an unindexed payload path costs ~1 µs per product of the category in an engine call that
 # holds the GIL (1,000 conditions over 100k products froze the ranker for a minute); on the index, a few ms.
-METADATA_TERMS = "metadata_terms"
+# Digests, not the entries themselves: 32 characters whatever the value (a 4 KiB value of control
+# characters would be 24 KiB of JSON in the index). Every product written by this code holds MARKER too,
+# so a product without it was written by an older ranker and is given its digests when a store opens.
+METADATA_TERMS = "metadata_digests"
+MARKER = "*"
 UNIT_STORED = 1e-5  # a vector further than this from unit length is normalised before it is stored
 
 
@@ -174,19 +179,23 @@ def parse_offset(offset: str) -> str:
 
 
 def metadata_term(key: str, value: str) -> str:
-    """One metadata entry as the keyword stored in METADATA_TERMS: `[key, value]` in JSON, so that no two
-    entries share a keyword whatever characters keys and values hold."""
-    return json.dumps([key, value], ensure_ascii=False, separators=(",", ":"))
+    """One metadata entry as the keyword stored in METADATA_TERMS: a 128-bit digest of `[key, value]` in
+    JSON (so that no key or value can pass for another)."""
+    entry = json.dumps([key, value], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(entry.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def metadata_terms(metadata: Mapping[str, str]) -> list[str]:
-    return [metadata_term(str(k), str(v)) for k, v in metadata.items()]
+    """What a product stores in METADATA_TERMS: MARKER, then one digest per metadata entry."""
+    return [MARKER, *(metadata_term(str(k), str(v)) for k, v in metadata.items())]
 
 
-def condition_terms(condition: Condition) -> tuple[list[str], list[str]]:
+@functools.lru_cache(maxsize=64)
+def condition_terms(condition: Condition) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The keywords a condition's any_of and none_of stand for: a product passes when its METADATA_TERMS
-    hold one of the first (if any) and none of the second (a product without the key passes none_of)."""
+    hold one of the first (if any) and none of the second (a product without the key passes none_of).
+    Cached: a Recommend builds its filter for every category and store call."""
     return (
-        [metadata_term(condition.key, v) for v in condition.any_of],
-        [metadata_term(condition.key, v) for v in condition.none_of],
+        tuple(metadata_term(condition.key, v) for v in condition.any_of),
+        tuple(metadata_term(condition.key, v) for v in condition.none_of),
     )

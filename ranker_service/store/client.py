@@ -104,9 +104,9 @@ def _filter(query: Query) -> qm.Filter:
     for condition in query.conditions:
         any_of, none_of = condition_terms(condition)
         if any_of:
-            must.append(qm.FieldCondition(key=METADATA_TERMS, match=qm.MatchAny(any=any_of)))
+            must.append(qm.FieldCondition(key=METADATA_TERMS, match=qm.MatchAny(any=list(any_of))))
         if none_of:
-            must_not.append(qm.FieldCondition(key=METADATA_TERMS, match=qm.MatchAny(any=none_of)))
+            must_not.append(qm.FieldCondition(key=METADATA_TERMS, match=qm.MatchAny(any=list(none_of))))
     if query.exclude_ids:
         ids: list[qm.ExtendedPointId] = list(excluded_point_ids(query.exclude_ids))
         must_not.append(qm.HasIdCondition(has_id=ids))
@@ -365,7 +365,6 @@ async def _ensure_collection(
                         "model_version": model_version,
                         "dim": dim,
                         UNIT_VECTORS: True,
-                        METADATA_TERMS: True,
                     },
                     shard_number=shards,
                     replication_factor=replication_factor,
@@ -390,28 +389,30 @@ async def _ensure_collection(
                 await client.create_payload_index(
                     target, field, field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
                 )
-    if not metadata.get(METADATA_TERMS):
-        await _add_metadata_terms(client, target, where, metadata)
+    await _add_missing_terms(client, target, where)
     return target
 
 
-async def _add_metadata_terms(
-    client: AsyncQdrantClient, collection: str, where: str, metadata: dict[str, Any]
-) -> None:
-    """Once per collection made before METADATA_TERMS: each product with metadata is given its terms
-    (products with the same metadata in one operation), so that filters find it; the collection's
-    metadata then records that it was done."""
+async def _add_missing_terms(client: AsyncQdrantClient, collection: str, where: str) -> None:
+    """Give their METADATA_TERMS to the products written without them (by a ranker older than them: a
+    collection made before, or written by an older replica since, as in a rolling update), so that
+    filters find them; products with the same metadata in one operation. At every start: finding none
+    is one filtered scroll."""
+    missing = qm.Filter(must=[qm.IsEmptyCondition(is_empty=qm.PayloadField(key=METADATA_TERMS))])
     done, offset = 0, None
     while True:
         with _map_errors(f"read collection {collection!r}", where):
             records, offset = await client.scroll(
-                collection, limit=1024, offset=offset, with_payload=["metadata"], with_vectors=False
+                collection,
+                scroll_filter=missing,
+                limit=1024,
+                offset=offset,
+                with_payload=["metadata"],
+                with_vectors=False,
             )
         groups: dict[tuple[tuple[str, str], ...], list[qm.ExtendedPointId]] = {}
         for r in records:
-            items = tuple(((r.payload or {}).get("metadata") or {}).items())
-            if items:
-                groups.setdefault(items, []).append(r.id)
+            groups.setdefault(tuple(((r.payload or {}).get("metadata") or {}).items()), []).append(r.id)
         if groups:
             operations = [
                 qm.SetPayloadOperation(
@@ -423,15 +424,13 @@ async def _add_metadata_terms(
             ]
             with _map_errors(f"add metadata terms to collection {collection!r}", where):
                 await client.batch_update_points(collection, operations, wait=True)
-            done += sum(map(len, groups.values()))
+            done += len(records)
         if offset is None:
             break
     if done:
         log.info(
             "collection %r at %s: %d products given the metadata terms filters use", collection, where, done
         )
-    with _map_errors(f"update collection {collection!r}", where):
-        await client.update_collection(collection, metadata={**metadata, METADATA_TERMS: True})
 
 
 async def _normalise_stored(

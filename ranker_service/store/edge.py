@@ -17,6 +17,7 @@ Facts about qdrant-edge-py 0.9.0 that shape this module (checked against the ins
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
@@ -85,26 +86,17 @@ def _store_error(exc: Exception, action: str, path: Path) -> StoreError:
     return StoreError(f"qdrant-edge failed to {action} at {path}: {message}")
 
 
-def _write_meta(path: Path, model_version: str, dim: int, **flags: bool) -> None:
-    """Record the model version and dimension (and `flags`: what the store's data was brought up to)
-    atomically (tmp + os.replace): never a half-written file."""
+def _write_meta(path: Path, model_version: str, dim: int) -> None:
+    """Record the model version and dimension atomically (tmp + os.replace): never a half-written file."""
     tmp = path / f".{META_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # unique: two openers never clash
     try:
         with tmp.open("w") as f:
-            json.dump({"model_version": model_version, "dim": dim, **flags}, f, indent=2)
+            json.dump({"model_version": model_version, "dim": dim}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path / META_FILE)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _has_terms(path: Path) -> bool:
-    """Whether every stored product carries its METADATA_TERMS (stores made before them do not)."""
-    try:
-        return bool(json.loads((path / META_FILE).read_text()).get(METADATA_TERMS))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _check_meta(path: Path, model_version: str, dim: int) -> bool:
@@ -183,9 +175,9 @@ def _build_filter(query: Query) -> qe.Filter:
     for condition in query.conditions:
         any_of, none_of = condition_terms(condition)
         if any_of:
-            must.append(qe.FieldCondition(key=METADATA_TERMS, match=qe.MatchAny(any_of)))
+            must.append(qe.FieldCondition(key=METADATA_TERMS, match=qe.MatchAny(list(any_of))))
         if none_of:
-            must_not.append(qe.FieldCondition(key=METADATA_TERMS, match=qe.MatchAny(none_of)))
+            must_not.append(qe.FieldCondition(key=METADATA_TERMS, match=qe.MatchAny(list(none_of))))
     if query.exclude_ids:
         must_not.append(_excluded(query.exclude_ids))
     return qe.Filter(must=must, must_not=must_not or None)
@@ -240,19 +232,31 @@ class EdgeStore(ProductStore):
             )
         return len(off)
 
-    def add_metadata_terms(self) -> int:
-        """Give the products of a store made before METADATA_TERMS their terms (from the table), so that
-        filters find them; products with the same metadata in one engine update. How many were given."""
+    async def add_missing_terms(self) -> int:
+        """Give their METADATA_TERMS to the products written without them (by a ranker older than them:
+        a store made before, or written by an older version since), so that filters find them; products
+        with the same metadata in one engine update, the event loop's turn between updates. How many."""
         shard = self._live()
+        missing = qe.Filter(must=[qe.IsEmptyCondition(key=METADATA_TERMS)])
         groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
-        for pid, metadata in self._table.metadata_items():
-            groups.setdefault(tuple(metadata.items()), []).append(str(pid))
+        offset = None
+        while True:
+            request = qe.ScrollRequest(offset=offset, limit=4096, filter=missing, with_payload=False)
+            with _map_errors("find products without metadata terms", self.path):
+                records, offset = shard.scroll(request)
+            for r in records:
+                groups.setdefault(tuple(self._table.metadata(r.id).items()), []).append(str(r.id))
+            if offset is None:
+                break
+            await asyncio.sleep(0)
         with _map_errors("add metadata terms", self.path):
             for items, pids in groups.items():
+                payload = {METADATA_TERMS: metadata_terms(dict(items))}
                 for start in range(0, len(pids), 4096):
-                    payload = {METADATA_TERMS: metadata_terms(dict(items))}
                     shard.update(qe.UpdateOperation.set_payload(pids[start : start + 4096], payload))
-            shard.flush()
+                    await asyncio.sleep(0)
+            if groups:
+                shard.flush()
         done = sum(map(len, groups.values()))
         if done:
             log.info("%s: %d products given the metadata terms that filters use", self.path, done)
@@ -405,7 +409,7 @@ async def open_edge_store(
     root.mkdir(parents=True, exist_ok=True)
     known = _check_meta(root, model_version, dim)
     if not known:
-        _write_meta(root, model_version, dim, **{METADATA_TERMS: True})
+        _write_meta(root, model_version, dim)
     config = _engine_config(dim, indexing_threshold_kb)
     with _map_errors("open the shard", root):
         if (root / _ENGINE_CONFIG_FILE).exists():
@@ -424,9 +428,7 @@ async def open_edge_store(
     store = EdgeStore(shard, root, model_version, dim)
     try:
         await store.normalise_stored()
-        if not _has_terms(root):
-            store.add_metadata_terms()
-            _write_meta(root, model_version, dim, **{METADATA_TERMS: True})
+        await store.add_missing_terms()
     except BaseException:
         await store.close()
         raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import overload
 
@@ -75,12 +75,11 @@ class ProductTable:
                 self._info[row] = None
                 self._free.append(row)
 
-    def metadata_items(self) -> Iterator[tuple[uuid.UUID, Mapping[str, str]]]:
-        """(point id, metadata) of every product that has metadata."""
-        rows = {row: pid for pid, row in self._rows.items()}
-        for row, info in enumerate(self._info):
-            if info is not None and info[2]:
-                yield uuid.UUID(int=rows[row]), info[2]
+    def metadata(self, pid: uuid.UUID | str) -> Mapping[str, str]:
+        """The metadata of a stored product."""
+        info = self._info[self._rows[_key(pid)]]
+        assert info is not None
+        return info[2]
 
     def not_unit(self, tolerance: float) -> list[int]:
         """Point ids (as ints) of the products whose style or key is not unit length within `tolerance`."""
