@@ -757,12 +757,70 @@ def test_read_image_reads_regular_files_under_the_root_within_the_limit(tmp_path
         ("a/x.jpg/y", "NOT_FOUND", "Not a directory"),
         ("bad\0.jpg", "INVALID_ARGUMENT", "not a valid path"),
     ]:
-        with pytest.raises(ImageFileError) as caught:
-            read_image(root, reference, max_bytes=4)
-        assert caught.value.code == code and says in str(caught.value), (reference, str(caught.value))
+        _refused(root, reference, code, says, max_bytes=4)
     (root / "empty.jpg").write_bytes(b"")
     with pytest.raises(ImageFileError, match="is an empty file"):
         read_image(root, "empty.jpg")
+
+
+def test_read_image_walks_the_path_under_the_root_and_follows_links_itself(tmp_path, monkeypatch):
+    """read_image checked realpath() and then opened the path: a folder swapped for a link to the outside
+    in between was followed (O_NOFOLLOW guards the last name only). Now the path is walked name by name from
+    the root, links read and walked by read_image itself; links that stay inside still work."""
+    from ctl.ingest.catalog import read_image
+
+    root, outside = tmp_path / "images", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    outside.mkdir()
+    (root / "a" / "x.jpg").write_bytes(b"12345")
+    (root / "b" / "y.jpg").write_bytes(b"67890")
+    (outside / "secret.jpg").write_text(SECRET)
+    links = {
+        "la": "a", "lb": str(root / "b"), "up": "../images/a", "a/lx": "../b/y.jpg", "chain": "la",
+        "loop1": "loop2", "loop2": "loop1", "dangling": "nope", "out": str(outside),
+        "a/esc": "../../outside/secret.jpg",
+    }  # fmt: skip
+    for name, target in links.items():
+        (root / name).symlink_to(target)
+    (tmp_path / "via").symlink_to(root)  # --images given through a link
+    for reference, data in [
+        ("la/x.jpg", b"12345"),
+        ("lb/y.jpg", b"67890"),
+        ("up/x.jpg", b"12345"),  # out of the root and back in by its own name
+        ("a/lx", b"67890"),
+        ("chain/x.jpg", b"12345"),
+        ("la/../b/y.jpg", b"67890"),  # '..' after a link: from the folder the link leads to, as realpath
+        ("../images/a/x.jpg", b"12345"),
+    ]:
+        assert read_image(root, reference) == data, reference
+    via = tmp_path / "via"
+    for reference in ["a/x.jpg", str(via / "a" / "x.jpg"), str(root / "a" / "x.jpg")]:
+        assert read_image(via, reference) == b"12345", reference
+    for reference, code, says in [
+        ("out/secret.jpg", "PERMISSION_DENIED", repr(str(outside / "secret.jpg"))),  # names where it leads
+        ("a/esc", "PERMISSION_DENIED", "is outside the images folder"),
+        ("../outside/secret.jpg", "PERMISSION_DENIED", "is outside the images folder"),
+        ("la/../../outside/secret.jpg", "PERMISSION_DENIED", "is outside the images folder"),
+        ("loop1", "INVALID_ARGUMENT", "Too many levels of symbolic links"),
+        ("dangling", "NOT_FOUND", "No such file or directory"),
+        ("a/", "INVALID_ARGUMENT", "is a directory"),
+    ]:
+        _refused(root, reference, code, says)
+    # The swap, made deterministic: realpath() answers as if 'out' were still a real folder when checked;
+    # the link is there when the path is opened (realpath is replaced: the race itself cannot be caused on
+    # demand). read_image opened it through the link and read the secret.
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    _refused(root, "out/secret.jpg", "PERMISSION_DENIED", "is outside the images folder")
+
+
+def _refused(root: Path, reference: str, code: str, says: str, **kw) -> None:
+    """read_image refuses `reference` with status `code` and a reason that holds `says`."""
+    from ctl.ingest.catalog import ImageFileError, read_image
+
+    with pytest.raises(ImageFileError) as caught:
+        read_image(root, reference, **kw)
+    assert caught.value.code == code and says in str(caught.value), (reference, str(caught.value))
 
 
 def _two_ingested(path: Path, ranker: str, images: Path) -> list[dict]:

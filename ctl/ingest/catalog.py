@@ -326,6 +326,10 @@ _KINDS = {
     stat.S_IFSOCK: "a socket",
 }
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+# a folder on the way to an image: opened to look names up in (O_PATH: search permission is enough), never
+# through a link
+_FOLDER_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINKS = 40  # links followed in one path at most, as the kernel's own lookup (then ELOOP)
 
 
 def read_image(
@@ -337,23 +341,19 @@ def read_image(
 
     A catalog is not trusted to name only its images: `../`, an absolute path or a link could name any
     file the job can read (/proc/self/environ, a key), a device (/dev/zero never ends) or a pipe (blocks
-    forever). So the real path is checked against the root's; the file is opened without following a
-    link there (O_NOFOLLOW) or blocking (O_NONBLOCK), and its kind and size are taken from the open file
-    (fstat), before reading at most `max_bytes` + 1 bytes."""
+    forever). So the path is walked under the root one name at a time (`_open_under`), the file is opened
+    without following a link (O_NOFOLLOW) or blocking (O_NONBLOCK), and its kind and size are taken from
+    the open file (fstat), before reading at most `max_bytes` + 1 bytes."""
     path = os.path.join(root, reference)
     shown = repr(path)
     try:
-        real = os.path.realpath(path)
-        home = os.path.realpath(root)
-        if not allow_outside and os.path.commonpath([home, real]) != home:
-            raise ImageFileError(
-                "PERMISSION_DENIED",
-                f"image {shown} is outside the images folder {home!r} (it is {real!r}): give --images, "
-                "or --allow-images-outside to read it anyway",
-            )
-        before = os.stat(real)  # a device or a pipe is refused before it is opened
-        _check_kind(before, shown, max_bytes)
-        fd = os.open(real, _OPEN_FLAGS)
+        if allow_outside:  # anywhere: by its real path
+            real = os.path.realpath(path)
+            before = os.stat(real)  # a device or a pipe is refused before it is opened
+            _check_kind(before, shown, max_bytes)
+            fd = os.open(real, _OPEN_FLAGS)
+        else:
+            fd, before = _open_under(os.fspath(root), os.fspath(reference), shown, max_bytes)
     except ValueError as exc:  # a NUL byte in the path
         raise ImageFileError("INVALID_ARGUMENT", f"image {shown}: not a valid path ({exc})") from None
     except OSError as exc:
@@ -377,6 +377,91 @@ def read_image(
     if not data:
         raise ImageFileError("INVALID_ARGUMENT", f"image {shown} is an empty file")
     return bytes(data)
+
+
+def _open_under(root: str, reference: str, shown: str, max_bytes: int) -> tuple[int, os.stat_result]:
+    """Opens the file `reference` names under `root` (the open file, and its lstat), or refuses it.
+
+    Checking a real path (realpath) and then opening it let a folder on the way be swapped for a link
+    in between (O_NOFOLLOW guards the last name only). So the walk opens one name at a time, each in the
+    folder opened before it (dir_fd) and none through a link: a link met on the way is read (readlink)
+    and its target walked the same way, from its own folder (or from '/' when absolute); `..` goes back to
+    the folder opened before it. The walk may pass above the root only on the root's own path back down
+    (`../images/x.jpg`; an absolute path through the root's real path, or through the path given as
+    --images): any other name there is outside, refused before anything outside is opened."""
+    home = os.path.realpath(root)
+    home_parts, given_parts = _parts(home), _parts(os.path.abspath(root))
+    folders = [os.open(home, _FOLDER_FLAGS)]  # the root, then each folder below it on the walk
+    at = list(home_parts)  # where the walk is: the names from '/', physical (no link among them)
+    pending: list[str] = []  # names still to walk, the next one last
+    links = 0
+
+    def go(path: str) -> None:  # walk `path` next: from where the walk is, or from '/' when absolute
+        nonlocal at
+        parts = path.split("/")
+        if path.startswith("/"):
+            while len(folders) > 1:
+                os.close(folders.pop())
+            parts = _parts(path)
+            at = list(home_parts) if parts[: len(given_parts)] == given_parts else []
+            parts = parts[len(given_parts) :] if at else parts
+        pending.extend(reversed(parts))
+
+    try:
+        go(reference)
+        while pending:
+            name = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(at) > len(home_parts):
+                    os.close(folders.pop())
+                del at[-1:]
+                continue
+            if len(at) < len(home_parts):  # above the root: only the root's own path leads back in
+                if name != home_parts[len(at)]:
+                    gone = "/" + "/".join([*at, name, *reversed(pending)])
+                    raise ImageFileError(
+                        "PERMISSION_DENIED",
+                        f"image {shown} is outside the images folder {home!r} (it leads to {gone!r}): give "
+                        "--images, or --allow-images-outside to read it anyway",
+                    )
+                at.append(name)
+                continue
+            folder = folders[-1]
+            if pending:  # a folder on the way
+                try:
+                    folders.append(os.open(name, _FOLDER_FLAGS, dir_fd=folder))
+                    at.append(name)
+                    continue
+                except OSError as exc:  # ENOTDIR for a link, or for a file named as a folder
+                    target = _link(name, folder, exc)
+            else:
+                before = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                if not stat.S_ISLNK(before.st_mode):
+                    _check_kind(before, shown, max_bytes)  # a device or a pipe is refused unopened
+                    return os.open(name, _OPEN_FLAGS, dir_fd=folder), before
+                target = os.readlink(name, dir_fd=folder)
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            go(target)
+        raise ImageFileError("INVALID_ARGUMENT", f"image {shown} is a directory, not a regular file")
+    finally:
+        for fd in folders:
+            os.close(fd)
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def _link(name: str, folder: int, failed: OSError) -> str:
+    """The target of the link `name` in `folder`; `failed` (why it did not open as a folder) if no link."""
+    try:
+        return os.readlink(name, dir_fd=folder)
+    except OSError:
+        raise failed from None
 
 
 def _check_kind(st: os.stat_result, shown: str, max_bytes: int) -> None:
