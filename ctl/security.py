@@ -2,21 +2,26 @@
 
 Servers: TLS from a PEM certificate and key, mutual TLS when a client CA is given (`server_credentials`);
 the files are read again when they change (a renewed certificate is served from the next handshake on);
-tokens in the `authorization: Bearer TOKEN` metadata, each method needing one scope (`TokenAuth`, a server
-interceptor; `token_auth` says loudly when a server runs without). Health and reflection stay open unless
-asked (Kubernetes' gRPC probes send no token). Tokens are compared in constant time
-(`hmac.compare_digest`) and never logged or echoed.
+certificates of a key type gRPC cannot use in TLS (`GRPC_KEY_TYPES`: RSA, ECDSA P-256 and P-384) are
+refused, at start and on a change, for servers and clients alike; tokens in the `authorization: Bearer
+TOKEN` metadata, each method needing one scope (`TokenAuth`, a server interceptor; `token_auth` says
+loudly when a server runs without). Health and reflection stay open unless asked (Kubernetes' gRPC probes
+send no token). Tokens are compared in constant time (`hmac.compare_digest`) and never logged or echoed.
 
 A token setting holds tokens separated by commas, or `@PATH`: a file with one token per line, for secrets
 mounted as files; a line whose first non-blank character is `#` is a comment, and a token may hold neither
-whitespace nor `#` (so that a comment can never become part of a token, in a file or inline). An empty
-setting means no tokens; a setting given that yields none (an empty file, only comments) is an error. A
-token file is read again when it changes (`Tokens`): a token removed from it is refused, a new one taken.
+whitespace nor `#` (so that a comment can never become part of a token, in a file or inline), and only
+printable ASCII (gRPC metadata and HTTP headers carry nothing else; a UTF-8 BOM opening a file is
+dropped). An empty setting means no tokens; a setting given that yields none (an empty file, only
+comments) is an error. A token file is read again when it changes (`Tokens`): a token removed from it is
+refused, a new one taken.
 
 Clients: `aio_channel` / `channel` (TLS with `channel_credentials`, optionally with a client certificate;
 the token on every call of an asyncio channel, or `bearer(token)` as a call's metadata), and the flags
 every ctl command that calls a server takes (`add_client_arguments`, `client_security`, which refuses to
-send a token in plaintext to another machine unless told to).
+send a token in plaintext to another machine unless told to). A plaintext channel to this machine never
+goes through an HTTP proxy (`http_proxy` and the like): the proxy would reach its own localhost, and a
+token would cross the network in plaintext on the way.
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ def _token_problem(token: str, foreign: bool) -> str | None:
     """What is wrong with one token (never the token itself: messages must not echo it)."""
     if any(c.isspace() for c in token):
         return "contains whitespace"
+    odd = next((c for c in token if not "!" <= c <= "~"), None)
+    if odd is not None:  # a client could never send it: accepting it would leave a scope unusable
+        return (
+            f"contains U+{ord(odd):04X}, which is not printable ASCII "
+            "(tokens travel in gRPC metadata and HTTP headers, which carry nothing else)"
+        )
     if foreign:
         return None
     if "#" in token:
@@ -74,14 +85,15 @@ def parse_tokens(setting: str, what: str, *, foreign: bool = False) -> tuple[str
     """The tokens of a setting: "a,b" or "@/path/file" (one per line, `#` lines are comments); () for an
     empty setting. A setting given that yields no token is an error (an empty Secret, a rotation half
     done: running open instead would be silent). Ours need 16 characters and no whitespace or `#`; a key
-    chosen by another system (`foreign`: Qdrant's) is taken as it is but for whitespace."""
+    chosen by another system (`foreign`: Qdrant's) is taken as it is but for whitespace. Every token is
+    printable ASCII; a UTF-8 BOM at the start of a file (Windows editors write one) is not part of it."""
     setting = setting.strip()
     if not setting:
         return ()
     if setting.startswith("@"):
         path = Path(setting[1:])
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drops a leading BOM
         except OSError as exc:
             raise SecurityConfigError(f"{what}: cannot read the token file {path}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:
@@ -213,13 +225,109 @@ def _read(path: str, what: str) -> bytes:
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
+def _first_der(cert_pem: bytes) -> bytes | None:
+    """The first certificate of a PEM chain (the server's own), DER-encoded."""
+    found = _PEM_CERT.search(cert_pem)
+    return None if found is None else ssl.PEM_cert_to_DER_cert(found.group().decode("ascii"))
+
+
 def _fingerprint(cert_pem: bytes) -> str:
     """SHA-256 of the first certificate of a PEM chain, as `openssl x509 -fingerprint -sha256` shows it."""
-    found = _PEM_CERT.search(cert_pem)
-    if found is None:
+    der = _first_der(cert_pem)
+    if der is None:
         return "?"
-    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(found.group().decode("ascii"))).hexdigest().upper()
+    digest = hashlib.sha256(der).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+# Key types by the OIDs of a certificate's SubjectPublicKeyInfo (RFC 5280, 5480, 8410). gRPC (BoringSSL)
+# serves RSA and ECDSA P-256/P-384 to its own clients; it cannot load DSA, Ed448 or curves other than the
+# NIST ones, and loads P-521 and Ed25519 but its clients (ctl's, the ranker's) refuse the handshake
+# (NO_COMMON_SIGNATURE_ALGORITHMS); the same holds for client certificates and gRPC servers.
+# tests/test_security.py checks this against gRPC itself.
+_KEY_ALGORITHMS = {
+    "1.2.840.113549.1.1.1": "RSA",
+    "1.2.840.113549.1.1.10": "RSA-PSS",
+    "1.2.840.10040.4.1": "DSA",
+    "1.2.840.10045.2.1": "ECDSA",
+    "1.3.101.112": "Ed25519",
+    "1.3.101.113": "Ed448",
+}
+_CURVES = {
+    "1.2.840.10045.3.1.7": "P-256",
+    "1.3.132.0.34": "P-384",
+    "1.3.132.0.35": "P-521",
+    "1.3.132.0.33": "P-224",
+    "1.3.132.0.10": "secp256k1",
+}
+GRPC_KEY_TYPES = ("RSA", "ECDSA P-256", "ECDSA P-384")
+
+
+def _require_grpc_key_type(cert_pem: bytes, what: str) -> None:
+    """Refuses a certificate (its first, own one) whose key type gRPC cannot use in a handshake."""
+    try:
+        der = _first_der(cert_pem)
+        kind = key_type(der) if der is not None else "unknown"
+    except (IndexError, ValueError):
+        kind = "unknown"
+    if kind not in GRPC_KEY_TYPES:
+        raise SecurityConfigError(
+            f"{what} has a key of type {kind}, which gRPC cannot use in TLS (the handshake fails): use a "
+            f"key of type {', '.join(GRPC_KEY_TYPES[:-1])} or {GRPC_KEY_TYPES[-1]} "
+            "(e.g. `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`)"
+        )
+
+
+def _tlv(der: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start, end) of the DER element at `pos`: its contents are der[start:end]."""
+    tag, length = der[pos], der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        size = length & 0x7F
+        length = int.from_bytes(der[pos : pos + size], "big")
+        pos += size
+    if pos + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def _elements(der: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    out = []
+    while start < end:
+        out.append(_tlv(der, start))
+        start = out[-1][2]
+    return out
+
+
+def _oid(contents: bytes) -> str:
+    arcs, value = [], 0
+    for byte in contents:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]]))
+
+
+def key_type(cert_der: bytes) -> str:
+    """The type of a certificate's public key ("RSA", "ECDSA P-256", "Ed25519", ... or the algorithm's
+    OID), read from its SubjectPublicKeyInfo: the ssl module loads key types that gRPC cannot serve."""
+    _, start, end = _tlv(cert_der, 0)  # Certificate
+    _, start, end = _tlv(cert_der, start)  # TBSCertificate
+    fields = _elements(cert_der, start, end)
+    if fields[0][0] == 0xA0:  # [0] version
+        fields = fields[1:]
+    _, start, end = fields[5]  # serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo
+    _, start, end = _tlv(cert_der, start)  # AlgorithmIdentifier
+    algorithm, *parameters = _elements(cert_der, start, end)
+    oid = _oid(cert_der[algorithm[1] : algorithm[2]])
+    name = _KEY_ALGORITHMS.get(oid, oid)
+    if name == "ECDSA":
+        tag, start, end = parameters[0] if parameters else (0, 0, 0)
+        curve = _oid(cert_der[start:end]) if tag == 0x06 else "with explicit parameters"
+        name = f"ECDSA {_CURVES.get(curve, curve)}"
+    return name
 
 
 class _CertificateFiles:
@@ -247,8 +355,10 @@ class _CertificateFiles:
         )
 
     def _load(self) -> tuple[grpc.ServerCertificateConfiguration, str]:
-        """The files as a gRPC configuration, checked with the ssl module first: gRPC would take broken
-        files and fail every handshake with them."""
+        """The files as a gRPC configuration, checked with the ssl module first (gRPC would take broken
+        files and fail every handshake with them), and the key type with `GRPC_KEY_TYPES` (gRPC fails to
+        bind with some others, keeps serving the old certificate on a reload with them, or serves them to
+        no client of its own)."""
         contents = self._contents()
         cert, key, ca = contents
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -263,6 +373,7 @@ class _CertificateFiles:
             ) from exc
         if self._contents() != contents:  # what was checked is what is served
             raise SecurityConfigError(f"TLS: the files {self._cert}, {self._key} changed while read")
+        _require_grpc_key_type(cert, f"TLS: the certificate {self._cert}")
         config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
         return config, _fingerprint(cert)
 
@@ -311,10 +422,13 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.Cha
         return None
     if bool(cert) != bool(key):
         raise SecurityConfigError("a client certificate needs its private key, and the other way round")
+    chain = _read(cert, "TLS client certificate") if cert else None
+    if chain is not None:  # a server would refuse it at every handshake: say so before connecting
+        _require_grpc_key_type(chain, f"TLS: the client certificate {cert}")
     return grpc.ssl_channel_credentials(
         root_certificates=_read(ca, "TLS CA") if ca else None,
         private_key=_read(key, "TLS client key") if key else None,
-        certificate_chain=_read(cert, "TLS client certificate") if cert else None,
+        certificate_chain=chain,
     )
 
 
@@ -367,17 +481,39 @@ def _warn_plaintext_token(address: str) -> None:
     log.warning("a bearer token goes in plaintext to %s: anyone on the way can read and reuse it", address)
 
 
+# the variables gRPC takes an HTTP proxy from, in its order (it reads no upper-case ones)
+PROXY_ENV = ("grpc_proxy", "https_proxy", "http_proxy")
+
+
+def _proxy_variable() -> str | None:
+    """The variable whose HTTP proxy gRPC would send a call through, if any is set."""
+    return next((name for name in PROXY_ENV if os.environ.get(name, "").strip()), None)
+
+
+def _direct(address: str, credentials: grpc.ChannelCredentials | None, options) -> list | None:
+    """A channel's options: a plaintext channel to this machine never goes through an HTTP proxy, which
+    gRPC would otherwise use (`http_proxy`...): the proxy would connect to its own `localhost`, and the
+    call, token included, would cross the network in plaintext. Ours come last, so they win."""
+    if credentials is None and is_local(address):
+        return [*(options or ()), ("grpc.enable_http_proxy", 0)]
+    return options
+
+
 def check_token_transport(
     address: str, credentials: grpc.ChannelCredentials | None, token: str, *, allow: bool, what: str
 ) -> None:
     """Refuses (SecurityConfigError) to send `token` without TLS to anything but this machine, unless
-    `allow`, which warns instead (a network trusted for it: a service mesh's own mutual TLS)."""
+    `allow`, which warns instead (a network trusted for it: a service mesh's own mutual TLS). A channel
+    to this machine goes there directly (`_direct`), never through a proxy."""
     if not token or credentials is not None or is_local(address):
         return
     if not allow:
+        proxy = _proxy_variable()
         raise SecurityConfigError(
-            f"{what} would travel in plaintext to {address}: connect with TLS (--tls-ca), or, on a network "
-            f"you trust with it, pass --allow-insecure-token ({ALLOW_INSECURE_TOKEN_ENV}=true)"
+            f"{what} would travel in plaintext to {address}"
+            f"{f' (through the HTTP proxy that {proxy} names)' if proxy else ''}: connect with TLS "
+            f"(--tls-ca), or, on a network you trust with it, pass --allow-insecure-token "
+            f"({ALLOW_INSECURE_TOKEN_ENV}=true)"
         )
     _warn_plaintext_token(address)
 
@@ -417,17 +553,21 @@ def aio_channel(
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address`: TLS with `credentials` (plaintext without), `token` on every call
     (a `Tokens` of one token: as its file holds it now). A token in plaintext to another machine is
-    logged as a warning; `client_security` refuses it earlier, unless allowed."""
+    logged as a warning; `client_security` refuses it earlier, unless allowed. Plaintext to this
+    machine: never through a proxy."""
     if token and credentials is None and not is_local(address):
         _warn_plaintext_token(address)
     interceptors = [_UnaryBearer(token), _StreamBearer(token)] if token else None
+    options = _direct(address, credentials, options)
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
 
 
 def channel(address: str, credentials: grpc.ChannelCredentials | None = None, options=None) -> grpc.Channel:
-    """A blocking channel to `address` (tokens go with each call: `metadata=bearer(token)`)."""
+    """A blocking channel to `address` (tokens go with each call: `metadata=bearer(token)`); plaintext to
+    this machine: never through a proxy."""
+    options = _direct(address, credentials, options)
     if credentials is None:
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, credentials, options=options)
@@ -464,17 +604,20 @@ def client_security(args, address: str | None = None) -> tuple[grpc.ChannelCrede
         address = getattr(args, "ranker", None) or args.address
     credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
     token = parse_token(args.token, "--token")
-    allow = getattr(args, "allow_insecure_token", None)
-    if allow is None:
-        text = os.environ.get(ALLOW_INSECURE_TOKEN_ENV, "")
-        try:
-            allow = parse_bool(text)
-        except argparse.ArgumentTypeError:
-            raise SecurityConfigError(
-                f"{ALLOW_INSECURE_TOKEN_ENV}={text!r}: expected true or false"
-            ) from None
-    check_token_transport(address, credentials, token, allow=allow, what="--token")
+    check_token_transport(address, credentials, token, allow=allow_insecure_token(args), what="--token")
     return credentials, token
+
+
+def allow_insecure_token(args) -> bool:
+    """--allow-insecure-token, else CTL_ALLOW_INSECURE_TOKEN (read when the command runs)."""
+    allow = getattr(args, "allow_insecure_token", None)
+    if allow is not None:
+        return allow
+    text = os.environ.get(ALLOW_INSECURE_TOKEN_ENV, "")
+    try:
+        return parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise SecurityConfigError(f"{ALLOW_INSECURE_TOKEN_ENV}={text!r}: expected true or false") from None
 
 
 # ---------------------------------------------------------------- servers: tokens

@@ -2,7 +2,8 @@
 Kubernetes schemas offline (kubernetes-validate --strict); what the manifests say agrees with the code:
 settings, ports, probe services, images and entrypoints, the Job's arguments, Qdrant's values; the
 NetworkPolicies allow exactly the connections the design needs; each pod holds only the secret keys it
-reads, no service-account token, and runs unprivileged."""
+reads, no service-account token, and runs unprivileged; each pod that sends a token passes the check its
+program makes before it connects (no token in plaintext unless allowed, TLS in the secure overlay)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 import yaml
 
 from ctl.cli import build_parser
+from ctl.security import ALLOW_INSECURE_TOKEN_ENV, allow_insecure_token
+from ctl.serving import parse_bool
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -531,8 +534,8 @@ def program_settings(part: str, env: dict[str, str], args: list[str], monkeypatc
     from ranker_service.config import from_args as ranker_config
 
     parsed = build_parser().parse_args([SUBCOMMANDS[part], *args])
-    if part == "ingest":
-        return vars(parsed)
+    if part == "ingest":  # CTL_ALLOW_INSECURE_TOKEN is read when the command runs, not by the parser
+        return vars(parsed) | {"allow_insecure_token": allow_insecure_token(parsed)}
     config = (encoder_config if part == "encoder" else ranker_config)(parsed)
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
@@ -554,7 +557,8 @@ def test_each_pod_reads_the_files_it_holds(rendered, monkeypatch):
         prefix = "CTL_INGEST_" if part == "ingest" else f"CTL_{part.upper()}_"
         for variable, value in own.items():
             setting = variable.removeprefix(prefix if variable.startswith(prefix) else "CTL_").lower()
-            assert str(settings.get(setting)) == value, (
+            got = settings.get(setting)
+            assert (got is parse_bool(value)) if isinstance(got, bool) else str(got) == value, (
                 f"{overlay}/{name}: {variable} is not read by ctl {part}"
             )
         named = {
@@ -571,6 +575,83 @@ def test_each_pod_reads_the_files_it_holds(rendered, monkeypatch):
             assert str(settings[setting]).startswith("@/etc/ctl/tokens/"), (
                 f"{overlay}/{name}: {setting} unset"
             )
+
+
+def pod_environment(docs: list[dict], name: str, folder: Path, pki) -> tuple[dict[str, str], list[str]]:
+    """The CTL_* environment and arguments of a pod's container, each /etc/ctl/ file it names replaced by
+    a stand-in under `folder` (a token; the test PKI's certificate, key or CA)."""
+    (c,) = pod_specs(docs)[name]["containers"]
+    env = dict(config_env(docs)) if any(s.get("configMapRef") for s in c.get("envFrom", [])) else {}
+    env |= {e["name"]: e.get("value", "s" * 32) for e in c.get("env", [])}
+    for variable, value in env.items():
+        path = value.removeprefix("@")
+        if not path.startswith("/etc/ctl/"):
+            continue
+        stand_in = folder / path.removeprefix("/etc/ctl/")
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        if path.startswith("/etc/ctl/tokens/"):
+            stand_in.write_text("t" * 32 + "\n")
+        else:
+            source = {"ca.crt": pki.ca, "tls.crt": pki.server_cert, "tls.key": pki.server_key}[stand_in.name]
+            stand_in.write_bytes(Path(source).read_bytes())
+        env[variable] = value.replace(path, str(stand_in))
+    return env, c.get("args", [])
+
+
+def test_each_pod_that_sends_a_token_passes_its_programs_own_check(rendered, monkeypatch, tmp_path):
+    """The ingestion Job runs `ctl ingest`'s own check (`client_security`, what it does before it
+    connects) with the pod's environment: the cpu and gpu overlays' Job sent its token without TLS to
+    ctl-ranker:50052 and was refused (exit 2) at every run. Without TLS a pod must allow plaintext (the
+    NetworkPolicies keep it in the cluster); with it (secure overlay), it must not, and every token of
+    the secure overlay (the Job's, the ranker's for the encoder) travels over TLS."""
+    from ctl.security import (
+        SecurityConfigError,
+        channel_credentials,
+        check_token_transport,
+        client_security,
+        is_local,
+        parse_token,
+    )
+    from ranker_service.config import from_args as ranker_config
+    from tests.certs import make_pki
+
+    overlay, _, docs = rendered
+    pki = make_pki(tmp_path / "pki")
+    for variable in (
+        *[v for v in os.environ if v.startswith("CTL_")],
+        "grpc_proxy",
+        "https_proxy",
+        "http_proxy",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    routes = {}  # pod -> (address, credentials, token)
+    env, args = pod_environment(docs, "ctl-ingest", tmp_path / "ingest", pki)
+    with monkeypatch.context() as patched:
+        for variable, value in env.items():
+            patched.setenv(variable, value)
+        parsed = build_parser().parse_args(["ingest", *args])
+        try:
+            routes["ctl-ingest"] = (parsed.ranker, *client_security(parsed))
+        except SecurityConfigError as exc:
+            pytest.fail(f"{overlay}/ctl-ingest: ctl ingest refuses to run: {exc}")
+        allowed = allow_insecure_token(parsed)
+    assert routes["ctl-ingest"][2], f"{overlay}/ctl-ingest sends no token"
+    if routes["ctl-ingest"][1] is not None:
+        assert not allowed, f"{overlay}/ctl-ingest: TLS, yet {ALLOW_INSECURE_TOKEN_ENV} allows plaintext"
+    # the ranker calls the encoder with its token; it warns of plaintext, never refuses (no setting)
+    env, args = pod_environment(docs, "ctl-ranker", tmp_path / "ranker", pki)
+    with monkeypatch.context() as patched:
+        for variable, value in env.items():
+            patched.setenv(variable, value)
+        config = ranker_config(build_parser().parse_args(["serve-ranker", *args]))
+    credentials = channel_credentials(config.encoder_tls_ca, config.encoder_tls_cert, config.encoder_tls_key)
+    token = parse_token(config.encoder_token, "encoder_token")
+    routes["ctl-ranker"] = (config.encoder, credentials, token)
+    check_token_transport(config.encoder, credentials, token, allow=True, what="the encoder token")
+    for name, (address, credentials, token) in routes.items():
+        assert token and not is_local(address), (name, address)  # else no check would apply
+        if overlay == "secure":
+            assert credentials is not None, f"secure/{name}: its token goes to {address} without TLS"
 
 
 def test_pods_run_unprivileged_without_the_api_token(rendered):

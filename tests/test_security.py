@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import hashlib
 import http.server
 import re
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -24,6 +26,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctl.security import bearer, channel_credentials
@@ -234,6 +240,18 @@ def test_unusable_security_settings_stop_the_server_with_a_clear_message(tmp_pat
 
 
 @contextlib.contextmanager
+def _in_thread(server: socketserver.BaseServer) -> Iterator[int]:
+    """Serves `server` on a daemon thread while the block runs; yields its port."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def _https_listener(pki: PKI) -> Iterator[tuple[str, list[dict[str, str]]]]:
     """An HTTPS listener with the test CA's server certificate that records the headers of each request
     and answers 503. NOT a Qdrant server (this machine has none): it shows what the ranker puts on the
@@ -256,13 +274,8 @@ def _https_listener(pki: PKI) -> Iterator[tuple[str, list[dict[str, str]]]]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.server_cert, pki.server_key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://localhost:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _in_thread(server) as port:
+        yield f"https://localhost:{port}", seen
 
 
 def test_the_qdrant_connection_verifies_tls_with_the_given_ca_and_sends_the_api_key(pki, tmp_path):
@@ -709,3 +722,298 @@ def test_the_qdrant_key_in_plaintext_is_warned_of_unless_it_stays_on_this_machin
             assert qdrant_credentials(RankerConfig(qdrant_url=url, qdrant_api_key=key)) == (key, None)
         warned[url] = any("plaintext" in r.getMessage() for r in caplog.records)
     assert tuple(url for url, w in warned.items() if w) == remote
+
+
+# ---------------------------------------------------------------- review of issue 20: items 8, 15, 17
+
+
+@contextlib.contextmanager
+def _recording_proxy() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP CONNECT proxy on loopback, as `http_proxy` names one: it records each request line, then
+    relays the bytes to the loopback port asked for (standing in for a proxy on another machine, which
+    would see the same bytes, a plaintext token among them)."""
+    seen: list[str] = []
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    class Relay(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = self.request.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            line, _, _ = head.partition(b"\r\n")
+            seen.append(line.decode("latin-1"))
+            port = int(line.split()[1].rsplit(b":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as upstream:
+                upstream.settimeout(None)
+                self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                upstream.sendall(head.partition(b"\r\n\r\n")[2])
+                back = threading.Thread(target=pump, args=(upstream, self.request), daemon=True)
+                back.start()
+                pump(self.request, upstream)
+                back.join(10)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Relay)
+    server.daemon_threads = True
+    with _in_thread(server) as port:
+        yield f"http://127.0.0.1:{port}", seen
+
+
+def test_a_plaintext_token_to_this_machine_never_goes_through_a_proxy(monkeypatch):
+    """gRPC sends a call to `localhost:PORT` through the proxy of `http_proxy` (or `https_proxy`,
+    `grpc_proxy`), which connects to its own localhost: a token judged to stay on this machine crossed the
+    network in plaintext. ctl's channels to this machine now go there directly; to another machine the
+    token is refused as before (the proxy is named)."""
+    from grpc_health.v1 import health as health_aio
+
+    from ctl.cli import build_parser
+    from ctl.security import SecurityConfigError, TokenAuth, Tokens, aio_channel, channel, client_security
+
+    request = health_pb2.HealthCheckRequest()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    proxy_variables = ("grpc_proxy", "https_proxy", "http_proxy")  # gRPC reads these (lower case only)
+    for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy", *proxy_variables):
+        monkeypatch.delenv(name, raising=False)
+
+    def blocking_check(target: str) -> int:
+        with channel(target) as chan:
+            return (
+                health_pb2_grpc.HealthStub(chan)
+                .Check(request, timeout=10, metadata=bearer(READ_TOKEN))
+                .status
+            )
+
+    async def scenario(variable: str, seen: list[str]) -> None:
+        auth = TokenAuth({"any": Tokens(READ_TOKEN, "--tokens")}, {}, protect_open=True)
+        server = grpc.aio.server(interceptors=[auth])
+        health_pb2_grpc.add_HealthServicer_to_server(health_aio.aio.HealthServicer(), server)
+        target = f"localhost:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            # gRPC's own channel: through the proxy (so the proxy does take calls, and passes them on)
+            async with grpc.aio.insecure_channel(target) as plain:
+                reply = await health_pb2_grpc.HealthStub(plain).Check(
+                    request, timeout=10, metadata=bearer(READ_TOKEN)
+                )
+            assert reply.status == serving and seen == [f"CONNECT {target} HTTP/1.1"], (variable, seen)
+            async with aio_channel(target, None, READ_TOKEN) as chan:  # ctl ingest, the ranker's encoder
+                assert (await health_pb2_grpc.HealthStub(chan).Check(request, timeout=10)).status == serving
+            assert await asyncio.to_thread(blocking_check, target) == serving  # ctl recommend, ctl health
+            done = await asyncio.to_thread(
+                _ctl, "health", target, "--timeout", "10", env={"CTL_TOKEN": READ_TOKEN}
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert len(seen) == 1, (variable, seen)  # nothing more reached the proxy
+        finally:
+            await server.stop(0)
+
+    for variable in proxy_variables:
+        with _recording_proxy() as (proxy, seen), monkeypatch.context() as patched:
+            patched.setenv(variable, proxy)
+            asyncio.run(scenario(variable, seen))
+            # to another machine the token would pass the proxy: refused, unless allowed, as without one
+            args = build_parser().parse_args(["health", "10.255.255.1:50052", "--token", READ_TOKEN])
+            with pytest.raises(SecurityConfigError, match=f"through the HTTP proxy that {variable} names"):
+                client_security(args)
+            assert client_security(
+                build_parser().parse_args(["health", "localhost:1", "--token", READ_TOKEN])
+            )
+
+
+# Key types and whether gRPC (its C core, ctl's servers and clients) serves them to its own clients.
+KEY_TYPES = {
+    "RSA": (lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), True),
+    "ECDSA P-256": (lambda: ec.generate_private_key(ec.SECP256R1()), True),
+    "ECDSA P-384": (lambda: ec.generate_private_key(ec.SECP384R1()), True),
+    "ECDSA P-521": (lambda: ec.generate_private_key(ec.SECP521R1()), False),  # loaded; clients refuse
+    "ECDSA secp256k1": (lambda: ec.generate_private_key(ec.SECP256K1()), False),
+    "Ed25519": (ed25519.Ed25519PrivateKey.generate, False),  # loaded; clients refuse
+    "Ed448": (ed448.Ed448PrivateKey.generate, False),
+    "DSA": (lambda: dsa.generate_private_key(key_size=2048), False),
+}
+
+
+@pytest.fixture(scope="module")
+def key_type_certs(tmp_path_factory) -> tuple[str, dict[str, tuple[str, str]]]:
+    """(CA, {key type: (certificate, key)}): a server certificate for localhost of each key type in
+    KEY_TYPES, signed by one ECDSA P-256 CA."""
+    folder = tmp_path_factory.mktemp("key-types")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
+
+    def issue(subject: str, key, ca: bool = False) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("key-type CA"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+            )
+        return builder.sign(ca_key, hashes.SHA256())
+
+    ca = folder / "ca.pem"
+    ca.write_bytes(issue("key-type CA", ca_key, ca=True).public_bytes(serialization.Encoding.PEM))
+    certs = {}
+    for i, (kind, (make, _)) in enumerate(KEY_TYPES.items()):
+        key = make()
+        cert, key_file = folder / f"{i}.crt", folder / f"{i}.key"
+        cert.write_bytes(issue("localhost", key).public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        certs[kind] = (str(cert), str(key_file))
+    return str(ca), certs
+
+
+def _grpc_handshake(ca: str, server: tuple[str, str], client: tuple[str, str] | None = None) -> str:
+    """What gRPC itself does with these files (a server's certificate and key; a client's, for mutual
+    TLS): "ok" when a gRPC client's call went through, else where it failed. Independent of ctl: the
+    truth ctl's check is held to."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health
+
+    read = lambda pair: (Path(pair[1]).read_bytes(), Path(pair[0]).read_bytes())  # noqa: E731 (key, chain)
+    root = Path(ca).read_bytes()
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), grpc_server)
+    try:
+        credentials = grpc.ssl_server_credentials(
+            [read(server)], root_certificates=root if client else None, require_client_auth=bool(client)
+        )
+        try:
+            port = grpc_server.add_secure_port("127.0.0.1:0", credentials)
+        except RuntimeError:
+            return "server cannot bind"
+        grpc_server.start()
+        key, chain = read(client) if client else (None, None)
+        creds = grpc.ssl_channel_credentials(root, private_key=key, certificate_chain=chain)
+        with grpc.secure_channel(f"localhost:{port}", creds) as chan:
+            stub = health_pb2_grpc.HealthStub(chan)
+            code = _code(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10))
+        return "ok" if code is None else f"call: {code.name}"
+    finally:
+        grpc_server.stop(None)
+
+
+def test_a_tls_key_of_a_type_grpc_cannot_use_is_refused(key_type_certs):
+    """The ssl module loads DSA, Ed448, Ed25519 and any curve; gRPC fails to bind with some (at start:
+    "the address is in use"), and serves others (P-521, Ed25519) that its clients cannot verify; the same
+    types fail as client certificates. ctl takes what gRPC takes, on both sides, and names the rest;
+    each verdict is checked against gRPC itself."""
+    from ctl.security import SecurityConfigError, channel_credentials, server_credentials
+
+    ca, certs = key_type_certs
+    for kind, (_, usable) in KEY_TYPES.items():
+        cert, key = certs[kind]
+        as_server = _grpc_handshake(ca, (cert, key))
+        as_client = _grpc_handshake(ca, certs["ECDSA P-256"], (cert, key))
+        assert (as_server == "ok", as_client == "ok") == (usable, usable), (kind, as_server, as_client)
+        if usable:
+            assert server_credentials(cert, key) is not None
+            assert channel_credentials(ca, cert, key) is not None
+            continue
+        for make, what in ((server_credentials, "certificate"), (channel_credentials, "client certificate")):
+            with pytest.raises(SecurityConfigError) as caught:
+                make(*((cert, key) if make is server_credentials else (ca, cert, key)))
+            message = str(caught.value)
+            assert f"the {what} {cert} has a key of type {kind}, which gRPC cannot use" in message, message
+            assert "RSA, ECDSA P-256 or ECDSA P-384" in message
+
+
+def test_a_server_with_a_tls_key_grpc_cannot_serve_stops_at_start_naming_it(key_type_certs, tmp_path):
+    _, certs = key_type_certs
+    cert, key = certs["DSA"]
+    code, output = _refused_at_start(
+        "serve-ranker", "--encoder", "localhost:1", "--store-path", str(tmp_path / "store"), "--port", "0",
+        "--metrics-port", "-1", "--tls-cert", cert, "--tls-key", key,
+    )  # fmt: skip
+    assert code == 2 and f"the certificate {cert} has a key of type DSA" in output, output
+    assert "address is in use" not in output and "Traceback" not in output
+
+
+def test_a_renewed_certificate_of_a_type_grpc_cannot_serve_is_not_served(
+    reloading_ranker, pki, key_type_certs
+):
+    """Before: "serving ... again, changed" was logged while gRPC kept the old certificate (DSA), or gRPC
+    served one that no gRPC client accepts (Ed25519)."""
+    ranker, files = reloading_ranker
+    _, certs = key_type_certs
+    for kind in ("DSA", "Ed25519"):
+        cert, key = certs[kind]
+        _atomic_write(files["tls.key"], Path(key).read_bytes())
+        _atomic_write(files["tls.crt"], Path(cert).read_bytes())
+        assert _served_fingerprint(ranker.address) == _fingerprint(pki.server_cert), kind
+        assert _token_taken(ranker.address, pki.ca, pki, READ_TOKEN) == ACCEPTED, kind
+        _eventually(
+            lambda k=kind: f"has a key of type {k}" in ranker.output() or "again, changed" in ranker.output(),
+            f"the {kind} certificate is logged",
+        )
+        assert "again, changed" not in ranker.output(), kind
+    refused = [line for line in ranker.output().splitlines() if "which gRPC cannot use" in line]
+    assert all(" ERROR " in line and "still serving the certificate read before" in line for line in refused)
+
+
+def test_a_token_is_printable_ascii_and_a_bom_opening_its_file_is_dropped(tmp_path, exported_repo):
+    """A token file saved with a BOM (Windows editors) held a token no client could send: gRPC metadata
+    is ASCII. The BOM is dropped; any other character outside printable ASCII stops the server (exit 2)
+    naming the setting and the line, never the token."""
+    from ctl.security import SecurityConfigError, parse_token, parse_tokens
+
+    good = "a" * 20
+    bom = tmp_path / "bom"
+    bom.write_text(f"\ufeff{READ_TOKEN}\n# the next reader\n{good}\n", encoding="utf-8")
+    assert parse_tokens(f"@{bom}", "--tokens") == (READ_TOKEN, good)
+    client_bom = tmp_path / "client-bom"
+    client_bom.write_text(f"\ufeff{READ_TOKEN}\n", encoding="utf-8")
+    assert parse_token(f"@{client_bom}", "--token") == READ_TOKEN
+
+    async def call() -> grpc.StatusCode | None:
+        server, client = _bearer_server(tmp_path, f"@{bom}", f"@{client_bom}")
+        await server.start()
+        try:
+            await health_pb2_grpc.HealthStub(client).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            return None
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        finally:
+            await client.close()
+            await server.stop(0)
+
+    assert asyncio.run(call()) is None  # the token of a file with a BOM is sent and taken
+    later_bom = tmp_path / "later-bom"
+    later_bom.write_text(f"{good}\n\ufeff{READ_TOKEN}\n", encoding="utf-8")
+    accented = tmp_path / "accented"
+    accented.write_text(f"{good}\u00e9\n", encoding="utf-8")
+    cases = {
+        f"@{later_bom}": f"line 2 of {later_bom} contains U+FEFF, which is not printable ASCII",
+        f"@{accented}": f"line 1 of {accented} contains U+00E9, which is not printable ASCII",
+        f"{good},{good}\x7f": "token 2 contains U+007F, which is not printable ASCII",
+        f"{good}\x00": "token 1 contains U+0000",
+    }
+    for setting, expected in cases.items():
+        for foreign in (False, True):  # Qdrant's key travels in a header too
+            with pytest.raises(SecurityConfigError) as caught:
+                parse_tokens(setting, "--tokens", foreign=foreign)
+            assert expected in str(caught.value) and good not in str(caught.value), (setting, caught.value)
+    code, output = _refused_at_start(
+        "serve-encoder", "--model-repo", str(exported_repo), "--port", "0", "--metrics-port", "-1",
+        env={"CTL_ENCODER_TOKENS": f"@{accented}"},
+    )  # fmt: skip
+    assert code == 2 and f"--tokens / CTL_ENCODER_TOKENS: line 1 of {accented} contains U+00E9" in output
+    assert good not in output and "Traceback" not in output
