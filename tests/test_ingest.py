@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.browser import images_loaded, open_page
 from tests.servers import REPO, HoldingProxy
 
 GOOD = 150  # products of the generated set in the catalog
+MiB = 1 << 20  # also a catalog record's limit (ctl.ingest.catalog.MAX_RECORD_BYTES)
 
 
 def ctl(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -458,6 +460,96 @@ def test_products_deleted_during_the_job_are_reported_and_a_rerun_sends_them(
         assert dict(after.products_by_category) == by_category(rows)
 
 
+class _HeldImages(grpc.aio.StreamUnaryClientInterceptor):
+    """Counts the image bytes the job holds: read (read_image, wrapped) and not yet answered for (each
+    UpsertProducts stream's, once the ranker has answered it). Measures only; the job reads and sends as
+    it would. `peak`: the most held at once; `streams`: (records, image bytes) of each stream."""
+
+    def __init__(self):
+        self.held = self.peak = 0
+        self.streams: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self.held += size
+            self.peak = max(self.peak, self.held)
+
+    def read_image(self, *args, **kw) -> bytes:
+        from ctl.ingest.catalog import read_image
+
+        data = read_image(*args, **kw)
+        self.add(len(data))
+        return data
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        sizes: list[int] = []
+
+        def counted():
+            for request in request_iterator:
+                sizes.append(len(request.product.image))
+                yield request
+
+        call = await continuation(client_call_details, counted())
+        await call
+        self.streams.append((len(sizes), sum(sizes)))
+        self.add(-sum(sizes))
+        return call
+
+
+def test_the_images_the_job_holds_are_bounded_by_bytes(loop, services, synth_dir, tmp_path, monkeypatch):
+    """Only a batch's record count bounded the job, and it read up to 9 batches ahead (the review: 700
+    images of 6 MiB, 2.1 GB resident). Now the images held (the batch being made, queued, in flight) are
+    at most --max-bytes-in-flight besides the one being read, a stream carries at most --batch-bytes, and
+    an image larger than either still goes, alone."""
+    images = tmp_path / "images"
+    images.mkdir()
+    categories = sorted(json.loads((synth_dir / "fashion-cat.json").read_text()).items())[:21]
+    rows = []
+    for i, (sig, category) in enumerate(categories):
+        jpeg = (synth_dir / "images" / f"{sig}.jpg").read_bytes()
+        size = 3 * MiB if i == 10 else MiB
+        (images / f"{sig}.jpg").write_bytes(jpeg + bytes(size - len(jpeg)))  # bytes after the image's end
+        rows.append({"product_id": sig, "category": category, "image": f"{sig}.jpg"})
+    path = tmp_path / "catalog.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = IngestConfig(
+        catalog=path, images=images, batch=64, batch_bytes=2 * MiB, streams=2, max_bytes_in_flight=3 * MiB
+    )
+    held = _HeldImages()
+    monkeypatch.setattr("ctl.ingest.job.read_image", held.read_image)
+
+    async def job():
+        async with grpc.aio.insecure_channel(
+            services.ranker_address,
+            interceptors=[held],
+            options=[("grpc.max_send_message_length", 64 * MiB)],
+        ) as channel:
+            return await ingest(config, channel)
+
+    summary = loop.call(job())
+    assert summary.ok and summary.ingested == 21, format_summary(config, summary)
+    assert held.held == 0 and sum(n for n, _ in held.streams) == 21
+    assert held.peak <= 3 * MiB + 3 * MiB, held.peak  # the budget, and the largest image being read
+    assert all(size <= 2 * MiB or n == 1 for n, size in held.streams), held.streams
+    assert (1, 3 * MiB) in held.streams  # the large one went alone
+
+
+def test_the_byte_bounds_are_flags_and_variables(monkeypatch, capsys):
+    from ctl.cli import build_parser
+    from ctl.ingest.cli import config_from_args
+
+    config = config_from_args(build_parser().parse_args(["ingest", "c.jsonl"]))
+    assert (config.batch_bytes, config.max_bytes_in_flight) == (32 * MiB, 256 * MiB)
+    monkeypatch.setenv("CTL_INGEST_MAX_BYTES_IN_FLIGHT", "1000")
+    args = build_parser().parse_args(["ingest", "c.jsonl", "--batch-bytes", "500"])
+    assert (args.batch_bytes, args.max_bytes_in_flight) == (500, 1000)
+    monkeypatch.setenv("CTL_INGEST_BATCH_BYTES", "0")
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(["ingest", "c.jsonl"])
+    assert stopped.value.code == 2 and "CTL_INGEST_BATCH_BYTES='0': expected 1.." in capsys.readouterr().err
+
+
 def test_the_journal_lists_the_catalogs_ingested_products_with_their_listings(tmp_path):
     from ctl.ingest.journal import Journal, Outcome
 
@@ -862,9 +954,6 @@ def test_a_csv_record_that_cannot_be_read_fails_alone_at_its_first_line(services
     assert "not valid UTF-8 (byte 0xe9 at line 5, byte 4)" in reasons[1]
     assert "not valid UTF-8 (byte 0xe8 at line 6, byte 4)" in reasons[2]
     assert "category is missing or empty" in reasons[3]
-
-
-MiB = 1 << 20  # a catalog record's limit (ctl.ingest.catalog.MAX_RECORD_BYTES)
 
 
 def test_json_lines_are_decoded_strictly_and_bounded(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from ctl.ingest.catalog import FORMATS, MAX_IMAGE_BYTES, CatalogError
-from ctl.ingest.job import IngestConfig, Summary, format_summary, ingest
+from ctl.ingest.job import BATCH_BYTES, MAX_BYTES_IN_FLIGHT, IngestConfig, Summary, format_summary, ingest
 from ctl.security import add_client_arguments, aio_channel, client_security
 from ctl.serving import parse_bool
 from ctl.settings import GRPC_MAX_MESSAGE_BYTES, parse_int
@@ -110,7 +110,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     for name, default, low, high, text in (
         ("batch", "64", 1, 100_000, "records per stream"),
+        ("batch_bytes", str(BATCH_BYTES), 1, 1 << 40, "image bytes per stream (a larger image goes alone)"),
         ("streams", "4", 1, 256, "streams in flight"),
+        (
+            "max_bytes_in_flight",
+            str(MAX_BYTES_IN_FLIGHT),
+            1,
+            1 << 40,
+            "image bytes the job holds at once, read ahead, queued and in flight, besides the one image "
+            "being read: the reader waits for streams to end (a larger image goes alone)",
+        ),
         ("retries", "5", 0, 100, "retries of a failed stream"),
         (
             "max_image_bytes",
@@ -142,7 +151,9 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
         format=args.format,
         metadata_columns=tuple(c.strip() for c in args.metadata_columns.split(",") if c.strip()),
         batch=args.batch,
+        batch_bytes=args.batch_bytes,
         streams=args.streams,
+        max_bytes_in_flight=args.max_bytes_in_flight,
         retries=args.retries,
         journal=args.journal,
         errors=args.errors,

@@ -1,13 +1,15 @@
 """`ctl ingest`: stream a product catalog to the ranker's UpsertProducts, resumably.
 
-The catalog is read twice, in order: once for its ids (the progress total, and the check below), then
-for sending. Each record is decided before anything is sent: unreadable ones, missing image
-files and duplicate ids with different data fail here; records the journal already holds with the same
-content are skipped; the rest go out in batches, one UpsertProducts stream per batch,
-`streams` batches in flight. Outcomes are journaled only once the ranker has answered for the whole
-stream, so a killed job loses at most the batches in flight (sent again on the next run: upserts are
-idempotent). A stream that fails on UNAVAILABLE and the like is retried with backoff; if it still fails
-the job stops sending, and every record not ingested is listed in the error report with the reason.
+The catalog is read twice, in order: once for its ids (the progress total, and the check below), then for
+sending. Each record is decided before anything is sent: unreadable ones, missing image files and
+duplicate ids with different data fail here; records the journal already holds with the same content are
+skipped; the rest go out in batches, one UpsertProducts stream per batch, `streams` batches in flight. A
+batch carries at most `batch_bytes` of images, and the job holds at most `max_bytes_in_flight` of images
+(besides the one it is reading): the reader waits for streams to end. Outcomes are journaled only once
+the ranker has answered for the whole stream, so a killed job loses at most the batches in flight (sent
+again on the next run: upserts are idempotent). A stream that fails on UNAVAILABLE and the like is
+retried with backoff; if it still fails the job stops sending, and every record not ingested is listed in
+the error report with the reason.
 
 The journal is checked against the store, product by product, at the start and at the end. The store
 can have lost what the journal says landed (wiped, restored from an older copy, products deleted through
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,6 +85,10 @@ CHECK_BYTES = 1 << 20
 CHECK_OVERHEAD = 16  # reply bytes per product besides its listing's JSON
 CHECK_TIMEOUT_S = 60.0
 
+MiB = 1 << 20
+BATCH_BYTES = 32 * MiB  # image bytes per UpsertProducts stream at most (one larger image goes alone)
+MAX_BYTES_IN_FLIGHT = 256 * MiB  # image bytes the job holds at once: read ahead, queued, in flight
+
 
 @dataclass(frozen=True)
 class IngestConfig:
@@ -92,7 +99,9 @@ class IngestConfig:
     format: str | None = None  # jsonl | csv (default: from the suffix)
     metadata_columns: tuple[str, ...] = ()
     batch: int = 64  # records per UpsertProducts stream
+    batch_bytes: int = BATCH_BYTES  # image bytes per stream (a larger image goes alone)
     streams: int = 4  # streams in flight
+    max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT  # image bytes held at once (one larger image goes alone)
     journal: Path | None = None  # default: CATALOG.journal
     errors: Path | None = None  # default: CATALOG.errors.jsonl
     fresh: bool = False  # forget the journal
@@ -102,7 +111,7 @@ class IngestConfig:
     max_image_bytes: int = MAX_IMAGE_BYTES  # larger image files fail here, unread (the encoder's limit)
 
     def __post_init__(self):
-        for name in ("batch", "streams", "max_image_bytes"):
+        for name in ("batch", "batch_bytes", "streams", "max_bytes_in_flight", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected at least 1")
         if self.retries < 0:
@@ -180,11 +189,63 @@ def _digest(record: CatalogRecord, image: bytes) -> str:
     return h.hexdigest()[:32]
 
 
+class _ImageBytes:
+    """The image bytes the job holds (in the batch being made, queued, in flight), at most `limit`: a batch
+    of 64 records was the only bound, and the reader ran up to 9 batches ahead (64 images of 6 MiB each:
+    2 GiB). An image larger than the whole limit is taken once nothing else is held. Taken in the reader's
+    thread, given back in the event loop's once a stream has ended; `close` ends the reader's wait."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def _fits(self, size: int) -> bool:
+        return self.held == 0 or self.held + size <= self.limit
+
+    def try_take(self, size: int) -> bool:
+        with self._changed:
+            if self._closed or not self._fits(size):
+                return False
+            self.held += size
+            return True
+
+    def take(self, size: int) -> bool:
+        """Waits until `size` bytes fit; False if the job ended first."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or self._fits(size))
+            if self._closed:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._changed:
+            self.held -= size
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
 class _Planner:
     """Walks the catalog and decides each record: fail, skip, or send (with its image bytes)."""
 
-    def __init__(self, config: IngestConfig, journal: Journal, summary: Summary, bar, landed: set[str]):
+    def __init__(
+        self,
+        config: IngestConfig,
+        journal: Journal,
+        summary: Summary,
+        bar,
+        landed: set[str],
+        budget: _ImageBytes,
+    ):
         self.config = config
+        self.budget = budget
+        self.carried: _Item | None = None  # read, but left for the next batch (not in the budget yet)
         self.journal = journal
         self.summary = summary
         self.bar = bar
@@ -196,18 +257,35 @@ class _Planner:
         self.seen: dict[str, tuple[str, int]] = {}  # product id -> (digest, line)
 
     def next_batch(self) -> list[_Item]:
-        """Up to `batch` records to send ([] at the end of the catalog)."""
+        """Up to `batch` records to send, with at most `batch_bytes` of images (one larger image goes alone),
+        their bytes taken from the budget: with none held here it waits for the streams to give some back,
+        else the batch goes as it is ([] at the end of the catalog, or once the job has ended)."""
         batch: list[_Item] = []
-        for record in self.records:
-            self.summary.records += 1
-            item = self._decide(record)
-            if item is None:
-                self.bar.update(1)
-                continue
+        size = 0
+        while (item := self.carried or self._next_item()) is not None:
+            self.carried = None
+            n = len(item.image)
+            if not batch:
+                if not self.budget.take(n):
+                    return []
+            elif size + n > self.config.batch_bytes or not self.budget.try_take(n):
+                self.carried = item
+                break
             batch.append(item)
+            size += n
             if len(batch) >= self.config.batch:
                 break
         return batch
+
+    def _next_item(self) -> _Item | None:
+        """The next record to send (None at the end of the catalog); the others are decided on the way."""
+        for record in self.records:
+            self.summary.records += 1
+            item = self._decide(record)
+            if item is not None:
+                return item
+            self.bar.update(1)
+        return None
 
     def _fail(self, record: CatalogRecord, code: str, reason: str) -> None:
         self.summary.failures.append(Failure(record.line, record.product_id, code, reason))
@@ -441,30 +519,46 @@ async def ingest(config: IngestConfig, channel: grpc.aio.Channel) -> Summary:
         raise
     landed: set[str] = set()  # what the store should hold at the end: trusted, or sent and acknowledged
     queue: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=config.streams)
+    budget = _ImageBytes(config.max_bytes_in_flight)
     try:
         with progress_bar(total, "ingest", "product") as bar:
-            planner = _Planner(config, journal, summary, bar, landed)
+            planner = _Planner(config, journal, summary, bar, landed, budget)
 
+            # A batch's images are held only by the queue and one stream (no name keeps them once sent:
+            # the budget counts what is held).
             async def produce() -> None:
                 try:
-                    while batch := await asyncio.to_thread(planner.next_batch):
+                    while True:
+                        batch = await asyncio.to_thread(planner.next_batch)
+                        if not batch:
+                            break
                         await queue.put(batch)
+                        del batch
                 finally:  # the streams finish what they hold and stop, whatever happened here
                     for _ in range(config.streams):
                         await queue.put(None)
 
             async def consume() -> None:
-                while (items := await queue.get()) is not None:
-                    if summary.stopped:
-                        _not_sent(summary, items, summary.stopped)
-                    else:
-                        await _stream(stub, items, config, journal, summary, landed)
-                    bar.update(len(items))
+                while True:
+                    items = await queue.get()
+                    if items is None:
+                        return
+                    size = sum(len(it.image) for it in items)
+                    try:
+                        if summary.stopped:
+                            _not_sent(summary, items, summary.stopped)
+                        else:
+                            await _stream(stub, items, config, journal, summary, landed)
+                        bar.update(len(items))
+                    finally:
+                        del items
+                        budget.give(size)
 
             await asyncio.gather(produce(), *(consume() for _ in range(config.streams)))
         if not summary.stopped:
             await _check_after(stub, journal, sizes, landed, summary, config)
     finally:
+        budget.close()  # a reader waiting for bytes stops (streams that failed give none back)
         journal.close()
         summary.seconds = time.monotonic() - started
         summary.failures.sort(key=lambda f: f.line)
