@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,20 @@ def hostile_requests(args, version: str, dim: int, regions: int, categories: lis
     def excluded(n: int) -> list[str]:
         return [f"p{i:07d}" for i in range(n)]
 
+    def long_values() -> list[ranker_pb2.MetadataCondition]:  # 16 × 1,000 values of 4,000 bytes: 61 MiB
+        values = [f"{j:04d}" + "x" * 3996 for j in range(1000)]
+        return [ranker_pb2.MetadataCondition(key=f"k{i}", any_of=values) for i in range(16)]
+
+    def streams(n: int, count: int, size: int) -> Callable:
+        def send(stub, deadline) -> str:
+            with ThreadPoolExecutor(n) as pool:
+                answers = list(
+                    pool.map(lambda _: upsert(lambda: images(count, size))(stub, deadline), range(n))
+                )
+            return f"{len(answers)} streams answered: {answers[0]}"
+
+        return send
+
     return [
         Hostile(
             "Recommend, 1,000 filter conditions",
@@ -196,6 +211,11 @@ def hostile_requests(args, version: str, dim: int, regions: int, categories: lis
             "Recommend, 16 conditions (the most), every category, certify",
             recommend(categories=everything, filters=conditions(16), mode=certify),
             "OK",
+        ),
+        Hostile(
+            "Recommend, 16 filters of 1,000 values of 4 KB (61 MiB)",
+            recommend(categories=everything, filters=long_values(), mode=certify),
+            refused,
         ),
         Hostile(
             f"Recommend, {many:,} exclusions, every category",
@@ -217,6 +237,11 @@ def hostile_requests(args, version: str, dim: int, regions: int, categories: lis
             "OK",
         ),
         Hostile("UpsertProducts, 2 images of 60 MB", upsert(lambda: images(2, 60 * MiB)), "OK"),
+        Hostile(
+            f"UpsertProducts, {args.streams} streams of 10 images of 2 MB at once",
+            streams(args.streams, 10, 2 * MiB),
+            "OK",
+        ),
         Hostile(
             "UpsertProducts, a 40 MB metadata value",
             upsert(lambda: [product("meta", metadata={"story": "x" * (40 * MiB)})]),
@@ -282,8 +307,13 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=30.0, help="each request's deadline, seconds")
     parser.add_argument("--exclusions", type=int, default=1_000_000, help="exclusions of the refused request")
     parser.add_argument("--big-images", type=int, default=32, help="20 MB images in one stream")
+    parser.add_argument("--streams", type=int, default=16, help="concurrent UpsertProducts streams")
     parser.add_argument("--keys", type=int, default=1_000_000, help="metadata keys of one product")
     parser.add_argument("--new-categories", type=int, default=20_000)
+    parser.add_argument("--only", action="append", default=[], help="run the requests whose name holds this")
+    parser.add_argument(
+        "--ranker-flags", default="", help="more flags for the ranker, e.g. '--max-filters 8'"
+    )
     parser.add_argument("--work", type=Path, help="where the store and logs go (default: a temporary folder)")
     args = parser.parse_args()
     if not (args.model_repo / "model_info.json").exists():
@@ -302,10 +332,19 @@ def main() -> None:
         try:
             ranker = Service(
                 "ranker",
-                ["--encoder", encoder.address, "--store-path", str(work / "store" / "{model_version}")],
+                [
+                    "--encoder",
+                    encoder.address,
+                    "--store-path",
+                    str(work / "store" / "{model_version}"),
+                    *args.ranker_flags.split(),
+                ],
                 work / "ranker.log",
             )
-            rows, failures = run(args, ranker, hostile_requests(args, version, dim, regions, categories))
+            requests = hostile_requests(args, version, dim, regions, categories)
+            if args.only:
+                requests = [h for h in requests if any(part in h.name for part in args.only)]
+            rows, failures = run(args, ranker, requests)
         finally:
             for service in (ranker, encoder):
                 if service is not None:

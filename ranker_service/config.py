@@ -191,10 +191,10 @@ class RankerConfig:
         ),
     )
     upsert_bytes_in_flight: int = field(
-        default=64 * MiB,
+        default=32 * MiB,
         metadata=setting(
-            "bytes of UpsertProducts records held in batches being encoded at once, over all streams (a "
-            "larger batch waits until no other is held, then goes alone)",
+            "bytes of UpsertProducts records held at once, from read until encoded, over all streams (a "
+            "stream waits, reading nothing; a larger record waits until nothing is held, then goes)",
             check=at_least(1),
         ),
     )

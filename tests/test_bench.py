@@ -100,7 +100,7 @@ def test_hostile_benchmark_answers_or_refuses_every_request(exported_repo, tmp_p
     printed, not asserted (they depend on the machine)."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.hostile", "--products", "2000", "--identical", "500", "--big-images",
-         "2", "--keys", "100000", "--new-categories", "10100", "--exclusions", "20000",
+         "2", "--keys", "100000", "--new-categories", "10100", "--exclusions", "20000", "--streams", "4",
          "--model-repo", str(exported_repo), "--work", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -108,6 +108,8 @@ def test_hostile_benchmark_answers_or_refuses_every_request(exported_repo, tmp_p
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     assert "Result: PASS" in out
     assert _cells(out, "Recommend, 1,000 filter conditions")[1] == "INVALID_ARGUMENT"
+    assert _cells(out, "Recommend, 16 filters of 1,000 values of 4 KB (61 MiB)")[1] == "INVALID_ARGUMENT"
+    assert _cells(out, "UpsertProducts, 4 streams of 10 images of 2 MB at once")[2].startswith("4 streams")
     assert _cells(out, "UpsertProducts, 2 images of 60 MB")[2] == "0 stored, 2 failed (INVALID_ARGUMENT)"
     new = _cells(out, "UpsertProducts, 10,100 new categories")[2]
     assert new.endswith("failed (RESOURCE_EXHAUSTED)") and not new.startswith("10,100 stored")

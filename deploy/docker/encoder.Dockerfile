@@ -19,6 +19,8 @@ COPY --from=build /opt/ctl /opt/ctl
 RUN useradd --system --uid 10001 --gid 0 --no-create-home ctl
 USER 10001
 ENV PATH=/opt/ctl/bin:$PATH PYTHONUNBUFFERED=1 CTL_ENCODER_MODEL_REPO=/models
+# fewer glibc malloc arenas: the memory of large requests goes back to the system (see ranker.Dockerfile)
+ENV MALLOC_ARENA_MAX=2
 EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=4s --start-period=120s CMD ["ctl", "health", "localhost:50051"]
 ENTRYPOINT ["ctl", "serve-encoder"]
