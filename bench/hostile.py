@@ -314,7 +314,11 @@ def main() -> None:
     parser.add_argument(
         "--ranker-flags", default="", help="more flags for the ranker, e.g. '--max-filters 8'"
     )
-    parser.add_argument("--work", type=Path, help="where the store and logs go (default: a temporary folder)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="folder for the temporary store and logs (removed at the end; default: /tmp)",
+    )
     args = parser.parse_args()
     if not (args.model_repo / "model_info.json").exists():
         sys.exit(f"{args.model_repo}: no exported model (run `make demo`, or give --model-repo)")
@@ -323,6 +327,8 @@ def main() -> None:
         f"# bench/hostile.py — {time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}. Command: "
         f"`python -m bench.hostile {' '.join(sys.argv[1:])}`\n"
     )
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         asyncio.run(_build(work / "store" / version, args.products, args.identical, version, dim))
@@ -344,6 +350,8 @@ def main() -> None:
             requests = hostile_requests(args, version, dim, regions, categories)
             if args.only:
                 requests = [h for h in requests if any(part in h.name for part in args.only)]
+                if not requests:
+                    sys.exit(f"no request's name holds any of {args.only}")
             rows, failures = run(args, ranker, requests)
         finally:
             for service in (ranker, encoder):

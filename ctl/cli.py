@@ -168,7 +168,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     except SecurityConfigError as exc:
         log.error("%s", exc)
         return 2
-    with channel(args.ranker, credentials) as chan:
+    # a Recommend reply may be as large as the ranker sends (64 MiB), not gRPC's default 4 MiB
+    with channel(args.ranker, credentials, options=[("grpc.max_receive_message_length", 64 << 20)]) as chan:
         stub = ranker_pb2_grpc.RankerServiceStub(chan)
         try:
             reply = stub.Recommend(

@@ -198,6 +198,14 @@ class RankerConfig:
             check=at_least(1),
         ),
     )
+    max_upsert_streams: int = field(
+        default=8,
+        metadata=setting(
+            "UpsertProducts streams read at once; more wait their turn (each may hold a record and gRPC's "
+            "buffers, several times its largest image)",
+            check=at_least(1),
+        ),
+    )
     upsert_concurrency: int = field(
         default=2,
         metadata=setting("encoder calls in flight per UpsertProducts stream", check=at_least(1)),

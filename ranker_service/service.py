@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -62,6 +62,8 @@ MAX_ID_BYTES = 512
 MAX_METADATA_KEY_BYTES = 256
 _CALL_ENVELOPE = 64 * 1024  # an EncodeProducts request's bytes besides its images
 _IMAGE_ENVELOPE = 16  # per image: the field's tag and length
+LINGER_S = 0.2  # a stream that pauses this long has the batch it read so far sent
+_ECHO_CHARS = 256  # of a refused record's id, echoed in its failure
 MAX_DELETE = 10_000
 MAX_GET = 10_000  # ids per GetProducts
 
@@ -149,6 +151,8 @@ class RankerApp:
         self._ready: _Ready | None = None
         self._categories: set[str] = set()  # the catalog's categories (a superset after deletes)
         self.image_bytes = ByteBudget(config.upsert_bytes_in_flight)
+        self.upsert_streams = asyncio.Semaphore(config.max_upsert_streams)
+        self._in_flight: Counter[str] = Counter()  # categories of the batches between admitted and stored
         self.waiting_for = "the encoder"  # what start-up waits for, told to callers until ready
         self.candidates = metrics.histogram(
             "ctl_ranker_candidates_scored", "products scored exactly per category of a Recommend", ["mode"]
@@ -313,6 +317,15 @@ class RankerApp:
     async def upsert(
         self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining: float | None
     ) -> ranker_pb2.UpsertProductsResponse:
+        """At most `max_upsert_streams` streams are read at once, the others wait their turn (unread, a
+        stream holds little: each one read may hold a record and gRPC's buffers, several times the size
+        of its largest image)."""
+        async with self.upsert_streams:
+            return await self._upsert(requests, remaining)
+
+    async def _upsert(
+        self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining: float | None
+    ) -> ranker_pb2.UpsertProductsResponse:
         """Batches of `upsert_batch` records are encoded and written concurrently, at most
         `upsert_concurrency` at a time (the stream is not read further meanwhile), but a product sent twice
         is written in the order sent: a batch waits, before its write, for the earlier batches that hold one
@@ -332,11 +345,16 @@ class RankerApp:
         async def flush(
             items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task], held: list[int]
         ) -> None:
-            points = await self._prepare(items, reply, ready, remaining)
-            self.image_bytes.release(held.pop())  # the images are encoded: only vectors are left
-            if earlier:
-                await asyncio.wait(earlier)
-            await self._store(points, ready)
+            categories: Counter[str] = Counter()  # what _prepare admits, held until stored
+            try:
+                points = await self._prepare(items, reply, ready, remaining, categories)
+                self.image_bytes.release(held.pop())  # the images are encoded: only vectors are left
+                if earlier:
+                    await asyncio.wait(earlier)
+                await self._store(points, ready)
+            finally:
+                self._in_flight.subtract(categories)
+                self._in_flight += Counter()  # drops the categories no batch holds now
             stored.update(p.product_id for p in points)
             reply.upserted = len(stored)
 
@@ -377,9 +395,31 @@ class RankerApp:
                 granted = await self.image_bytes.acquire(size)
             return granted
 
+        reading: asyncio.Future | None = None
+
+        async def next_request() -> ranker_pb2.UpsertProductsRequest | None:
+            """The stream's next record (None at its end). While a batch read so far holds part of the
+            budget, a caller that pauses (a slow link, or one that keeps its stream open and idle) has it
+            sent after LINGER_S: bytes held by an idle stream would stop every other stream's uploads."""
+            nonlocal batch, batch_bytes, batch_held, reading
+            reading = asyncio.ensure_future(anext(records))
+            if batch:
+                await asyncio.wait({reading}, timeout=LINGER_S)
+                if not reading.done():
+                    items, held = batch, batch_held
+                    batch, batch_bytes, batch_held = [], 0, 0
+                    await start(items, held)
+            try:
+                return await reading
+            except StopAsyncIteration:
+                return None
+            finally:
+                reading = None
+
+        records = aiter(requests)
         try:
             too_long = False
-            async for request in requests:
+            while (request := await next_request()) is not None:
                 if reply.received == self.config.max_stream_records:
                     too_long = True  # what came before is finished below; the rest is not read
                     break
@@ -417,6 +457,8 @@ class RankerApp:
         except StreamTooLong:
             raise
         except BaseException as exc:
+            if reading is not None:
+                reading.cancel()
             self.image_bytes.release(batch_held)  # read, never sent
             batch_held = 0
             for t in tasks:
@@ -433,16 +475,25 @@ class RankerApp:
         log.info(
             "upsert: %d received, %d stored, %d failed", reply.received, reply.upserted, len(reply.failures)
         )
-        return reply
+        return self._fitting(
+            reply, f"the {len(reply.failures):,} failures of this stream", "send fewer records per stream"
+        )
 
     async def _prepare(
-        self, items: list[tuple[int, ranker_pb2.Product]], reply, ready: _Ready, remaining: float | None
+        self,
+        items: list[tuple[int, ranker_pb2.Product]],
+        reply,
+        ready: _Ready,
+        remaining: float | None,
+        admitted: Counter[str],
     ) -> list[ProductPoint]:
         """The points of a batch, in record order: precomputed embeddings checked, images encoded; records
         that cannot be stored are listed in `reply.failures`."""
         info = ready.info
         points: dict[int, ProductPoint] = {}
         items = await self._admit_categories(items, reply, ready)
+        admitted.update({p.category for _, p in items})
+        self._in_flight.update(admitted)  # given back by the caller once stored
         images = [(i, p) for i, p in items if p.WhichOneof("content") == "image"]
         for index, product in items:
             if product.WhichOneof("content") != "embedding":
@@ -512,7 +563,9 @@ class RankerApp:
         if not new:
             return items
         if len(self._categories) + len(new) > cap:  # deletes may have emptied some: ask the store
-            self._categories = set(await ready.store.counts_by_category())
+            # (and keep those of other batches admitted but not stored yet, or the cap would let them in
+            # twice)
+            self._categories = set(await ready.store.counts_by_category()) | set(self._in_flight)
         kept = []
         for index, product in items:
             if product.category not in self._categories:
@@ -665,8 +718,11 @@ def _failure_list(reply, most: int = 10) -> str:
 
 
 def _fail(reply, index: int, product_id: str, code: str, message: str) -> None:
+    """Lists a failed record: its id shortened (a refused record's id may be megabytes long, and the
+    reply is kept until the stream ends) and the message within 1,000 characters."""
+    shown = product_id if len(product_id) <= _ECHO_CHARS else product_id[:_ECHO_CHARS] + "…"
     reply.failures.add(
-        index=index, product_id=product_id, error=embeddings_pb2.RecordError(code=code, message=message)
+        index=index, product_id=shown, error=embeddings_pb2.RecordError(code=code, message=message[:1000])
     )
 
 

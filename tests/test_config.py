@@ -54,6 +54,7 @@ RANKER_DEFAULTS = {
     "upsert_batch": 32,
     "upsert_batch_bytes": 16 * 1024 * 1024,
     "upsert_bytes_in_flight": 32 * 1024 * 1024,
+    "max_upsert_streams": 8,
     "upsert_concurrency": 2,
     "probe_interval_s": 5.0,
     "startup_timeout_s": 120.0,

@@ -543,3 +543,104 @@ def test_encoder_calls_follow_the_limits_of_an_encoder_restarted_with_smaller_on
             second.close()
     finally:
         first.close()
+
+
+def test_an_idle_open_stream_does_not_hold_the_byte_budget_from_others() -> None:
+    """Second review of #6: each record took its bytes as it was read, and a batch read so far kept them
+    while its stream stayed open: two streams that sent a few records and went quiet stopped every other
+    upload until their callers resumed. Now a stream that pauses has its batch sent (LINGER_S)."""
+    rng = np.random.default_rng(10)
+    v = _unit(rng.standard_normal((12, DIM)))
+    resume = None
+
+    async def idle_after(prefix: str, n: int) -> AsyncIterator[ranker_pb2.UpsertProductsRequest]:
+        for i in range(n):
+            yield _product(f"{prefix}{i}", "shoes", v[i], v[i])
+        await resume.wait()  # open and quiet, as a stalled client
+
+    async def scenario(app, store):
+        nonlocal resume
+        resume = asyncio.Event()
+        record = _product("x", "shoes", v[0], v[0]).product.ByteSize()
+        app.image_bytes.limit = 4 * record  # two idle streams of two records take all of it
+        idle = [asyncio.create_task(app.upsert(idle_after(p, 2), None)) for p in ("a", "b")]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        other = await asyncio.wait_for(
+            app.upsert(_stream([_product(f"c{i}", "shoes", v[i], v[i]) for i in range(6)]), None), 20
+        )
+        resume.set()
+        replies = await asyncio.gather(*idle)
+        return other, replies, app.image_bytes.used
+
+    other, replies, used = asyncio.run(_with_app(RankerConfig(upsert_batch=32), scenario))
+    assert other.upserted == 6 and [r.upserted for r in replies] == [2, 2] and used == 0
+
+
+def test_at_most_max_upsert_streams_are_read_at_once() -> None:
+    """Second review of #6: each stream being read holds a record and gRPC's buffers (16 streams of 15 MiB
+    images: 1.5 GB with the budget at 32 MiB). Streams beyond `max_upsert_streams` wait unread."""
+    rng = np.random.default_rng(11)
+    v = _unit(rng.standard_normal((3, DIM)))
+    state = {"reading": 0, "most": 0}
+
+    async def stream(prefix: str) -> AsyncIterator[ranker_pb2.UpsertProductsRequest]:
+        state["reading"] += 1
+        state["most"] = max(state["most"], state["reading"])
+        try:
+            for i in range(3):
+                yield _product(f"{prefix}{i}", "shoes", v[i], v[i])
+                await asyncio.sleep(0.01)
+        finally:
+            state["reading"] -= 1
+
+    async def scenario(app, store):
+        return await asyncio.gather(*(app.upsert(stream(f"s{k}-"), None) for k in range(6)))
+
+    replies = asyncio.run(_with_app(RankerConfig(max_upsert_streams=2), scenario))
+    assert [r.upserted for r in replies] == [3] * 6
+    assert state["most"] == 2
+
+
+def test_a_refused_records_id_is_echoed_shortened() -> None:
+    """Second review: a record refused for its too-long id had the whole id copied into the reply, kept
+    until the stream ended (60 records of 30 MiB ids: 8.2 GB, then a reply too large to send)."""
+    rng = np.random.default_rng(12)
+    v = _unit(rng.standard_normal((2, DIM)))
+    requests = [_product("x" * 1_000_000, "shoes", v[0], v[0]), _product("ok", "shoes", v[1], v[1])]
+
+    async def scenario(app, store):
+        return await app.upsert(_stream(requests), None)
+
+    reply = asyncio.run(_with_app(RankerConfig(), scenario))
+    assert reply.upserted == 1 and len(reply.failures) == 1
+    failure = reply.failures[0]
+    assert failure.index == 0 and len(failure.product_id) <= 257 and failure.product_id.startswith("xxx")
+    assert "product_id is longer than 512 bytes" in failure.error.message
+
+
+def test_concurrent_batches_cannot_admit_more_categories_than_the_cap() -> None:
+    """Review of #8 (twice): a batch that refreshed the catalog's categories from the store forgot those
+    another batch had admitted but not stored yet, so two streams together exceeded the cap. The store's
+    writes are made to take a while (an await, as a remote Qdrant's do): the embedded store's never yield,
+    which hides the interleaving; the store underneath is real."""
+    rng = np.random.default_rng(13)
+    v = _unit(rng.standard_normal((4, DIM)))
+
+    async def scenario(app, store):
+        await app.upsert(_stream([_product(f"p{i}", f"c{i}", v[i], v[i]) for i in range(2)]), None)
+        real = store.upsert
+
+        async def slow(points):
+            await asyncio.sleep(0.05)
+            await real(points)
+
+        store.upsert = slow
+        replies = await asyncio.gather(
+            *(app.upsert(_stream([_product(f"q{i}", f"new{i}", v[i], v[i])]), None) for i in (2, 3))
+        )
+        return replies, await store.counts_by_category()
+
+    replies, counts = asyncio.run(_with_app(RankerConfig(max_catalog_categories=3), scenario))
+    assert sorted(r.upserted for r in replies) == [0, 1]
+    assert len(counts) == 3
