@@ -180,18 +180,53 @@ def _store_meta(store_dir: Path, shown: str) -> tuple[str, int]:
 _NOT_ENGINE_FAULTS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
 
+def _flush_stderr() -> None:
+    """Flushes Python's stderr, if there is one (None when fd 2 was closed at start) and it can be written."""
+    with contextlib.suppress(OSError, ValueError):
+        if sys.stderr is not None:
+            sys.stderr.flush()
+
+
+def _held_file() -> io.BufferedRandom | io.BufferedWriter:
+    """Where fd 2 points while the engine runs: a temporary file, or /dev/null if none can be made (then
+    the engine's report is dropped, not passed on: holding it is never a reason to fail)."""
+    try:
+        return tempfile.TemporaryFile()
+    except OSError:
+        return open(os.devnull, "wb")
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _engine_report() -> Iterator[None]:
     """Holds what is written to stderr (file descriptor 2) while the engine has a store open: a panic's
     report (the Rust hook prints the message, a source line and maybe a backtrace) is dropped, as the
-    SnapshotError says it in one line; anything else is passed on afterwards, in order. Other threads'
-    output in the meantime is held too (ctl snapshot and restore run none)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    SnapshotError says it in one line; anything else is passed on afterwards, in order, as far as stderr
+    takes it (closed, full or a pipe nobody reads: dropped, never a failure of the snapshot). fd 2 points
+    at the held file even when it was closed, so that no file the engine opens takes its number (a report
+    would be written into it); it is closed again afterwards. A process started without fd 2 (no
+    sys.__stderr__) whose number another file has taken since (asyncio's epoll, say) is left alone: that
+    file is not stderr. Other threads' output in the meantime is held too (ctl snapshot and restore run
+    none)."""
+    _flush_stderr()
+    if sys.__stderr__ is None and _is_open(2):
+        yield
+        return
     try:
-        with tempfile.TemporaryFile() as held:
+        saved: int | None = os.dup(2)
+    except OSError:
+        saved = None  # fd 2 is closed (`2>&-`, a service manager without stderr)
+    keep = False
+    try:
+        with _held_file() as held:
             os.dup2(held.fileno(), 2)
-            keep = False
             try:
                 yield
                 keep = True
@@ -199,14 +234,25 @@ def _engine_report() -> Iterator[None]:
                 keep = isinstance(exc, (Exception, *_NOT_ENGINE_FAULTS))
                 raise
             finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                if keep:
-                    held.seek(0)
-                    with open(2, "wb", closefd=False) as stderr:
-                        shutil.copyfileobj(held, stderr)
+                _flush_stderr()
+                if saved is None:
+                    if held.fileno() != 2:  # (the held file took the free number itself: closed below)
+                        os.close(2)
+                else:
+                    os.dup2(saved, 2)
+                if keep and saved is not None and held.readable():
+                    _pass_on(held)
     finally:
-        os.close(saved)
+        if saved is not None:
+            os.close(saved)
+
+
+def _pass_on(held: io.BufferedRandom) -> None:
+    """Copies the held output to stderr, best effort: what stderr does not take is dropped."""
+    with contextlib.suppress(OSError, ValueError):
+        held.seek(0)
+        with open(2, "wb", closefd=False) as stderr:
+            shutil.copyfileobj(held, stderr)
 
 
 async def _inventory(store_dir: Path, shown: str) -> dict:
@@ -242,41 +288,193 @@ async def _inventory(store_dir: Path, shown: str) -> dict:
 # ---------------------------------------------------------------- snapshot
 
 
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _file_kind(mode: int, link: str = "?") -> str:
+    """What a file in the store is, in words (as `_kind` says it of a member)."""
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {_shown(link)})"
+    for test, words in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return f"of file type {stat.S_IFMT(mode):#o}"
+
+
+def _not_plain(where: Path, mode: int, link: str = "?") -> SnapshotError:
+    return SnapshotError(
+        f"{where} is {_file_kind(mode, link)}: a snapshot holds only regular files and folders "
+        "(move it out of the store, or copy what it points to into it)"
+    )
+
+
+def _changed(where: Path, parent: int, part: str) -> SnapshotError:
+    """A name that is no longer what it was when checked (someone writes to the store meanwhile)."""
+    try:
+        now = _file_kind(os.stat(part, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        now = "gone"
+    return SnapshotError(
+        f"{where} changed while it was archived (now {now}): stop whatever writes to the store, "
+        "then take the snapshot again"
+    )
+
+
+def _member(name: str, st: os.stat_result) -> tarfile.TarInfo:
+    """A member from a descriptor's fstat: a folder or a regular file, its mode, size and mtime; no owner."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if stat.S_ISDIR(st.st_mode) else tarfile.REGTYPE
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.mtime = int(st.st_mtime)
+    info.size = st.st_size if info.type == tarfile.REGTYPE else 0
+    return info
+
+
+class _Exact:
+    """A regular file's bytes as tarfile reads them for a member: exactly `size`; a file that ends before
+    (it shrank while read) is refused rather than archived short (tarfile would fail mid-member)."""
+
+    def __init__(self, fd: int, size: int, where: Path) -> None:
+        self._fd, self._left, self._where = fd, size, where
+
+    def read(self, size: int) -> bytes:
+        size = min(size, self._left)
+        parts = []
+        while size:
+            try:
+                chunk = os.read(self._fd, size)
+            except OSError as exc:
+                raise SnapshotError(f"cannot read {self._where}: {exc.strerror}") from exc
+            if not chunk:
+                raise SnapshotError(
+                    f"{self._where} shrank while it was archived: stop whatever writes to the store, "
+                    "then take the snapshot again"
+                )
+            parts.append(chunk)
+            size -= len(chunk)
+            self._left -= len(chunk)
+        return b"".join(parts)
+
+    def grew(self) -> bool:
+        """Whether the file holds more than `size` bytes now (it grew while read)."""
+        try:
+            return bool(os.read(self._fd, 1))
+        except OSError as exc:
+            raise SnapshotError(f"cannot read {self._where}: {exc.strerror}") from exc
+
+
+def _add_file(tar: tarfile.TarFile, parent: int, part: str, name: str, where: Path) -> None:
+    """Archives the regular file `part` of the folder open as `parent`: opened without following a link
+    (O_NOFOLLOW) and without blocking on a FIFO, then checked as opened (fstat: a regular file of one
+    name) and archived from that descriptor, so that what is archived is what was checked."""
+    try:
+        fd = os.open(part, _FILE_FLAGS, dir_fd=parent)
+    except OSError as exc:  # ELOOP: a link now; ENXIO: a socket; ENOENT: gone
+        raise _changed(where, parent, part) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _changed(where, parent, part)
+        if st.st_nlink > 1:
+            raise SnapshotError(
+                f"{where} is a hard link (one of {st.st_nlink} names of a file, which may lie outside the "
+                "store): a snapshot holds only files of one name (replace it with a copy)"
+            )
+        source = _Exact(fd, st.st_size, where)
+        tar.addfile(_member(name, st), source)
+        if source.grew():
+            raise SnapshotError(
+                f"{where} grew while it was archived: stop whatever writes to the store, "
+                "then take the snapshot again"
+            )
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Folder:
+    """A folder being archived: its descriptor, member name, path (for messages) and names left."""
+
+    fd: int
+    name: str
+    where: Path
+    parts: Iterator[str] | None = None
+
+
+def _add_store(tar: tarfile.TarFile, store_dir: Path) -> int:
+    """Archives the store folder as `store/`, like tarfile's add (folders first, names sorted), but walked
+    by descriptors: each folder opened in the one above it (O_DIRECTORY | O_NOFOLLOW), each file opened in
+    its folder and checked as opened (`_add_file`). tarfile checks a path (lstat) and then opens it by
+    name, which follows a link put there in between. Refuses names restore refuses, links, special files
+    and hard links. The number of members added."""
+    members = 0
+    walk: list[_Folder] = []
+    try:
+        try:
+            walk.append(_Folder(os.open(store_dir, _DIR_FLAGS), STORE, store_dir))
+        except OSError as exc:
+            raise SnapshotError(f"cannot read {store_dir}: {exc.strerror}") from exc
+        while walk:
+            folder = walk[-1]
+            if folder.parts is None:  # just opened: its own member, then what it holds
+                try:
+                    st, names = os.fstat(folder.fd), sorted(os.listdir(folder.fd))
+                except OSError as exc:
+                    raise SnapshotError(f"cannot read {folder.where}: {exc.strerror}") from exc
+                tar.addfile(_member(folder.name, st))
+                members += 1
+                folder.parts = iter(names)
+            part = next(folder.parts, None)
+            if part is None:
+                os.close(walk.pop().fd)
+                continue
+            name, where = f"{folder.name}/{part}", folder.where / part
+            fault = _name_fault(name)
+            if fault:
+                raise SnapshotError(  # repr: the name may hold control characters or bytes not UTF-8
+                    f"{str(where)!r} {fault}, which ctl restore refuses in an archive "
+                    "(rename it, or move it out of the store)"
+                )
+            try:
+                mode = os.stat(part, dir_fd=folder.fd, follow_symlinks=False).st_mode
+            except OSError as exc:
+                raise _changed(where, folder.fd, part) from exc
+            if stat.S_ISDIR(mode):
+                try:
+                    walk.append(_Folder(os.open(part, _DIR_FLAGS, dir_fd=folder.fd), name, where))
+                except OSError as exc:  # ELOOP or ENOTDIR: no longer a folder
+                    raise _changed(where, folder.fd, part) from exc
+            elif stat.S_ISREG(mode):
+                _add_file(tar, folder.fd, part, name, where)
+                members += 1
+            else:
+                link = "?"
+                if stat.S_ISLNK(mode):
+                    with contextlib.suppress(OSError):
+                        link = os.readlink(part, dir_fd=folder.fd)
+                raise _not_plain(where, mode, link)
+    finally:
+        for folder in walk:
+            os.close(folder.fd)
+    return members
+
+
 def snapshot(store_dir: Path, out: Path) -> dict:
     """Archives the embedded store at `store_dir` into `out` (.tar.gz, written atomically); the manifest.
     Only folders and regular files of one name (no hard links) are archived, without owners, under names
     restore accepts; anything else in the store is refused (following a link, or a second name of a file
-    outside the store, would archive what lies outside it). Warns when restoring the archive needs more than
-    restore's default limits."""
+    outside the store, would archive what lies outside it); each file is archived from the descriptor it
+    was checked on (`_add_store`), so a name swapped for a link meanwhile is refused. Warns when
+    restoring the archive needs more than restore's default limits."""
     store_dir = Path(os.path.realpath(store_dir))  # a link given as the store is the operator's choice
     manifest = asyncio.run(_inventory(store_dir, str(store_dir)))
-    members = 1
-
-    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        nonlocal members
-        where = store_dir / info.name.partition("/")[2]
-        fault = _name_fault(info.name)
-        if fault:
-            raise SnapshotError(  # repr: the name may hold control characters or bytes not UTF-8
-                f"{str(where)!r} {fault}, which ctl restore refuses in an archive "
-                "(rename it, or move it out of the store)"
-            )
-        if not (info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.isdir()):
-            raise SnapshotError(
-                f"{where} is {_kind(info)}: a snapshot holds only regular files and folders "
-                "(move it out of the store, or copy what it points to into it)"
-            )
-        links = os.lstat(where).st_nlink if info.isfile() else 1
-        if links > 1:
-            raise SnapshotError(
-                f"{where} is a hard link (one of {links} names of a file, which may lie outside the store): "
-                "a snapshot holds only files of one name (replace it with a copy)"
-            )
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        members += 1
-        return info
-
     data = json.dumps(manifest, indent=2).encode()
     try:
         _check_manifest(_parse_json(data))  # restore's own check: a category it would refuse, say
@@ -289,7 +487,7 @@ def snapshot(store_dir: Path, out: Path) -> dict:
             info = tarfile.TarInfo(MANIFEST)
             info.size, info.mtime = len(data), int(time.time())
             tar.addfile(info, fileobj=io.BytesIO(data))
-            tar.add(store_dir, arcname=STORE, filter=plain)
+            members = 1 + _add_store(tar, store_dir)
             stream = tar.offset + tarfile.BLOCKSIZE  # what restore reads: up to the first end block
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import qdrant_edge as qe
 
 import ctl.snapshot as snap  # the module, so that a test of a name the old code lacks fails alone
 from ranker_service.store import ProductPoint, open_edge_store
+from ranker_service.store._points import METADATA_TERMS, stored_points
 from tests.servers import REPO
 
 VERSION, DIM = "m-snap-1", 16
@@ -661,3 +663,146 @@ def test_snapshot_refuses_a_store_whose_manifest_restore_would_refuse(tmp_path):
     with pytest.raises(snap.SnapshotError, match=r"manifest ctl restore refuses: category 'ccc.* 1 to 1024"):
         snap.snapshot(store, tmp_path / "x.tar.gz")
     no_archive(tmp_path)
+
+
+# ---------------------------------------------------------------- second review, items 4 and 5
+
+
+def swapped_before_open(notes: Path, secret: Path, make_link, monkeypatch) -> list:
+    """Swaps `notes` for a link to `secret` (os.symlink or os.link) right before it is first opened, after
+    every check: os.open and tarfile's own open (which the old code's tar.add used) are wrapped. A fake:
+    the review's race (a writer flipping the name) cannot be won on demand. The calls that swapped."""
+    swapped: list = []
+
+    def wrap(real):
+        def opener(path, *args, **kwargs):
+            if not swapped and os.path.basename(os.fspath(path)) == notes.name:
+                swapped.append(path)
+                spare = notes.with_name(".swap")
+                make_link(secret, spare)
+                os.replace(spare, notes)
+            return real(path, *args, **kwargs)
+
+        return opener
+
+    monkeypatch.setattr(os, "open", wrap(os.open))
+    monkeypatch.setattr(tarfile, "bltn_open", wrap(tarfile.bltn_open))
+    return swapped
+
+
+SWAPS = {
+    "symbolic link": (os.symlink, r"segments/notes changed while it was archived \(now a symbolic link"),
+    "hard link": (os.link, r"segments/notes is a hard link \(one of 2 names"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWAPS))
+def test_snapshot_never_archives_a_file_swapped_for_a_link_after_its_check(
+    tmp_path, store_copy, monkeypatch, case
+):
+    """Review 2, item 4: tarfile checked each name without following links (lstat, and the hard-link check
+    another lstat), then opened it by name, which follows a link put there in between: the secret outside
+    was archived as store/segments/notes (the review's race: leaked=1 of 30). Now each file is opened in
+    its folder's descriptor with O_NOFOLLOW and checked as opened (fstat: regular, one name)."""
+    make_link, said = SWAPS[case]
+    secret = tmp_path / "outside-secret"
+    secret.write_bytes(b"SECRET, not part of the catalog")
+    notes = store_copy / "segments" / "notes"
+    notes.write_bytes(b"n" * 31)
+    swapped = swapped_before_open(notes, secret, make_link, monkeypatch)
+    with pytest.raises(snap.SnapshotError, match=said):
+        snap.snapshot(store_copy, tmp_path / "x.tar.gz")
+    assert swapped  # the fake did swap the name: the refusal is of the link
+    no_archive(tmp_path)
+
+
+CHANGES = {"shrank": lambda f: f.truncate(10), "grew": lambda f: f.write(b"more")}
+
+
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_snapshot_refuses_a_file_that_changes_size_while_archived(tmp_path, store_copy, monkeypatch, case):
+    """Review 2, item 4: the member's size is the opened file's (fstat); a file that then shrank failed
+    mid-member as 'cannot write <archive>: unexpected end of data', one that grew was archived cut short.
+    Now both are refused, naming the file. The change is made right after the fstat (a fake: a writer's
+    timing cannot be had on demand)."""
+    notes = store_copy / "segments" / "notes"
+    notes.write_bytes(b"n" * 64)
+    real_fstat, changed = os.fstat, []
+
+    def fstat(fd):
+        st = real_fstat(fd)
+        if not changed and os.readlink(f"/proc/self/fd/{fd}") == str(notes):
+            changed.append(fd)
+            with open(notes, "r+b") as f:
+                f.seek(0, os.SEEK_END)
+                CHANGES[case](f)
+        return st
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    with pytest.raises(snap.SnapshotError, match=f"segments/notes {case} while it was archived"):
+        snap.snapshot(store_copy, tmp_path / "x.tar.gz")
+    assert changed
+    no_archive(tmp_path)
+
+
+def ctl_with_stderr(kind: str, *args: str) -> subprocess.CompletedProcess:
+    """`ctl ARGS` with a stderr that takes nothing: 'closed' (2>&-, as a service manager may start it),
+    'full' (/dev/full) or 'broken' (a pipe whose reader is gone)."""
+    command = [sys.executable, "-m", "ctl.cli", *args]
+    run = {"cwd": REPO, "stdout": subprocess.PIPE, "text": True, "timeout": 120, "check": False}
+    if kind == "closed":
+        return subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", *command], **run)
+    if kind == "full":
+        with open("/dev/full", "w") as full:
+            return subprocess.run(command, stderr=full, **run)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(command, stderr=write, **run)
+    finally:
+        os.close(write)
+
+
+@pytest.fixture(scope="module")
+def unmigrated(tmp_path_factory) -> Path:
+    """A store of 9 products written without their metadata terms (as by a ranker older than them): opening
+    it adds them and logs a line, so the store check has output to hold and pass on to stderr."""
+    path = tmp_path_factory.mktemp("unmigrated") / "store"
+
+    async def write() -> None:
+        store = await open_edge_store(path, VERSION, DIM)
+        try:
+            stored = stored_points(products(9), VERSION, DIM)
+            old = [
+                qe.Point(id=pid, vector=v, payload={k: x for k, x in pl.items() if k != METADATA_TERMS})
+                for pid, v, pl in stored
+            ]
+            store._live().update(qe.UpdateOperation.upsert_points(old))
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    return path
+
+
+@pytest.mark.parametrize("kind", ["closed", "full", "broken"])
+def test_snapshot_and_restore_work_whatever_stderr_is(tmp_path, unmigrated, kind):
+    """Review 2, item 5: holding the engine's stderr output (`_engine_report`) called sys.stderr.flush()
+    (None when fd 2 is closed) and copied the held output (here the store's log line) back to a stderr that
+    takes nothing (ENOSPC, EPIPE): `ctl snapshot` and `ctl restore` failed as 'cannot open <store>'. Now
+    passing it on is best effort; with a stderr that works the line still comes out."""
+    source = shutil.copytree(unmigrated, tmp_path / "store")
+    archive = tmp_path / "a.tar.gz"
+    done = ctl_with_stderr(kind, "snapshot", str(source), str(archive))
+    assert done.returncode == 0 and "9 products" in done.stdout, done.stdout
+    with tarfile.open(archive) as tar:
+        manifest = tar.extractfile("ctl_snapshot.json").read()
+    # an archive of the store as it was (restore's store check logs the same line)
+    old = craft(tmp_path / "old.tar.gz", [entry("ctl_snapshot.json", manifest)], real=unmigrated)
+    restored = ctl_with_stderr(kind, "restore", str(old), str(tmp_path / "r" / "{model_version}"))
+    assert restored.returncode == 0 and "9 products" in restored.stdout, restored.stdout
+    got = asyncio.run(_read(tmp_path / "r" / VERSION))
+    assert sorted(got) == sorted(p.product_id for p in products(9))
+
+    shown = ctl("restore", str(old), str(tmp_path / "r2" / "{model_version}"))
+    assert shown.returncode == 0 and "9 products given the metadata terms" in shown.stderr, shown.stderr
