@@ -201,8 +201,8 @@ class RankerConfig:
     max_upsert_streams: int = field(
         default=8,
         metadata=setting(
-            "UpsertProducts streams read at once; more wait their turn (each may hold a record and gRPC's "
-            "buffers, several times its largest image)",
+            "UpsertProducts streams open at once; one more is refused (RESOURCE_EXHAUSTED, retried by ctl "
+            "ingest): each holds records and gRPC's buffers, several times its largest image",
             check=at_least(1),
         ),
     )

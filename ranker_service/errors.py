@@ -51,3 +51,7 @@ class ConfigError(RankerError, ValueError):
 
 class DeadlineExceeded(RankerError):
     """The caller's deadline passed while the ranker worked on the call: DEADLINE_EXCEEDED."""
+
+
+class TooManyStreams(RankerError):
+    """max_upsert_streams UpsertProducts streams are open already: RESOURCE_EXHAUSTED (retry later)."""

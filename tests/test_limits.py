@@ -26,7 +26,7 @@ from ctl.tensors import Scene, product_to_proto, scene_to_proto
 from ctl.v1 import ranker_pb2
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
-from ranker_service.errors import DeadlineExceeded, InvalidRequest
+from ranker_service.errors import DeadlineExceeded, InvalidRequest, TooManyStreams
 from ranker_service.service import ERROR_CODES, RankerApp
 from ranker_service.store import open_edge_store
 from tests.servers import Encoder, encoder_config, wait_until
@@ -577,29 +577,34 @@ def test_an_idle_open_stream_does_not_hold_the_byte_budget_from_others() -> None
     assert other.upserted == 6 and [r.upserted for r in replies] == [2, 2] and used == 0
 
 
-def test_at_most_max_upsert_streams_are_read_at_once() -> None:
-    """Second review of #6: each stream being read holds a record and gRPC's buffers (16 streams of 15 MiB
-    images: 1.5 GB with the budget at 32 MiB). Streams beyond `max_upsert_streams` wait unread."""
+def test_a_stream_beyond_max_upsert_streams_is_refused_at_once() -> None:
+    """Second review of #6: each open stream holds records and gRPC's buffers (16 streams of 15 MiB
+    images: 1.5 GB with the budget at 32 MiB), and gRPC takes in a queued stream's first records as well.
+    One stream more than `max_upsert_streams` is refused at once (RESOURCE_EXHAUSTED: retried later)."""
     rng = np.random.default_rng(11)
     v = _unit(rng.standard_normal((3, DIM)))
-    state = {"reading": 0, "most": 0}
 
-    async def stream(prefix: str) -> AsyncIterator[ranker_pb2.UpsertProductsRequest]:
-        state["reading"] += 1
-        state["most"] = max(state["most"], state["reading"])
-        try:
-            for i in range(3):
-                yield _product(f"{prefix}{i}", "shoes", v[i], v[i])
-                await asyncio.sleep(0.01)
-        finally:
-            state["reading"] -= 1
+    async def open_stream(
+        prefix: str, release: asyncio.Event
+    ) -> AsyncIterator[ranker_pb2.UpsertProductsRequest]:
+        yield _product(f"{prefix}0", "shoes", v[0], v[0])
+        await release.wait()
 
     async def scenario(app, store):
-        return await asyncio.gather(*(app.upsert(stream(f"s{k}-"), None) for k in range(6)))
+        release = asyncio.Event()
+        first = [asyncio.create_task(app.upsert(open_stream(f"s{k}-", release), None)) for k in range(2)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        with pytest.raises(TooManyStreams, match="CTL_RANKER_MAX_UPSERT_STREAMS") as error:
+            await app.upsert(_stream([_product("late", "shoes", v[1], v[1])]), None)
+        release.set()
+        replies = await asyncio.gather(*first)
+        after = await app.upsert(_stream([_product("later", "shoes", v[2], v[2])]), None)
+        return error.value, replies, after
 
-    replies = asyncio.run(_with_app(RankerConfig(max_upsert_streams=2), scenario))
-    assert [r.upserted for r in replies] == [3] * 6
-    assert state["most"] == 2
+    error, replies, after = asyncio.run(_with_app(RankerConfig(max_upsert_streams=2), scenario))
+    assert ERROR_CODES[type(error)] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert [r.upserted for r in replies] == [1, 1] and after.upserted == 1
 
 
 def test_a_refused_records_id_is_echoed_shortened() -> None:
