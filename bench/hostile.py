@@ -187,12 +187,23 @@ def hostile_requests(args, version: str, dim: int, regions: int, categories: lis
         return [ranker_pb2.MetadataCondition(key=f"k{i}", any_of=values) for i in range(16)]
 
     def streams(n: int, count: int, size: int) -> Callable:
+        """`n` streams at once; each is answered, or refused at once (RESOURCE_EXHAUSTED: over
+        --max-upsert-streams); any other status fails the row."""
+
         def send(stub, deadline) -> str:
+            def one(_) -> str:
+                try:
+                    return upsert(lambda: images(count, size))(stub, deadline)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    return "refused"
+
             with ThreadPoolExecutor(n) as pool:
-                answers = list(
-                    pool.map(lambda _: upsert(lambda: images(count, size))(stub, deadline), range(n))
-                )
-            return f"{len(answers)} streams answered: {answers[0]}"
+                answers = list(pool.map(one, range(n)))
+            answered = [a for a in answers if a != "refused"]
+            shown = answered[0] if answered else "-"
+            return f"{len(answered)} answered ({shown}), {answers.count('refused')} refused at once"
 
         return send
 

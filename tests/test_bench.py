@@ -109,7 +109,7 @@ def test_hostile_benchmark_answers_or_refuses_every_request(exported_repo, tmp_p
     assert "Result: PASS" in out
     assert _cells(out, "Recommend, 1,000 filter conditions")[1] == "INVALID_ARGUMENT"
     assert _cells(out, "Recommend, 16 filters of 1,000 values of 4 KB (61 MiB)")[1] == "INVALID_ARGUMENT"
-    assert _cells(out, "UpsertProducts, 4 streams of 10 images of 2 MB at once")[2].startswith("4 streams")
+    assert _cells(out, "UpsertProducts, 4 streams of 10 images of 2 MB at once")[2].startswith("4 answered")
     assert _cells(out, "UpsertProducts, 2 images of 60 MB")[2] == "0 stored, 2 failed (INVALID_ARGUMENT)"
     new = _cells(out, "UpsertProducts, 10,100 new categories")[2]
     assert new.endswith("failed (RESOURCE_EXHAUSTED)") and not new.startswith("10,100 stored")
