@@ -694,9 +694,18 @@ def test_serve_ranker_command_drains_in_flight_calls_on_sigterm(encoder, tmp_pat
     try:
         wait_serving(proc.address)
 
+        def stored() -> int:
+            with grpc.insecure_channel(proc.address) as other:
+                stub = ranker_pb2_grpc.RankerServiceStub(other)
+                return stub.GetCatalogStats(ranker_pb2.GetCatalogStatsRequest(), timeout=10).total_products
+
         def slow_stream():
             for i in range(6):
                 if i == 2:
+                    # the call is in the ranker's hands (its first records stored: a paused stream has
+                    # what it sent written) before SIGTERM, whatever the machine's speed: a call gRPC has
+                    # not handed to the ranker yet is CANCELLED at shutdown (grpc/grpc#41785)
+                    wait_until(lambda: stored() == 2, timeout=60)
                     proc.proc.send_signal(signal.SIGTERM)
                     time.sleep(0.5)
                 yield ranker_pb2.UpsertProductsRequest(
