@@ -392,17 +392,21 @@ class RankerApp:
 
         batch_held = 0  # bytes of the budget the batch being read holds
 
+        async def send_batch() -> None:
+            """Start the batch read so far, with the budget's bytes it holds; the next one starts empty."""
+            nonlocal batch, batch_bytes, batch_held
+            items, held = batch, batch_held
+            batch, batch_bytes, batch_held = [], 0, 0
+            await start(items, held)
+
         async def admit(size: int) -> int:
             """The budget's bytes for a record of `size` read: at once if they are free; else the batch
             read so far is sent first (what it holds comes back once encoded, whatever other streams
             wait for), then the stream waits, reading nothing more meanwhile."""
-            nonlocal batch, batch_held
             granted = self.image_bytes.try_acquire(size)
             if granted is None:
                 if batch:
-                    items, held = batch, batch_held
-                    batch, batch_held = [], 0
-                    await start(items, held)
+                    await send_batch()
                 granted = await self.image_bytes.acquire(size)
             return granted
 
@@ -412,14 +416,12 @@ class RankerApp:
             """The stream's next record (None at its end). While a batch read so far holds part of the
             budget, a caller that pauses (a slow link, or one that keeps its stream open and idle) has it
             sent after LINGER_S: bytes held by an idle stream would stop every other stream's uploads."""
-            nonlocal batch, batch_bytes, batch_held, reading
+            nonlocal reading
             reading = asyncio.ensure_future(anext(records))
             if batch:
                 await asyncio.wait({reading}, timeout=LINGER_S)
                 if not reading.done():
-                    items, held = batch, batch_held
-                    batch, batch_bytes, batch_held = [], 0, 0
-                    await start(items, held)
+                    await send_batch()
             try:
                 return await reading
             except StopAsyncIteration:
@@ -446,16 +448,12 @@ class RankerApp:
                 batch_bytes += size
                 batch_held += granted
                 if len(batch) >= self.config.upsert_batch or batch_bytes >= self.config.upsert_batch_bytes:
-                    items, held = batch, batch_held
-                    batch, batch_bytes, batch_held = [], 0, 0
-                    await start(items, held)
+                    await send_batch()
                     for t in tasks:
                         if t.done() and t.exception() is not None:
                             raise t.exception()
             if batch:
-                items, held = batch, batch_held
-                batch, batch_held = [], 0
-                await start(items, held)
+                await send_batch()
             await asyncio.gather(*tasks)
             if too_long:
                 limit = self.config.max_stream_records
