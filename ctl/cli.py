@@ -32,7 +32,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
-    from style_model.data.examples import build_examples
+    from style_model.data.examples import build_examples, images_needed
     from style_model.data.stl import load_dataset
 
     dataset = load_dataset(args.data, args.domain)
@@ -41,7 +41,7 @@ def cmd_examples(args: argparse.Namespace) -> int:
     examples, report = build_examples(
         dataset, min_crop=args.min_crop, seed=args.seed, check_images=have_images
     )
-    images_needed = sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
+    needed = images_needed(dataset, args.min_crop, args.seed)
     print(
         f"dataset {dataset.root} domain {dataset.domain}: {len(dataset.pairs)} pairs, "
         f"{len(dataset.categories)} categorised products, {len(dataset.bad_records)} malformed lines"
@@ -61,14 +61,14 @@ def cmd_examples(args: argparse.Namespace) -> int:
             f"median {np.median(share):.2f} max {share.max():.2f}"
         )
     print(
-        f"images needed: {len(images_needed)} "
+        f"images needed: {len(needed)} "
         f"({'present: ' + str(dataset.images_dir) if have_images else 'no images/ folder yet'})"
     )
     if args.report:
         report.write(Path(args.report))
         print(f"report: {args.report}")
     if args.needed:
-        Path(args.needed).write_text("".join(s + "\n" for s in images_needed))
+        Path(args.needed).write_text("".join(s + "\n" for s in needed))
         print(f"list of needed image signatures: {args.needed}")
     return 0
 

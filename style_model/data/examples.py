@@ -13,7 +13,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from style_model.data.stl import Dataset
@@ -147,7 +147,9 @@ def build_examples(
     return examples, report
 
 
-def examples_to_jsonl(examples: list[Example], path: Path) -> None:
-    with open(path, "w") as f:
-        for e in examples:
-            f.write(json.dumps(asdict(e)) + "\n")
+def images_needed(dataset: Dataset, min_crop: float = 0.2, seed: int = 0) -> list[str]:
+    """Signatures of every image the examples of `dataset` can use, whether present or not: the scene and
+    the product of every usable pair (a usable pair's product is also a possible negative of the others).
+    What `ctl examples --needed` writes and `ctl fetch-images` fetches."""
+    examples, _ = build_examples(dataset, min_crop=min_crop, seed=seed, check_images=False)
+    return sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
