@@ -61,6 +61,10 @@ class ImageBank:
         x = torch.from_numpy(self.pixels[np.asarray(indices)]).permute(0, 3, 1, 2).float().div_(255.0)
         return x.contiguous(memory_format=torch.channels_last)  # NHWC is faster for CPU convolutions
 
+    def domain(self, i: int) -> str:
+        """Scene crops are scenes; images without a crop are product photos."""
+        return "product" if self.keys[i][1] is None else "scene"
+
     def content_key(self, i: int, salt: str) -> str:
         sig, crop = self.keys[i]
         h = hashlib.sha256(salt.encode())
@@ -112,16 +116,18 @@ def compute_features(bank: ImageBank, model, cache_dir: Path | None, batch_size:
     log.info("features: %d cached, %d to compute (%s)", len(keys) - len(todo), len(todo), store or "no cache")
     model.eval()
     with torch.inference_mode(), progress_bar(len(todo), "backbone features", "img") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            regions, map_mean, pooled = model.features(bank.batch(chunk))
-            for j, i in enumerate(chunk):
-                cached[keys[i]] = (
-                    regions[j].numpy().astype(np.float16),
-                    map_mean[j].numpy().astype(np.float16),
-                    pooled[j].numpy().astype(np.float16),
-                )
-            bar.update(len(chunk))
+        for domain in ("product", "scene"):  # one domain per pass: each has its own BatchNorm statistics
+            mine = [i for i in todo if bank.domain(i) == domain]
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start : start + batch_size]
+                regions, map_mean, pooled = model.features(bank.batch(chunk), domain)
+                for j, i in enumerate(chunk):
+                    cached[keys[i]] = (
+                        regions[j].numpy().astype(np.float16),
+                        map_mean[j].numpy().astype(np.float16),
+                        pooled[j].numpy().astype(np.float16),
+                    )
+                bar.update(len(chunk))
     if store is not None and todo:
         store.parent.mkdir(parents=True, exist_ok=True)
         names = sorted(cached)

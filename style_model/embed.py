@@ -20,15 +20,17 @@ def image_features(
     bank: ImageBank,
     features: FeatureBank | None,
     indices: Sequence[int] | np.ndarray,
+    domain: str,
     augment: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(regions, map mean, pooled) for bank images: from the cache when frozen, else via the backbone."""
+    """(regions, map mean, pooled) for bank images of one domain (scene crops or products): from the
+    cache when frozen, else via the backbone."""
     if features is not None:
         return features.batch(indices)
     x = bank.batch(indices)
     if augment is not None:
         x = augment(x)
-    return model.features(x)
+    return model.features(x, domain)
 
 
 @dataclass
@@ -51,7 +53,9 @@ def embed_scenes(model, bank, features, indices, batch_size: int = 128) -> Scene
     model.eval()
     parts: list[list[np.ndarray]] = [[], [], [], []]
     for start in range(0, len(indices), batch_size):
-        regions, _, pooled = image_features(model, bank, features, indices[start : start + batch_size])
+        regions, _, pooled = image_features(
+            model, bank, features, indices[start : start + batch_size], "scene"
+        )
         for store, value in zip(parts, (*model.heads.scene(regions, pooled), pooled)):
             store.append(value.numpy())
     return SceneEmbeddings(*(np.concatenate(p) if p else np.zeros((0,)) for p in parts))
@@ -62,7 +66,9 @@ def embed_products(model, bank, features, indices, batch_size: int = 128) -> Pro
     model.eval()
     parts: list[list[np.ndarray]] = [[], [], []]
     for start in range(0, len(indices), batch_size):
-        _, map_mean, pooled = image_features(model, bank, features, indices[start : start + batch_size])
+        _, map_mean, pooled = image_features(
+            model, bank, features, indices[start : start + batch_size], "product"
+        )
         for store, value in zip(parts, (*model.heads.product(map_mean, pooled), pooled)):
             store.append(value.numpy())
     return ProductEmbeddings(*(np.concatenate(p) if p else np.zeros((0,)) for p in parts))

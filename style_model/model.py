@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from style_model.backbones import build_backbone
 from style_model.config import ModelConfig
+from style_model.domains import set_domain, split_statistics
 
 
 class Head(nn.Module):
@@ -52,6 +53,7 @@ class StyleHeads(nn.Module):
 
     def scene(self, regions: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(f_s [B, D], f_i [B, R, D], h_i [B, R, D])."""
+        set_domain(self, "scene")
         b, r, c = regions.shape
         flat = regions.reshape(b * r, c)
         local = self.l(flat).reshape(b, r, -1)
@@ -60,6 +62,7 @@ class StyleHeads(nn.Module):
 
     def product(self, map_mean: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor]:
         """(f_p [B, D], c_p [B, D]); the key comes from the product's own pooled stage-4 map."""
+        set_domain(self, "product")
         return self.g(pooled), self.h(map_mean)
 
 
@@ -81,17 +84,20 @@ class StyleModel(nn.Module):
         if hasattr(self.backbone, "fc"):
             self.backbone.fc = nn.Identity()  # the classifier is only kept for strict checkpoint loading
         self.heads = StyleHeads(config, self.backbone.region_channels, self.backbone.pooled_channels)
+        split_statistics(self)  # one set of BatchNorm statistics per domain (style_model/domains.py)
 
-    def features(self, unit_images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def features(self, unit_images: Tensor, domain: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Backbone taps of scene or product images (`domain` picks the BatchNorm statistics)."""
+        set_domain(self.backbone, domain)
         x = (unit_images - self.mean) / self.std
         return self.heads.features(*self.backbone.forward_features(x))
 
     def encode_scene(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        regions, _, pooled = self.features(images)
+        regions, _, pooled = self.features(images, "scene")
         return self.heads.scene(regions, pooled)
 
     def encode_product(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        _, map_mean, pooled = self.features(images)
+        _, map_mean, pooled = self.features(images, "product")
         return self.heads.product(map_mean, pooled)
 
 

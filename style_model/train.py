@@ -228,9 +228,9 @@ def triplet_loss(
     products = [prep.bank.index[(e.positive, None)] for e in batch] + [
         prep.bank.index[(e.negative, None)] for e in batch
     ]
-    regions, _, pooled = image_features(model, prep.bank, prep.features, scenes, aug)
+    regions, _, pooled = image_features(model, prep.bank, prep.features, scenes, "scene", aug)
     f_s, f_i, h_i = model.heads.scene(regions, pooled)
-    _, map_mean, pooled_p = image_features(model, prep.bank, prep.features, products, aug)
+    _, map_mean, pooled_p = image_features(model, prep.bank, prep.features, products, "product", aug)
     f_p, c_p = model.heads.product(map_mean, pooled_p)
     b = len(batch)
     d_pos, _, _ = hybrid_distance(f_s, f_i, h_i, f_p[:b], c_p[:b], attention)
