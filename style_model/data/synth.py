@@ -2,26 +2,43 @@
 
 The hidden compatibility rule, learnable but not a colour-matching game:
 - A scene shows one *look*: a pattern family (stripes at four angles, checks, dots, plaid, rings) at
-  one of two scales. Tops and accessories wear the look's pattern; bottoms (pants, skirts, shoes) wear
-  its *complement* (a fixed pairing of pattern families), so matching is learned, not pixel identity.
-- Colours are drawn independently for every item, so a colour histogram says nothing about the look.
-- Scenes hold several products of different categories plus clutter (objects with random patterns
-  that belong to no look), at random places and sizes, on a textured background.
+  one scale. `looks` picks how many: the first N of every pattern at 12 px, then at 22 px, then at 32 px
+  (8 = one scale, 16 = two, the default; 24 = three). A scene draws its pattern, then one of its scales.
+- Tops and accessories wear the look itself; what bottoms (pants, skirts, shoes) wear is the `rule`:
+  `complement` (default) its complement pattern (a fixed pairing of pattern families) at the same scale;
+  `same` the look itself; `shifted` the pattern three places on (in PATTERNS order) at the next scale, so
+  a model trained under one rule has learned something else under another.
+- Colours are drawn independently for every item, in every rule, so a colour histogram says nothing
+  about the look.
+- Scenes hold `items` products of different categories plus `clutter` objects (patterns that nobody in
+  the scene wears, so they belong to no look), at random places and sizes, on a textured background.
+- By default every product is new, unique to its scene. With `products_per_category` N there is a fixed
+  catalogue instead: product k of a category wears what that category wears in look k mod looks, with its
+  own colours and shape, so N >= looks gives every look a product in every category (a smaller N is
+  refused rather than leaving scenes short of products). A scene picks among the catalogue products that
+  fit its look, so popular products recur across scenes as in real Shop The Look.
 - Every product in a scene is a record `{"product", "scene", "bbox"}`; its catalogue image shows the
-  same item (shape, pattern, colours) alone. Images are JPEG files named by signature.
-Everything downstream reads this folder exactly as it reads a real STL folder.
+  same item (shape, pattern, scale, colours) alone. Images are JPEG files named by signature.
+Everything downstream reads this folder exactly as it reads a real STL folder. Beside it, `synth.json`
+holds the SynthConfig that made it and `synth-truth.json` the hidden answers: each scene's look and
+number of clutter objects, each product's pattern, scale and colours.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from style_model.errors import ConfigError
 
 CATEGORIES: dict[str, str] = {
     # name -> (silhouette, group); the group decides whether the look or its complement is worn
@@ -44,7 +61,10 @@ COMPLEMENT = {
     "stripes135": "checks",
     "checks": "stripes135",
 }
-PERIODS = (12, 22)  # pattern scales in pixels at the generated resolution
+PERIODS = (12, 22, 32)  # pattern scales in pixels at the generated resolution; 16 looks use the first two
+RULES = ("complement", "same", "shifted")
+SIDECARS = ("synth", "synth-truth")  # synth.json, synth-truth.json: no domain may take these names
+Look = tuple[str, int]  # (pattern, period)
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,134 @@ class SynthConfig:
     seed: int = 0
     domain: str = "fashion"
     quality: int = 90
+    looks: int = 16
+    products_per_category: int | None = None  # None: every product is unique to its scene
+    rule: str = "complement"
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would fail halfway through a long run, or quietly make something else."""
+        most = len(PATTERNS) * len(PERIODS)
+        problems = [
+            (self.scenes < 1, f"scenes {self.scenes}: need at least 1"),
+            (
+                not 1 <= self.min_items <= self.max_items <= len(CATEGORIES),
+                f"items {self.min_items},{self.max_items}: need 1 <= MIN <= MAX <= {len(CATEGORIES)} "
+                "(one product per category in a scene)",
+            ),
+            (
+                not 0 <= self.clutter[0] <= self.clutter[1],
+                f"clutter {self.clutter[0]},{self.clutter[1]}: need 0 <= MIN <= MAX",
+            ),
+            (
+                not 1 <= self.looks <= most,
+                f"looks {self.looks}: need 1..{most} ({len(PATTERNS)} patterns x {len(PERIODS)} scales)",
+            ),
+            (self.rule not in RULES, f"rule {self.rule!r}: expected one of {', '.join(RULES)}"),
+            (
+                self.products_per_category is not None and self.products_per_category < self.looks,
+                f"products per category {self.products_per_category}: need at least looks ({self.looks}) "
+                "so that every look has a product in every category",
+            ),
+            (min(self.scene_size, self.product_size) < 64, "size: need at least 64 pixels"),
+            (
+                not self.domain or "/" in self.domain or self.domain in SIDECARS,
+                f"domain {self.domain!r}: need a file name other than {', '.join(SIDECARS)}",
+            ),
+        ]
+        bad = [message for failed, message in problems if failed]
+        if bad:
+            raise ConfigError("synth: " + "; ".join(bad))
+
+
+def _min_max(text: str) -> tuple[int, int]:
+    """`MIN,MAX` or one number for both; the values are checked by SynthConfig."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN,MAX (two whole numbers) or one number")
+    return values[0], values[-1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every `ctl synth` flag but --out; `config_from_args` turns them into a SynthConfig."""
+    d = SynthConfig()
+    p.add_argument("--scenes", type=int, default=d.scenes)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--domain", default=d.domain)
+    p.add_argument(
+        "--items",
+        type=_min_max,
+        default=(d.min_items, d.max_items),
+        metavar="MIN,MAX",
+        help=f"products per scene (default {d.min_items},{d.max_items})",
+    )
+    p.add_argument(
+        "--clutter",
+        type=_min_max,
+        default=d.clutter,
+        metavar="MIN,MAX",
+        help=f"objects of no look per scene; 0,0 for none (default {d.clutter[0]},{d.clutter[1]})",
+    )
+    p.add_argument(
+        "--looks",
+        type=int,
+        default=d.looks,
+        help="distinct looks: 8 patterns at 12 px, then at 22 px, then at 32 px (1..24, default %(default)s)",
+    )
+    p.add_argument(
+        "--products-per-category",
+        type=int,
+        metavar="N",
+        help="a fixed catalogue of N products per category (N >= --looks) that scenes re-use; "
+        "default: every product unique to its scene",
+    )
+    p.add_argument(
+        "--rule",
+        choices=RULES,
+        default=d.rule,
+        help="what bottoms wear: complement (the paired pattern, same scale; default), same (the look), "
+        "shifted (the pattern 3 on, the next scale)",
+    )
+    p.add_argument("--size", type=int, default=d.scene_size, help="scene and product image side in pixels")
+
+
+def config_from_args(args: argparse.Namespace) -> SynthConfig:
+    """The SynthConfig of parsed `add_arguments` flags; ConfigError names a bad value."""
+    return SynthConfig(
+        scenes=args.scenes,
+        seed=args.seed,
+        domain=args.domain,
+        min_items=args.items[0],
+        max_items=args.items[1],
+        clutter=tuple(args.clutter),
+        looks=args.looks,
+        products_per_category=args.products_per_category,
+        rule=args.rule,
+        scene_size=args.size,
+        product_size=args.size,
+    )
+
+
+def looks(n: int) -> list[Look]:
+    """The first n looks, one scale after another: 8 = every pattern at the finest scale."""
+    return [(pattern, period) for period in PERIODS for pattern in PATTERNS][:n]
+
+
+def worn(rule: str, category: str, look: Look, n_looks: int = 16) -> Look:
+    """The (pattern, period) a product of `category` wears in a scene of `look` under `rule`."""
+    pattern, period = look
+    if CATEGORIES[category] == "top" or rule == "same":
+        return look
+    if rule == "complement":
+        return COMPLEMENT[pattern], period
+    # shifted: the scales used by n_looks looks (at least two, so there is always a next one) form a cycle
+    scales = PERIODS[: max(2, math.ceil(n_looks / len(PATTERNS)))]
+    return (
+        PATTERNS[(PATTERNS.index(pattern) + 3) % len(PATTERNS)],
+        scales[(scales.index(period) + 1) % len(scales)],
+    )
 
 
 def _signature(kind: str, index: int, seed: int) -> str:
@@ -273,51 +421,100 @@ def _render_product(item: _Item, size: int, rng: random.Random) -> Image.Image:
     return img
 
 
+def _catalogue(config: SynthConfig, n: int) -> dict[tuple[str, Look], list[_Item]]:
+    """(category, what it wears) -> the catalogue products that fit; product k of a category wears what the
+    category wears in look k mod looks, so every look has ⌊N / looks⌋ or more products in every category."""
+    rng = random.Random(f"ctl-synth-catalogue:{config.seed}")
+    all_looks = looks(config.looks)
+    out: dict[tuple[str, Look], list[_Item]] = defaultdict(list)
+    for category in CATEGORIES:
+        for k in range(n):
+            wears = worn(config.rule, category, all_looks[k % len(all_looks)], config.looks)
+            signature = _signature(f"catalogue:{category}", k, config.seed)
+            out[category, wears].append(
+                _Item(category, *wears, *_colour_pair(rng), rng.uniform(0.75, 1.33), signature)
+            )
+    return out
+
+
+def _fit(box: tuple[float, float, float, float], aspect: float) -> tuple[float, float, float, float]:
+    """The largest box of height / width `aspect` centred in `box`: a catalogue product keeps its shape."""
+    l, t, r, b = box
+    w, h = r - l, b - t
+    w, h = min(w, h / aspect), min(h, w * aspect)
+    cx, cy = (l + r) / 2, (t + b) / 2
+    return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+
+
 def generate(out: Path, config: SynthConfig = SynthConfig(), progress=None) -> dict[str, int]:
-    """Write `<domain>.json`, `<domain>-cat.json` and `images/` under `out`; returns counts."""
+    """Write `<domain>.json`, `<domain>-cat.json`, `images/` and the sidecars under `out`; returns counts."""
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
     categories = list(CATEGORIES)
+    scales_of: dict[str, list[int]] = defaultdict(list)  # pattern -> its scales among the looks
+    for pattern, period in looks(config.looks):
+        scales_of[pattern].append(period)
+    patterns = list(scales_of)
+    clutter_scales = sorted(
+        {worn(config.rule, c, look, config.looks)[1] for c in categories for look in looks(config.looks)}
+    )
+    n_catalogue = config.products_per_category
+    catalogue = _catalogue(config, n_catalogue) if n_catalogue else None
     pairs: list[dict] = []
     cat_of: dict[str, str] = {}
+    truth: dict[str, dict] = {"scenes": {}, "products": {}}
     product_index = 0
     for scene_index in range(config.scenes):
-        look, period = rng.choice(PATTERNS), rng.choice(PERIODS)
+        look_pattern = rng.choice(patterns)
+        look = (look_pattern, rng.choice(scales_of[look_pattern]))
         n = rng.randint(config.min_items, config.max_items)
         chosen = rng.sample(categories, n)
         size = config.scene_size
         scene = _background(size, rng)
         boxes = _place(rng, size, n, 0.28, 0.4, [])
         clutter_boxes = _place(rng, size, rng.randint(*config.clutter), 0.18, 0.3, boxes)
+        in_scene = {worn(config.rule, c, look, config.looks)[0] for c in categories}
         for box in clutter_boxes:  # clutter first: it belongs to no look
-            pattern = rng.choice([p for p in PATTERNS if p not in (look, COMPLEMENT[look])])
+            pattern = rng.choice([p for p in PATTERNS if p not in in_scene])
             _draw_item(
                 scene,
                 _clutter_shape(rng.randrange(3), box),
                 pattern,
-                rng.choice(PERIODS),
+                rng.choice(clutter_scales),
                 *_colour_pair(rng),
                 rng,
             )
         scene_sig = _signature("scene", scene_index, config.seed)
+        truth["scenes"][scene_sig] = {"look": list(look), "clutter": len(clutter_boxes)}
         for category, box in zip(chosen, boxes):
-            pattern = look if CATEGORIES[category] == "top" else COMPLEMENT[look]
-            item = _Item(
-                category,
-                pattern,
-                period,
-                *_colour_pair(rng),
-                (box[3] - box[1]) / (box[2] - box[0]),
-                _signature("product", product_index, config.seed),
-            )
-            product_index += 1
-            _draw_item(scene, _silhouette(category, box), pattern, period, item.fg, item.bg, rng)
-            _render_product(item, config.product_size, rng).save(
-                images / f"{item.signature}.jpg", quality=config.quality
-            )
-            cat_of[item.signature] = category
+            wears = worn(config.rule, category, look, config.looks)
+            if catalogue is None:
+                item = _Item(
+                    category,
+                    *wears,
+                    *_colour_pair(rng),
+                    (box[3] - box[1]) / (box[2] - box[0]),
+                    _signature("product", product_index, config.seed),
+                )
+                product_index += 1
+                render_rng = rng
+            else:
+                item = rng.choice(catalogue[category, wears])
+                box = _fit(box, item.aspect)
+                render_rng = random.Random(item.signature)  # the same image whichever scene shows it first
+            _draw_item(scene, _silhouette(category, box), item.pattern, item.period, item.fg, item.bg, rng)
+            if item.signature not in cat_of:
+                _render_product(item, config.product_size, render_rng).save(
+                    images / f"{item.signature}.jpg", quality=config.quality
+                )
+                cat_of[item.signature] = category
+                truth["products"][item.signature] = {
+                    "pattern": item.pattern,
+                    "period": item.period,
+                    "colours": [item.fg, item.bg],
+                }
             bbox = [
                 round(box[0] / size, 6),
                 round(box[1] / size, 6),
@@ -333,4 +530,6 @@ def generate(out: Path, config: SynthConfig = SynthConfig(), progress=None) -> d
             f.write(json.dumps(p) + "\n")
     with open(out / f"{config.domain}-cat.json", "w") as f:
         json.dump(cat_of, f)
+    (out / "synth.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    (out / "synth-truth.json").write_text(json.dumps(truth))
     return {"scenes": config.scenes, "products": len(cat_of), "pairs": len(pairs)}
