@@ -22,9 +22,9 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from ctl.progress import progress_bar
-    from style_model.data.synth import SynthConfig, generate
+    from style_model.data.synth import config_from_args, generate
 
-    config = SynthConfig(scenes=args.scenes, seed=args.seed, domain=args.domain)
+    config = config_from_args(args)
     with progress_bar(config.scenes, "synth scenes", "scene") as bar:
         counts = generate(Path(args.out), config, progress=bar.update)
     print(json.dumps({"out": str(args.out), **counts}))
@@ -82,7 +82,11 @@ def _train_config(args: argparse.Namespace):
         weights=args.weights,
         input_size=args.input_size,
         train_backbone=args.train_backbone,
+        steps=args.steps,
         epochs=args.epochs,
+        max_minutes=args.max_minutes,
+        patience=args.patience,
+        restarts=args.restarts,
         batch_size=args.batch_size,
         lr=args.lr,
         attention=args.attention,
@@ -101,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from style_model.train import train
 
     summary = train(_train_config(args), args.data, args.out, fresh=args.fresh)
-    print(json.dumps({k: summary[k] for k in ("status", "best_val_fitb", "epochs_run", "train_seconds")}))
+    keys = ("status", "stopped", "best_val_fitb", "at_chance", "steps_run", "attempts", "train_seconds")
+    print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 
 
@@ -296,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic outfit dataset in STL layout")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--scenes", type=int, default=6000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--domain", default="fashion")
+    from style_model.data.synth import add_arguments as add_synth_arguments
+
+    add_synth_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("examples", help="build Complete-The-Look examples and print what they need")
@@ -317,7 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="torchvision ImageNet checkpoint FILE, 'imagenet' (download) or 'none'")
     p.add_argument("--input-size", type=int)
     p.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--epochs", type=int)
+    p.add_argument(
+        "--steps", type=int, help="optimizer steps (default: the preset's epochs, at least 2000 steps)"
+    )
+    p.add_argument("--epochs", type=int, help="train this many epochs instead of a step budget")
+    p.add_argument("--max-minutes", type=float, help="wall-time budget; the best model so far is kept")
+    p.add_argument(
+        "--patience", type=int, default=3, help="validations without gain before an early stop (default 3)"
+    )
+    p.add_argument(
+        "--restarts", type=int, default=1, help="restarts with another seed after a collapse (default 1)"
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--attention", default="paper", choices=["paper", "seed"])
@@ -417,11 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(p)
     p.set_defaults(func=cmd_health)
 
+    from ctl.fetch_images import add_parser as add_fetch_images
     from ctl.ingest.cli import add_parser as add_ingest
     from encoder_service.cli import add_parser as add_encoder
     from ranker_service.cli import add_parser as add_ranker
 
     add_ingest(sub)
+    add_fetch_images(sub)
     add_encoder(sub)
     add_ranker(sub)
     return parser

@@ -46,12 +46,14 @@ class ImageBank:
         return len(self.keys)
 
     def load(self, workers: int = 2) -> None:
-        """Decode every registered image; unreadable ones are recorded in `unreadable`."""
-        jobs = [(self.dataset.image_path(sig), crop) for sig, crop in self.keys]
+        """Decode every image registered since the last call; unreadable ones are recorded in `unreadable`."""
+        done = 0 if self.pixels is None else len(self.pixels)
+        jobs = [(self.dataset.image_path(sig), crop) for sig, crop in self.keys[done:]]
         with progress_bar(len(jobs), "decode images", "img") as bar:
-            self.pixels, failures = load_many(jobs, self.size, workers=workers, progress=bar.update)
+            pixels, failures = load_many(jobs, self.size, workers=workers, progress=bar.update)
+        self.pixels = pixels if self.pixels is None else np.concatenate([self.pixels, pixels])
         for i, reason in failures:
-            self.unreadable[self.keys[i][0]] = reason
+            self.unreadable[self.keys[done + i][0]] = reason
         if failures:
             log.warning("%d unreadable images (listed in the run's examples report)", len(failures))
 

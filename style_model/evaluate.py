@@ -1,7 +1,8 @@
 """`ctl evaluate`: FITB and HR@{1,5,10} of a run on a split, against baselines on the same candidates.
 
-Rows: the model (hybrid distance), its global-only and local-only parts, random, raw backbone
-features (cosine of pooled vectors), colour histograms through the same heads trained the same way
+Rows: the model (hybrid distance), its global-only and local-only parts, random, training popularity
+(how often a product is a training positive: the leakage baseline), raw backbone features (cosine of
+pooled vectors), colour histograms through the same heads trained the same way
 (does the model learn more than colour?), and, when asked, the seed tutorial's attention variant trained
 the same way (what the paper-correct attention is worth). Baseline runs live in RUN/baselines/.
 """
@@ -10,27 +11,31 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from style_model.bank import ImageBank, compute_features
-from style_model.data.examples import build_examples
+from style_model.data.examples import Example
 from style_model.data.stl import load_dataset
 from style_model.embed import score_candidates
 from style_model.errors import RunError
-from style_model.protocol import FITB_NEGATIVES, HR_CANDIDATES, fitb_accuracy, hit_rates, sample_candidates
+from style_model.protocol import FITB_NEGATIVES, HR_CANDIDATES, fitb_accuracy, hit_rates
 from style_model.train import TrainConfig, load_run, train
+from style_model.usable import CandidateSet, load_usable
 
 log = logging.getLogger(__name__)
 
 
 def _baseline_run(run: Path, name: str, data: Path, overrides: dict) -> Path:
-    """Train (or reuse) a baseline with the main run's settings and `overrides`."""
+    """Train (or reuse) a baseline with the main run's settings and `overrides`: the same number of
+    optimizer steps, batch size, learning rate and input size."""
     info = json.loads((run / "run.json").read_text())
     resolved = info["resolved"]
-    same_way = {k: resolved[k] for k in ("epochs", "batch_size", "lr")}
+    same_way = {k: resolved[k] for k in ("batch_size", "lr")}
     same_way["input_size"] = resolved["model"]["input_size"]
+    same_way.update(steps=info["budget"]["steps"], epochs=None)
     args = {**info["args"], **same_way, **overrides}
     target = run / "baselines" / name
     done = target / "run.json"
@@ -44,6 +49,12 @@ def _metrics(fitb: list[np.ndarray], hr: list[np.ndarray]) -> dict[str, float]:
     return {"fitb_accuracy": fitb_accuracy(fitb), **hit_rates(hr)}
 
 
+def popularity(examples: list[Example]) -> Counter:
+    """How often each product is the true product of a training example: what a scorer that knows only
+    training popularity ranks by (on Shop The Look, many test positives are popular training products)."""
+    return Counter(e.positive for e in examples if e.split == "train")
+
+
 def evaluate(
     run: Path | str,
     data: Path | str,
@@ -53,31 +64,41 @@ def evaluate(
     max_examples: int | None = None,
     seed: int = 0,
 ) -> dict:
+    """Every row on the same candidates, over all examples of `split` and over its product-disjoint part
+    (true products never seen in training: what is left once memorised popularity cannot help)."""
     run, data = Path(run), Path(data)
     model, info = load_run(run)
-    dataset = load_dataset(data, domain or info.get("args", {}).get("domain"))
-    min_crop = info.get("args", {}).get("min_crop", 0.2)
-    examples, report = build_examples(dataset, min_crop=min_crop, seed=info.get("args", {}).get("seed", 0))
-    examples = [e for e in examples if e.split == split][:max_examples]
-    if not examples:
-        raise RunError(f"{data}: no {split} examples (skipped: {dict(report.skipped_by_reason)})")
-    fitb = sample_candidates(examples, dataset, FITB_NEGATIVES, seed, f"{split}-fitb").products
-    hr = sample_candidates(examples, dataset, HR_CANDIDATES - 1, seed, f"{split}-hr").products
+    args = info.get("args", {})
+    dataset = load_dataset(data, domain or args.get("domain"))
+    every: list[Example] = []
 
-    banks: dict[int, ImageBank] = {}  # decoded once per input size, shared by the model and baselines
+    def pick(examples: list[Example]) -> dict[str, list[Example]]:
+        every[:] = examples
+        return {split: [e for e in examples if e.split == split][:max_examples]}
+
+    usable = load_usable(
+        dataset,
+        model.config.input_size,
+        pick,
+        {
+            "fitb": CandidateSet(split, FITB_NEGATIVES, seed, f"{split}-fitb"),
+            "hr": CandidateSet(split, HR_CANDIDATES - 1, seed, f"{split}-hr"),
+        },
+        min_crop=args.get("min_crop", 0.2),
+        seed=args.get("seed", 0),
+    )
+    examples, fitb, hr = usable.examples[split], usable.candidates["fitb"], usable.candidates["hr"]
+    if not examples:
+        raise RunError(f"{data}: no {split} examples (skipped: {dict(usable.report.skipped_by_reason)})")
+    banks: dict[int, ImageBank] = {model.config.input_size: usable.bank}  # shared by model and baselines
 
     def scores_of(m, run_dir: Path, m_info: dict) -> tuple[dict, dict]:
         size = m.config.input_size
         if size not in banks:
             bank = ImageBank(dataset, size)
-            for e in examples:
-                bank.add(e.scene, e.crop)
-            for p in {p for c in fitb + hr for p in c}:
-                bank.add(p)
+            for key in usable.bank.keys:
+                bank.add(*key)
             bank.load()
-            if bank.unreadable:
-                sample = next(iter(bank.unreadable.values()))
-                raise RunError(f"{len(bank.unreadable)} unreadable images, e.g. {sample}")
             banks[size] = bank
         frozen = not m_info.get("resolved", {}).get("train_backbone", True)
         features = compute_features(banks[size], m, run_dir / "feature-cache") if frozen else None
@@ -86,15 +107,21 @@ def evaluate(
             score_candidates(m, banks[size], features, examples, hr),
         )
 
-    rows: dict[str, dict[str, float]] = {}
+    scores: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     f_scores, h_scores = scores_of(model, run, info)
     name = f"model ({model.config.backbone}, hybrid)"
-    rows[name] = _metrics(f_scores["hybrid"], h_scores["hybrid"])
-    rows["model: global distance only"] = _metrics(f_scores["global"], h_scores["global"])
-    rows["model: local distance only"] = _metrics(f_scores["local"], h_scores["local"])
-    rows["raw backbone features (cosine)"] = _metrics(f_scores["raw"], h_scores["raw"])
+    scores[name] = f_scores["hybrid"], h_scores["hybrid"]
+    scores["model: global distance only"] = f_scores["global"], h_scores["global"]
+    scores["model: local distance only"] = f_scores["local"], h_scores["local"]
+    scores["raw backbone features (cosine)"] = f_scores["raw"], h_scores["raw"]
     rng = np.random.default_rng(seed)
-    rows["random"] = _metrics([rng.random(len(c)) for c in fitb], [rng.random(len(c)) for c in hr])
+    scores["random"] = [rng.random(len(c)) for c in fitb], [rng.random(len(c)) for c in hr]
+    seen = popularity(every)
+    # more training positives = closer; random jitter below one count breaks ties fairly
+    scores["training popularity"] = tuple(
+        [-np.array([seen[p] for p in c], dtype=float) + 0.5 * rng.random(len(c)) for c in lists]
+        for lists in (fitb, hr)
+    )
 
     baselines = {
         "colour histograms + heads": (
@@ -108,17 +135,26 @@ def evaluate(
         base_dir = _baseline_run(run, folder, data, overrides)
         base_model, base_info = load_run(base_dir)
         bf, bh = scores_of(base_model, base_dir, base_info)
-        rows[label] = _metrics(bf["hybrid"], bh["hybrid"])
+        scores[label] = bf["hybrid"], bh["hybrid"]
 
+    disjoint = [i for i, e in enumerate(examples) if seen[e.positive] == 0]
+    rows = {label: _metrics(f, h) for label, (f, h) in scores.items()}
+    rows_disjoint = {
+        label: _metrics([f[i] for i in disjoint], [h[i] for i in disjoint])
+        for label, (f, h) in scores.items()
+    }
     result = {
         "run": str(run),
         "split": split,
         "examples": len(examples),
+        "product_disjoint_examples": len(disjoint),
         "hr_candidates": int(np.mean([len(c) for c in hr])),
         "model": model.config.to_dict(),
         "preset": info.get("resolved", {}).get("preset"),
+        "data_gaps": usable.counts(),
         **rows[name],
         "rows": rows,
+        "rows_product_disjoint": rows_disjoint,
     }
     (run / f"eval-{split}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -126,17 +162,29 @@ def evaluate(
 
 def format_table(result: dict) -> str:
     head = f"{'method':<42} {'FITB':>6} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6}"
+    gaps = result.get("data_gaps", {})
     lines = [
         f"{result['split']} split: {result['examples']} examples; "
         f"FITB: 1 true + {FITB_NEGATIVES} same-category negatives (chance {1 / (FITB_NEGATIVES + 1):.2f}); "
         f"HR@K among {result['hr_candidates']} candidates",
-        head,
-        "-" * len(head),
     ]
-    for label, m in result["rows"].items():
+    if gaps.get("missing_images") or gaps.get("unreadable_images") or gaps.get("skipped_by_reason"):
         lines.append(
-            f"{label:<42} {m['fitb_accuracy']:>6.3f} {m['hr@1']:>6.3f} {m['hr@5']:>6.3f} {m['hr@10']:>6.3f}"
+            f"data gaps: {gaps['missing_images']} images missing, {gaps['unreadable_images']} unreadable; "
+            f"skipped pairs {gaps['skipped_by_reason']}; {gaps['negatives_redrawn']} negatives drawn again"
         )
+    for title, rows in (
+        ("all examples", result["rows"]),
+        (
+            f"product-disjoint: the {result.get('product_disjoint_examples', 0)} examples whose true product "
+            "is never a training positive",
+            result.get("rows_product_disjoint", {}),
+        ),
+    ):
+        lines += ["", title, head, "-" * len(head)]
+        for label, m in rows.items():
+            cells = [m[k] for k in ("fitb_accuracy", "hr@1", "hr@5", "hr@10")]
+            lines.append(f"{label:<42} " + " ".join(f"{v:>6.3f}" for v in cells))
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ scored on exactly the same candidates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +35,18 @@ def sample_candidates(
     negatives: int,
     seed: int = 0,
     tag: str = "fitb",
+    usable: Callable[[str], bool] | None = None,
 ) -> Candidates:
+    """Up to `negatives` same-category products per example that are not in its scene and, when `usable`
+    is given, have a usable image: a candidate without one is never drawn, so scoring never fails."""
     in_scene = dataset.products_in_scene
     lists = []
     for e in examples:
-        pool = [p for p in dataset.products_by_category[e.category] if p not in in_scene[e.scene]]
+        pool = [
+            p
+            for p in dataset.products_by_category[e.category]
+            if p not in in_scene[e.scene] and (usable is None or usable(p))
+        ]
         rng = seeded_rng(seed, tag, e.scene, e.positive)
         chosen = rng.sample(pool, min(negatives, len(pool)))
         lists.append([e.positive, *chosen])
@@ -46,9 +54,13 @@ def sample_candidates(
 
 
 def ranks(distances: list[np.ndarray]) -> np.ndarray:
-    """1-based rank of the true product (index 0); ties count half, so a constant scorer is not rewarded."""
+    """1-based rank of the true product (index 0); ties count half, so a constant scorer is not rewarded.
+    A list with a non-finite distance (NaN, inf) ranks last of all (inf): a diverged model hits nothing."""
     out = np.empty(len(distances))
     for i, d in enumerate(distances):
+        if not np.isfinite(d).all():
+            out[i] = np.inf
+            continue
         better = np.sum(d[1:] < d[0])
         ties = np.sum(d[1:] == d[0])
         out[i] = 1 + better + 0.5 * ties

@@ -1,12 +1,17 @@
-"""`ctl train`: triplet training of the style model, resumable, with validation FITB every epoch.
+"""`ctl train`: triplet training of the style model, resumable, budgeted in optimizer steps.
 
-Two modes: frozen backbone (the paper's; backbone outputs cached once, heads train many epochs on the
+The budget is a number of optimizer steps (the one-cycle learning rate follows it), with a floor so that
+small datasets train as long as large ones need to (`plan_budget`); validation FITB is measured ten times
+per run, the best model is kept, training stops early when validation stops improving in the second half,
+and a run still on the triplet loss's collapsed plateau at half the budget restarts with another seed.
+
+Two modes: frozen backbone (the paper's; backbone outputs cached once, heads train many steps on the
 cache) and end to end (`train_backbone`, with light augmentation). Presets: `paper` (ResNet-50 with
 ImageNet weights, frozen, 224 px), `offline` (the small CNN, end to end, 96 px); `auto` picks `paper`
 when ImageNet weights can be had and says loudly when it falls back to `offline`.
 
-A run folder holds: run.json (settings and the preset decision), checkpoint.pt (latest: model,
-optimizer, lr_scheduler, epoch, args, history), best.pt (best validation FITB), metrics.csv,
+A run folder holds: run.json (settings, the preset decision, the budget and why), checkpoint.pt (latest:
+model, optimizer, lr_scheduler, step, args, history), best.pt (best validation FITB), metrics.csv,
 curves.png, examples-report.json (what the example builder skipped and why).
 """
 
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,21 +36,31 @@ from ctl.progress import progress_bar
 from style_model.backbones import FIXED_BACKBONES
 from style_model.bank import FeatureBank, ImageBank, compute_features
 from style_model.config import ModelConfig
-from style_model.data.examples import Example, build_examples
+from style_model.data.examples import Example
 from style_model.data.stl import Dataset, load_dataset
 from style_model.embed import image_features, score_candidates
 from style_model.errors import ConfigError, RunError
 from style_model.model import StyleModel, hybrid_distance, hybrid_distance_matrix
-from style_model.protocol import FITB_NEGATIVES, fitb_accuracy, sample_candidates
+from style_model.protocol import FITB_NEGATIVES, fitb_accuracy
+from style_model.usable import CandidateSet, load_usable
 from style_model.weights import IMAGENET_URLS, load_backbone_weights, resolve_imagenet
 
 log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # epochs with a floor of min_steps optimizer steps: see plan_budget
     "paper": dict(
-        backbone="resnet50", input_size=224, train_backbone=False, epochs=30, batch_size=128, lr=1e-3
+        backbone="resnet50",
+        input_size=224,
+        train_backbone=False,
+        epochs=30,
+        min_steps=2000,
+        batch_size=128,
+        lr=1e-3,
     ),
-    "offline": dict(backbone="small", input_size=96, train_backbone=True, epochs=8, batch_size=64, lr=2e-3),
+    "offline": dict(
+        backbone="small", input_size=96, train_backbone=True, epochs=8, min_steps=2000, batch_size=64, lr=2e-3
+    ),
 }
 
 
@@ -57,7 +73,12 @@ class TrainConfig:
     weights: str | None = None  # a torchvision checkpoint file, "imagenet", "none", or None (the preset's)
     input_size: int | None = None
     train_backbone: bool | None = None
+    steps: int | None = None  # optimizer steps; None: --epochs, else the preset's (see plan_budget)
     epochs: int | None = None
+    max_minutes: float | None = None  # wall-time budget: stop (and keep the best model) when it runs out
+    patience: int = 3  # validations without gain, once half the budget is done, before stopping early
+    eval_every: int | None = None  # steps between validations; None: a tenth of the budget, or each epoch
+    restarts: int = 1  # restarts with another seed when still on the collapsed plateau at half the budget
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 1e-4
@@ -86,7 +107,6 @@ class Resolved:
     model: ModelConfig
     weights_file: str | None
     train_backbone: bool
-    epochs: int
     batch_size: int
     lr: float
 
@@ -137,7 +157,6 @@ def resolve(cfg: TrainConfig) -> Resolved:
         model=model,
         weights_file=weights_file,
         train_backbone=train_backbone,
-        epochs=cfg.epochs or p["epochs"],
         batch_size=cfg.batch_size or p["batch_size"],
         lr=cfg.lr or p["lr"],
     )
@@ -170,52 +189,54 @@ class Prepared:
     train: list[Example]
     val: list[Example]
     val_candidates: list[list[str]]
+    counts: dict  # skips, missing and unreadable images, redrawn negatives (usable.Usable.counts)
 
 
 def prepare(cfg: TrainConfig, resolved: Resolved, model: StyleModel, data: Path, out: Path) -> Prepared:
     dataset = load_dataset(data, cfg.domain)
-    examples, report = build_examples(dataset, min_crop=cfg.min_crop, seed=cfg.seed)
-    train = [e for e in examples if e.split == "train"]
-    val = [e for e in examples if e.split == "val"]
-    if cfg.max_examples:
-        train = random.Random(cfg.seed).sample(train, min(cfg.max_examples, len(train)))
-        val = val[: max(50, cfg.max_examples // 8)]
+
+    def pick(examples: list[Example]) -> dict[str, list[Example]]:
+        train = [e for e in examples if e.split == "train"]
+        val = [e for e in examples if e.split == "val"]
+        if cfg.max_examples:
+            train = random.Random(cfg.seed).sample(train, min(cfg.max_examples, len(train)))
+            val = val[: max(50, cfg.max_examples // 8)]
+        return {"train": train, "val": val}
+
+    usable = load_usable(
+        dataset,
+        resolved.model.input_size,
+        pick,
+        {"val-fitb": CandidateSet("val", FITB_NEGATIVES, cfg.seed, "val-fitb")},
+        min_crop=cfg.min_crop,
+        seed=cfg.seed,
+        workers=cfg.workers,
+    )
+    train, val = usable.examples["train"], usable.examples["val"]
+    report = usable.report
+    report.write(out / "examples-report.json")
     if not train or not val:
-        report.write(out / "examples-report.json")
         raise RunError(
             f"{data}: {len(train)} training and {len(val)} validation examples; need both "
             f"(skipped: {dict(report.skipped_by_reason)}; see {out / 'examples-report.json'})"
         )
-    val_candidates = sample_candidates(val, dataset, FITB_NEGATIVES, cfg.seed, "val-fitb").products
-    bank = ImageBank(dataset, resolved.model.input_size)
-    for e in train:
-        bank.add(e.scene, e.crop), bank.add(e.positive), bank.add(e.negative)
-    for e, cands in zip(val, val_candidates):
-        bank.add(e.scene, e.crop)
-        for c in cands:
-            bank.add(c)
-    bank.load(cfg.workers)
-    if bank.unreadable:  # an unreadable image drops the examples that need it; the report lists both
-        bad = set(bank.unreadable)
-        report.missing_images += sorted(bad)
-        for e in [e for e in train + val if {e.scene, e.positive, e.negative} & bad]:
-            report.skipped.append((f"{e.scene}/{e.positive}", "unreadable image"))
-        keep = [(e, c) for e, c in zip(val, val_candidates) if not ({e.scene, *c} & bad)]
-        train = [e for e in train if not ({e.scene, e.positive, e.negative} & bad)]
-        val, val_candidates = [k[0] for k in keep], [k[1] for k in keep]
-    report.write(out / "examples-report.json")
+    counts = usable.counts()
     log.info(
-        "examples: %d train, %d val (from %d pairs; skipped %s)",
+        "examples: %d train, %d val (from %d pairs; skipped %s; %d images missing, %d unreadable; "
+        "%d negatives drawn again)",
         len(train),
         len(val),
         report.pairs,
-        dict(report.skipped_by_reason) or "none",
+        counts["skipped_by_reason"] or "none",
+        counts["missing_images"],
+        counts["unreadable_images"],
+        counts["negatives_redrawn"],
     )
     features = None
     if not resolved.train_backbone:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "feature-cache"
-        features = compute_features(bank, model, cache)
-    return Prepared(dataset, bank, features, train, val, val_candidates)
+        features = compute_features(usable.bank, model, cache)
+    return Prepared(dataset, usable.bank, features, train, val, usable.candidates["val-fitb"], counts)
 
 
 def triplet_loss(
@@ -261,34 +282,60 @@ def make_batches(examples: list[Example], batch_size: int, rng: random.Random) -
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [order]
 
 
-def train_one_epoch(
-    model, prep, optimizer, scheduler, epoch: int, resolved: Resolved, cfg: TrainConfig
-) -> dict:
-    model.train()
-    if not resolved.train_backbone:
-        model.backbone.eval()
-    batches = make_batches(prep.train, resolved.batch_size, random.Random(cfg.seed * 1000 + epoch))
-    aug = augment if resolved.train_backbone and cfg.augment else None
-    total, satisfied = 0.0, 0.0
-    with progress_bar(len(batches), f"epoch {epoch + 1}/{resolved.epochs}", "batch") as bar:
-        for batch in batches:
-            loss, sat = triplet_loss(model, prep, batch, cfg.margin, aug)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            total += value
-            satisfied += sat
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-    return {"train_loss": total / len(batches), "train_triplets_ok": satisfied / len(batches)}
-
-
-def validate(model, prep: Prepared) -> float:
-    """Validation FITB with the model's own (hybrid) distance."""
+def validate(model, prep: Prepared) -> tuple[float, float]:
+    """Validation FITB with the model's own (hybrid) distance, and the spread of the distances (mean over
+    examples of their standard deviation: near zero when every product looks alike to the model).
+    Non-finite distances stop the run: a diverged model must never be kept as the best one."""
     scores = score_candidates(model, prep.bank, prep.features, prep.val, prep.val_candidates)
-    return fitb_accuracy(scores["hybrid"])
+    bad = sum(1 for d in scores["hybrid"] if not np.isfinite(d).all())
+    if bad:
+        raise RunError(
+            f"{bad} of {len(prep.val)} validation examples have non-finite (NaN/inf) distances: the model "
+            "diverged; lower --lr or check the images"
+        )
+    return fitb_accuracy(scores["hybrid"]), float(np.mean([d.std() for d in scores["hybrid"]]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long a run trains, in optimizer steps, and why; validation and early stopping by steps."""
+
+    steps: int
+    steps_per_epoch: int
+    eval_every: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_budget(cfg: TrainConfig, resolved: Resolved, train_examples: int) -> Budget:
+    """Steps from --steps, else --epochs, else the preset's epochs with a floor of the preset's
+    `min_steps`: a small dataset gets as many steps as a large one needs to leave the triplet loss's
+    collapsed plateau (a few hundred steps on our data), not a fixed number of epochs."""
+    spe = max(1, train_examples // resolved.batch_size)
+    p = PRESETS[resolved.preset]
+    if cfg.steps:
+        steps, why = cfg.steps, f"--steps {cfg.steps}"
+    elif cfg.epochs:
+        steps, why = cfg.epochs * spe, f"--epochs {cfg.epochs} of {spe} steps"
+    else:
+        by_epochs = p["epochs"] * spe
+        steps = max(p["min_steps"], by_epochs)
+        why = (
+            f"the preset's {p['epochs']} epochs of {spe} steps"
+            if steps == by_epochs
+            else f"the preset's minimum of {p['min_steps']} steps ({p['epochs']} epochs of {spe} steps "
+            f"would be only {by_epochs}: a small dataset needs as many steps, not epochs, as a large one)"
+        )
+    eval_every = cfg.eval_every or (spe if cfg.epochs and not cfg.steps else math.ceil(steps / 10))
+    return Budget(steps, spe, min(eval_every, steps), why)
+
+
+def collapsed(loss: float, margin: float, val_fitb: float, chance: float, spread: float) -> bool:
+    """The triplet loss's collapsed plateau: the embeddings bunch up until every distance is about the same
+    (their spread well under the margin), the loss sits at the margin and the model ranks at chance."""
+    return abs(loss - margin) < 0.05 * margin and spread < 0.5 * margin and val_fitb < chance + 0.05
 
 
 def _plot(history: list[dict], path: Path) -> None:
@@ -297,13 +344,13 @@ def _plot(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
+    steps = [h["step"] for h in history]
     fig, ax1 = plt.subplots(figsize=(7, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
-    ax1.set_xlabel("epoch")
+    ax1.plot(steps, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
+    ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("triplet loss", color="tab:blue")
     ax2 = ax1.twinx()
-    ax2.plot(epochs, [h["val_fitb"] for h in history], "s-", color="tab:orange", label="val FITB")
+    ax2.plot(steps, [h["val_fitb"] for h in history], "s-", color="tab:orange", label="val FITB")
     ax2.axhline(0.25, color="grey", linestyle=":", linewidth=1)
     ax2.set_ylabel("validation FITB (chance 0.25)", color="tab:orange")
     ax2.set_ylim(0, 1)
@@ -329,109 +376,252 @@ def build_model(resolved: Resolved) -> StyleModel:
     return model
 
 
+class _Attempt:
+    """Model, optimizer and one-cycle schedule of one attempt (a restart after a collapse is another)."""
+
+    def __init__(self, resolved: Resolved, cfg: TrainConfig, budget: Budget, number: int, first: StyleModel):
+        self.number = number
+        if number == 0:
+            self.model = first
+        else:
+            torch.manual_seed(cfg.seed + 7919 * number)
+            self.model = build_model(resolved)
+            if not resolved.train_backbone:  # the feature cache holds the first backbone's features
+                self.model.backbone.load_state_dict(first.backbone.state_dict())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=resolved.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=resolved.lr, total_steps=budget.steps, pct_start=0.15
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "attempt": self.number,
+        }
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+
+
+CHECKPOINT_FORMAT = 2  # 1: budgets in epochs (before step budgets, early stopping and restarts)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, out: Path) -> dict | None:
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"{out} holds a run of an older ctl (epoch budgets); use --fresh or another --out")
+    if checkpoint["args"] != cfg.to_dict():
+        changed = sorted(k for k, v in cfg.to_dict().items() if checkpoint["args"].get(k) != v)
+        raise RunError(
+            f"{out} holds a run with other settings ({', '.join(changed)}); use --fresh or another --out"
+        )
+    return checkpoint
+
+
 def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = False) -> dict:
     """Train (or resume) a run; returns the summary written to run.json."""
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     checkpoint_path = out / "checkpoint.pt"
-    checkpoint = None
-    if checkpoint_path.exists() and not fresh:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        if checkpoint["args"] != cfg.to_dict():
-            changed = sorted(k for k, v in cfg.to_dict().items() if checkpoint["args"].get(k) != v)
-            raise RunError(
-                f"{out} holds a run with other settings ({', '.join(changed)}); use --fresh or another --out"
-            )
-        log.info("resuming %s after epoch %d", out, checkpoint["epoch"] + 1)
+    checkpoint = None if fresh else _load_checkpoint(checkpoint_path, cfg, out)
     if checkpoint is None:
         resolved = resolve(cfg)
     else:  # the decision is part of the run: never re-decide on resume
         resolved = Resolved(
             **{**checkpoint["resolved"], "model": ModelConfig.from_dict(checkpoint["resolved"]["model"])}
         )
+        log.info("resuming %s at step %d", out, checkpoint["step"])
     log.info("preset %s (%s); %s", resolved.preset, resolved.reason, resolved.model)
     finished = out / "run.json"
-    if checkpoint is not None and checkpoint["epoch"] + 1 >= resolved.epochs and finished.exists():
+    if checkpoint is not None and checkpoint.get("stopped") and finished.exists():
         summary = json.loads(finished.read_text())
         if summary.get("status") == "done":
-            log.info("%s is already trained (%d epochs): nothing to do", out, resolved.epochs)
+            log.info("%s is already trained (%s): nothing to do", out, checkpoint["stopped"])
             return summary
-    model = build_model(resolved)
-    prep = prepare(cfg, resolved, model, data, out)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=resolved.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(prep.train) // resolved.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=resolved.lr, total_steps=resolved.epochs * steps_per_epoch, pct_start=0.15
+    torch.manual_seed(cfg.seed)
+    first = build_model(resolved)
+    prep = prepare(cfg, resolved, first, data, out)
+    budget = plan_budget(cfg, resolved, len(prep.train))
+    log.info(
+        "budget: %d optimizer steps of %d examples (%s), about %.1f epochs; validation every %d steps; "
+        "early stop after %d validations without gain once half the budget is done%s",
+        budget.steps,
+        resolved.batch_size,
+        budget.reason,
+        budget.steps / budget.steps_per_epoch,
+        budget.eval_every,
+        cfg.patience,
+        f"; at most {cfg.max_minutes:g} min" if cfg.max_minutes else "",
     )
+    attempt = _Attempt(resolved, cfg, budget, checkpoint["attempt"] if checkpoint else 0, first)
     history: list[dict] = []
-    start_epoch, best = 0, -1.0
+    step, best, since_best, elapsed = 0, -1.0, 0, 0.0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        history, start_epoch = checkpoint["history"], checkpoint["epoch"] + 1
-        best = max((h["val_fitb"] for h in history), default=-1.0)
+        attempt.load(checkpoint)
+        history, step, elapsed = checkpoint["history"], checkpoint["step"], checkpoint["seconds"]
+        best, since_best = checkpoint["best"], checkpoint["since_best"]
+        torch.set_rng_state(checkpoint["rng"])
     resolved_dict = {**dataclasses.asdict(resolved), "model": resolved.model.to_dict()}
-    summary = {
+    summary: dict[str, Any] = {
         "args": cfg.to_dict(),
         "resolved": resolved_dict,
+        "budget": budget.to_dict(),
         "data": str(data.resolve()),
         "examples": {"train": len(prep.train), "val": len(prep.val)},
+        "data_gaps": prep.counts,
     }
-    (out / "run.json").write_text(json.dumps({**summary, "status": "training"}, indent=1) + "\n")
-    for epoch in range(start_epoch, resolved.epochs):
-        t0 = time.time()
-        stats = train_one_epoch(model, prep, optimizer, scheduler, epoch, resolved, cfg)
-        val_fitb = validate(model, prep)
-        row = {"epoch": epoch + 1, **stats, "val_fitb": val_fitb, "seconds": round(time.time() - t0, 1)}
-        history.append(row)
-        log.info(
-            "epoch %d/%d  loss %.4f  val FITB %.4f  (%.0f s)",
-            epoch + 1,
-            resolved.epochs,
-            stats["train_loss"],
-            val_fitb,
-            row["seconds"],
-        )
-        if val_fitb > best:
-            best = val_fitb
-            _atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "config": resolved.model.to_dict(),
-                    "epoch": epoch,
+    finished.write_text(json.dumps({**summary, "status": "training"}, indent=1) + "\n")
+    chance = float(np.mean([1.0 / len(c) for c in prep.val_candidates]))
+    aug = augment if resolved.train_backbone and cfg.augment else None
+    stopped = ""
+    window: list[float] = []
+    satisfied: list[float] = []
+    t0 = time.time() - elapsed
+    with progress_bar(budget.steps, "train", "step") as bar:
+        bar.update(step)
+        while not stopped:
+            epoch, position = divmod(step, budget.steps_per_epoch)
+            rng = random.Random(cfg.seed * 1000 + epoch + 100_003 * attempt.number)
+            for batch in make_batches(prep.train, resolved.batch_size, rng)[position:]:
+                attempt.model.train()
+                if not resolved.train_backbone:
+                    attempt.model.backbone.eval()
+                loss, sat = triplet_loss(attempt.model, prep, batch, cfg.margin, aug)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise RunError(
+                        f"step {step + 1}: the triplet loss is {value}: the model diverged; lower --lr "
+                        f"(now {resolved.lr:g}) or check the images; the best model so far is in "
+                        f"{out / 'best.pt'}"
+                    )
+                attempt.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                attempt.optimizer.step()
+                attempt.scheduler.step()
+                step += 1
+                window.append(value)
+                satisfied.append(sat)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+                over_time = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+                if step % budget.eval_every and step < budget.steps and not over_time:
+                    continue
+                val_fitb, spread = validate(attempt.model, prep)
+                row = {
+                    "step": step,
+                    "epoch": round(step / budget.steps_per_epoch, 2),
+                    "attempt": attempt.number,
+                    "lr": attempt.scheduler.get_last_lr()[0],
+                    "train_loss": sum(window) / len(window),
+                    "train_triplets_ok": sum(satisfied) / len(satisfied),
                     "val_fitb": val_fitb,
-                },
-                out / "best.pt",
-            )
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "args": cfg.to_dict(),
-                "resolved": resolved_dict,
-                "history": history,
-            },
-            checkpoint_path,
-        )
-        with open(out / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
-        _plot(history, out / "curves.png")
+                    "val_spread": spread,
+                    "seconds": round(time.time() - t0, 1),
+                }
+                window, satisfied = [], []
+                history.append(row)
+                log.info(
+                    "step %d/%d (epoch %.1f)  loss %.4f  val FITB %.4f  (%.0f s)",
+                    step,
+                    budget.steps,
+                    row["epoch"],
+                    row["train_loss"],
+                    val_fitb,
+                    row["seconds"],
+                )
+                if val_fitb > best:
+                    best, since_best = val_fitb, 0
+                    _atomic_save(
+                        {
+                            "model": attempt.model.state_dict(),
+                            "config": resolved.model.to_dict(),
+                            "step": step,
+                            "val_fitb": val_fitb,
+                        },
+                        out / "best.pt",
+                    )
+                else:
+                    since_best += 1
+                flat = collapsed(row["train_loss"], cfg.margin, val_fitb, chance, spread)
+                if flat:
+                    log.warning(
+                        "step %d: on the triplet loss's collapsed plateau (loss %.4f ~ margin %g, distance "
+                        "spread %.3f, val FITB %.3f ~ chance %.2f); runs usually leave it after a few "
+                        "hundred steps",
+                        step,
+                        row["train_loss"],
+                        cfg.margin,
+                        spread,
+                        val_fitb,
+                        chance,
+                    )
+                if step >= budget.steps:
+                    stopped = "budget"
+                elif over_time:
+                    stopped = f"time budget of {cfg.max_minutes:g} min"
+                elif step >= budget.steps // 2 and since_best >= cfg.patience:
+                    stopped = f"early stop: no gain in {since_best} validations (best {best:.4f})"
+                if flat and step >= budget.steps // 2 and attempt.number < cfg.restarts:
+                    log.warning(
+                        "still collapsed at half the budget: restarting with another seed (attempt %d of %d)",
+                        attempt.number + 2,
+                        cfg.restarts + 1,
+                    )
+                    attempt = _Attempt(resolved, cfg, budget, attempt.number + 1, first)
+                    step, stopped, best, since_best = 0, "", -1.0, 0
+                    bar.reset()
+                _atomic_save(
+                    {
+                        **attempt.state(),
+                        "format": CHECKPOINT_FORMAT,
+                        "step": step,
+                        "args": cfg.to_dict(),
+                        "resolved": resolved_dict,
+                        "history": history,
+                        "best": best,
+                        "since_best": since_best,
+                        "seconds": time.time() - t0,
+                        "rng": torch.get_rng_state(),
+                        "stopped": stopped,
+                    },
+                    checkpoint_path,
+                )
+                with open(out / "metrics.csv", "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=list(history[0]))
+                    writer.writeheader()
+                    writer.writerows(history)
+                _plot(history, out / "curves.png")
+                if stopped or step == 0:
+                    break
+    at_chance = best < chance + 0.05
     summary.update(
         status="done",
+        stopped=stopped,
         best_val_fitb=best,
-        epochs_run=len(history),
-        train_seconds=round(sum(h["seconds"] for h in history), 1),
+        chance=chance,
+        at_chance=at_chance,
+        steps_run=step,
+        attempts=attempt.number + 1,
+        train_seconds=round(time.time() - t0, 1),
     )
-    (out / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if math.isnan(best):
-        raise RunError("validation FITB is NaN: no validation examples could be scored")
+    finished.write_text(json.dumps(summary, indent=1) + "\n")
+    log.info("stopped: %s; best validation FITB %.4f", stopped, best)
+    if at_chance:
+        log.error(
+            "the model ranks at chance (best validation FITB %.3f, chance %.2f) after %d attempt(s): it is "
+            "saved, but do not serve it. Try more steps (--steps), another --lr or --seed, or check that "
+            "the data holds a learnable signal.",
+            best,
+            chance,
+            attempt.number + 1,
+        )
     return summary
 
 

@@ -40,7 +40,14 @@ def exported_repo(synth_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("served-run")
     train(
         TrainConfig(
-            preset="offline", input_size=64, grid=2, embed_dim=32, batch_size=16, max_examples=96, epochs=2
+            preset="offline",
+            input_size=64,
+            grid=2,
+            embed_dim=32,
+            batch_size=16,
+            max_examples=96,
+            epochs=2,
+            restarts=0,
         ),
         synth_dir,
         run,

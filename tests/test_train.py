@@ -17,7 +17,17 @@ import torch
 from style_model.errors import ConfigError, RunError
 from style_model.train import TrainConfig, load_run, resolve, train
 
-TINY = dict(preset="offline", input_size=64, grid=2, embed_dim=32, batch_size=16, max_examples=96, epochs=2)
+# restarts=0: a tiny run may well sit at chance, which is not what these tests are about (test_budget.py is)
+TINY = dict(
+    preset="offline",
+    input_size=64,
+    grid=2,
+    embed_dim=32,
+    batch_size=16,
+    max_examples=96,
+    epochs=2,
+    restarts=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +39,17 @@ def tiny_run(synth_dir, tmp_path_factory) -> Path:
 
 def test_run_folder_has_everything(tiny_run):
     info = json.loads((tiny_run / "run.json").read_text())
-    assert info["status"] == "done" and info["epochs_run"] == 2
+    steps_per_epoch = info["budget"]["steps_per_epoch"]
+    assert info["status"] == "done" and info["steps_run"] == 2 * steps_per_epoch == info["budget"]["steps"]
     assert info["resolved"]["preset"] == "offline" and info["resolved"]["train_backbone"] is True
     rows = list(csv.DictReader((tiny_run / "metrics.csv").read_text().splitlines()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # --epochs: one validation per epoch
+    assert [int(r["step"]) for r in rows] == [steps_per_epoch, 2 * steps_per_epoch]
     assert all(0.0 <= float(r["val_fitb"]) <= 1.0 for r in rows)
     assert (tiny_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tiny_run / "examples-report.json").read_text())["pairs"] > 0
     checkpoint = torch.load(tiny_run / "checkpoint.pt", weights_only=False)
-    assert set(checkpoint) >= {"model", "optimizer", "lr_scheduler", "epoch", "args"}
+    assert set(checkpoint) >= {"model", "optimizer", "lr_scheduler", "step", "args", "history", "rng"}
     model, _ = load_run(tiny_run)
     assert model.config.input_size == 64 and model.config.grid == 2
 
@@ -127,6 +139,8 @@ def test_resume_after_kill(synth_dir, tmp_path):
         "96",
         "--epochs",
         "4",
+        "--restarts",
+        "0",
     ]
     env = {**os.environ, "CTL_OFFLINE": "1", "CTL_PROGRESS": "0"}
     proc = subprocess.Popen(
@@ -139,14 +153,16 @@ def test_resume_after_kill(synth_dir, tmp_path):
         time.sleep(0.01)  # killed within ~10 ms of the first epoch's row: three more epochs take far longer
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(csv.DictReader((out / "metrics.csv").read_text().splitlines())))
-    assert 1 <= done_before < 4, "the kill should land mid-run"
+    before = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert 1 <= len(before) < 4, "the kill should land mid-run"
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"resuming {out} after epoch {done_before}" in result.stderr
+    assert f"resuming {out} at step {before[-1]['step']}" in result.stderr
     rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-    assert json.loads((out / "run.json").read_text())["epochs_run"] == 4
+    steps_per_epoch = int(rows[0]["step"])
+    assert [int(r["step"]) for r in rows] == [steps_per_epoch * k for k in (1, 2, 3, 4)]
+    assert rows[: len(before)] == before  # resumed, not restarted
+    assert json.loads((out / "run.json").read_text())["steps_run"] == 4 * steps_per_epoch
 
 
 def test_resume_refuses_other_settings(tiny_run, synth_dir):
@@ -219,9 +235,9 @@ def test_unreadable_images_are_reported_not_fatal(synth_dir, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**{**TINY, "epochs": 1, "max_examples": None}), data, out)
     report = json.loads((out / "examples-report.json").read_text())
-    assert victim in report["missing_images"]
+    assert victim in report["unreadable_images"]
     reasons = {s["reason"] for s in report["skipped"] if s["record"].startswith(victim)}
-    assert reasons == {"unreadable image"}
+    assert reasons == {f"unreadable image: {victim}"}
 
 
 def test_finished_run_is_reused(tiny_run, synth_dir, caplog):

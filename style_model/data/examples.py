@@ -40,6 +40,8 @@ class BuildReport:
     examples_by_category: Counter = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
+    unreadable_images: list[str] = field(default_factory=list)
+    negatives_redrawn: int = 0  # examples whose first-drawn negative had no usable image
     bad_records: list[tuple[int, str]] = field(default_factory=list)
 
     @property
@@ -52,8 +54,10 @@ class BuildReport:
             "examples_by_split": dict(self.examples_by_split),
             "examples_by_category": dict(self.examples_by_category.most_common()),
             "skipped_by_reason": dict(self.skipped_by_reason),
+            "negatives_redrawn": self.negatives_redrawn,
             "skipped": [{"record": r, "reason": why} for r, why in self.skipped],
             "missing_images": self.missing_images,
+            "unreadable_images": self.unreadable_images,
             "bad_records": [{"line": n, "reason": why} for n, why in self.bad_records],
         }
 
@@ -92,9 +96,15 @@ def build_examples(
     min_crop: float = 0.2,
     seed: int = 0,
     check_images: bool = True,
+    unreadable: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[Example], BuildReport]:
     """One example per usable pair; see the module docstring. `min_crop` is the smallest crop kept,
-    as a fraction of the scene (a strip spans the scene, so this is both its area and narrow side)."""
+    as a fraction of the scene (a strip spans the scene, so this is both its area and narrow side).
+
+    With `check_images`, an image is usable when its file exists and it is not in `unreadable` (files
+    that failed to decode). A pair whose scene or product has no usable image is skipped; a negative
+    without one is drawn again among the products that have one (counted in `negatives_redrawn`), so a
+    partial image folder loses only the pairs it must. Without missing images the draws are the same."""
     report = BuildReport(
         pairs=len(dataset.pairs), bad_records=[(b.line, b.reason) for b in dataset.bad_records]
     )
@@ -103,10 +113,16 @@ def build_examples(
     present: dict[str, bool] = {}
 
     def has_image(sig: str) -> bool:
+        if not check_images:
+            return True
         if sig not in present:
-            present[sig] = dataset.image_path(sig).is_file()
-            if not present[sig]:
-                report.missing_images.append(sig)
+            if sig in unreadable:
+                present[sig] = False
+                report.unreadable_images.append(sig)
+            else:
+                present[sig] = dataset.image_path(sig).is_file()
+                if not present[sig]:
+                    report.missing_images.append(sig)
         return present[sig]
 
     examples: list[Example] = []
@@ -121,25 +137,30 @@ def build_examples(
         if share < min_crop:
             report.skipped.append((record, f"crop too small: {share:.2f} of the scene < min_crop {min_crop}"))
             continue
+        if not (has_image(p.scene) and has_image(p.product)):
+            missing = [s for s in (p.scene, p.product) if not has_image(s)]
+            what = "unreadable image" if set(missing) & unreadable else "missing image"
+            report.skipped.append((record, f"{what}: {', '.join(missing)}"))
+            continue
         pool = by_category[category]
         rng = seeded_rng(seed, p.scene, p.product)
-        negative = None
+        negative, redrawn = None, False
         for _ in range(20):  # rejection sampling: scenes hold few products, so this ends fast
             candidate = pool[rng.randrange(len(pool))]
             if candidate not in in_scene[p.scene]:
-                negative = candidate
-                break
+                if has_image(candidate):
+                    negative = candidate
+                    break
+                redrawn = True
         if negative is None:
-            outside = [c for c in pool if c not in in_scene[p.scene]]
+            outside = [c for c in pool if c not in in_scene[p.scene] and has_image(c)]
             if not outside:
-                report.skipped.append((record, f"no negative: every {category!r} product is in this scene"))
+                report.skipped.append(
+                    (record, f"no negative: no {category!r} product outside this scene has an image")
+                )
                 continue
             negative = outside[rng.randrange(len(outside))]
-        if check_images:
-            missing = [s for s in (p.scene, p.product, negative) if not has_image(s)]
-            if missing:
-                report.skipped.append((record, f"missing image: {', '.join(missing)}"))
-                continue
+        report.negatives_redrawn += redrawn
         split = split_of(p.scene)
         examples.append(Example(p.scene, crop, p.product, negative, category, split))
         report.examples_by_split[split] += 1
