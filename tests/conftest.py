@@ -13,6 +13,19 @@ os.environ.setdefault("CTL_PROGRESS", "0")
 REPO = Path(__file__).resolve().parents[1]
 STL = REPO.parent / "shared" / "data" / "stl"
 
+# a tiny, quick training run (64 px, 2x2 regions, 32-d); restarts=0: a run this small may well sit at
+# chance, which is not what the tests using it are about (test_budget.py is)
+TINY = dict(
+    preset="offline",
+    input_size=64,
+    grid=2,
+    embed_dim=32,
+    batch_size=16,
+    max_examples=96,
+    epochs=2,
+    restarts=0,
+)
+
 
 @pytest.fixture(scope="session")
 def stl_dir() -> Path:
@@ -38,20 +51,7 @@ def exported_repo(synth_dir, tmp_path_factory) -> Path:
     from style_model.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("served-run")
-    train(
-        TrainConfig(
-            preset="offline",
-            input_size=64,
-            grid=2,
-            embed_dim=32,
-            batch_size=16,
-            max_examples=96,
-            epochs=2,
-            restarts=0,
-        ),
-        synth_dir,
-        run,
-    )
+    train(TrainConfig(**TINY), synth_dir, run)
     repo = tmp_path_factory.mktemp("served-repo")
     export(run, repo)
     return repo

@@ -16,18 +16,7 @@ import torch
 
 from style_model.errors import ConfigError, RunError
 from style_model.train import TrainConfig, load_run, resolve, train
-
-# restarts=0: a tiny run may well sit at chance, which is not what these tests are about (test_budget.py is)
-TINY = dict(
-    preset="offline",
-    input_size=64,
-    grid=2,
-    embed_dim=32,
-    batch_size=16,
-    max_examples=96,
-    epochs=2,
-    restarts=0,
-)
+from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
