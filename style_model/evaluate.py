@@ -35,7 +35,8 @@ def _baseline_run(run: Path, name: str, data: Path, overrides: dict) -> Path:
     resolved = info["resolved"]
     same_way = {k: resolved[k] for k in ("batch_size", "lr")}
     same_way["input_size"] = resolved["model"]["input_size"]
-    same_way.update(steps=info["budget"]["steps"], epochs=None)
+    if "budget" in info:  # runs before step budgets trained a number of epochs: kept in their args
+        same_way.update(steps=info["budget"]["steps"], epochs=None)
     args = {**info["args"], **same_way, **overrides}
     target = run / "baselines" / name
     done = target / "run.json"
