@@ -10,6 +10,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from style_model.data.examples import build_examples
 from style_model.data.stl import load_dataset
@@ -114,3 +116,25 @@ def test_popularity_baseline_and_product_disjoint_rows(tmp_path):
     assert set(result["rows_product_disjoint"]) == set(result["rows"])
     if not disjoint:
         assert all(np.isnan(m["fitb_accuracy"]) for m in result["rows_product_disjoint"].values())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_build_examples_invariants_under_any_set_of_unusable_images(synth_dir, data):
+    """Whatever images are unusable: every example's three images are usable, a pair is kept exactly when
+    its own scene and product are, negatives stay same-category products outside the scene, and the
+    report accounts for every pair."""
+    dataset = load_dataset(synth_dir)
+    signatures = sorted({s for p in dataset.pairs for s in (p.scene, p.product)})
+    bad = set(data.draw(st.lists(st.sampled_from(signatures), max_size=len(signatures) // 2, unique=True)))
+    examples, report = build_examples(dataset, unreadable=bad)
+    for e in examples:
+        assert not {e.scene, e.positive, e.negative} & bad
+        assert dataset.categories[e.negative] == e.category
+        assert e.negative not in dataset.products_in_scene[e.scene]
+    kept = {(e.scene, e.positive) for e in examples}
+    for p in dataset.pairs:
+        if p.scene not in bad and p.product not in bad and (p.scene, p.product) not in kept:
+            assert any(r == f"{p.scene}/{p.product}" for r, _ in report.skipped)  # e.g. no negative left
+    assert len(examples) + len(report.skipped) == len(dataset.pairs)
+    assert report.negatives_redrawn <= len(examples)
