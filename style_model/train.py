@@ -236,6 +236,7 @@ def prepare(cfg: TrainConfig, resolved: Resolved, model: StyleModel, data: Path,
     if not resolved.train_backbone:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "feature-cache"
         features = compute_features(usable.bank, model, cache)
+        usable.bank.pixels = None  # the heads train on the features: 224 px pixels would only hold RAM
     return Prepared(dataset, usable.bank, features, train, val, usable.candidates["val-fitb"], counts)
 
 

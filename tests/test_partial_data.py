@@ -138,3 +138,25 @@ def test_build_examples_invariants_under_any_set_of_unusable_images(synth_dir, d
             assert any(r == f"{p.scene}/{p.product}" for r, _ in report.skipped)  # e.g. no negative left
     assert len(examples) + len(report.skipped) == len(dataset.pairs)
     assert report.negatives_redrawn <= len(examples)
+
+
+def test_images_needed_lists_every_product_a_redrawn_negative_can_be(tmp_path):
+    """A product whose only pair is unusable (crop too small) can still be drawn as another pair's negative
+    once the first-drawn negative is missing: fetch-images must have fetched it (it was not listed)."""
+    from PIL import Image
+
+    from style_model.data.examples import images_needed
+
+    pairs = [{"product": f"p{i}", "scene": f"s{i}", "bbox": [0.5, 0.5, 0.6, 0.6]} for i in range(40)]
+    pairs += [{"product": f"small{i}", "scene": f"t{i}", "bbox": [0, 0, 1, 0.95]} for i in range(40)]
+    (tmp_path / "fashion.json").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "fashion-cat.json").write_text(json.dumps({p["product"]: "Shoes" for p in pairs}))
+    (tmp_path / "images").mkdir()
+    needed = images_needed(load_dataset(tmp_path))
+    for sig in needed:
+        if sig not in {f"p{i}" for i in range(20)}:  # half the pairs' products are missing
+            Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "images" / f"{sig}.jpg")
+    _, report = build_examples(load_dataset(tmp_path))
+    assert report.negatives_redrawn > 0
+    assert set(report.missing_images) <= set(needed)
+    assert set(report.missing_images) == {f"p{i}" for i in range(20)} & set(report.missing_images)

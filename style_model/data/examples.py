@@ -170,7 +170,9 @@ def build_examples(
 
 def images_needed(dataset: Dataset, min_crop: float = 0.2, seed: int = 0) -> list[str]:
     """Signatures of every image the examples of `dataset` can use, whether present or not: the scene and
-    the product of every usable pair (a usable pair's product is also a possible negative of the others).
+    the product of every usable pair, and every product of their categories (a possible negative).
     What `ctl examples --needed` writes and `ctl fetch-images` fetches."""
     examples, _ = build_examples(dataset, min_crop=min_crop, seed=seed, check_images=False)
-    return sorted({s for e in examples for s in (e.scene, e.positive, e.negative)})
+    # when a negative's image is missing another product of its category is drawn: any can be needed
+    pool = {p for c in {e.category for e in examples} for p in dataset.products_by_category[c]}
+    return sorted({s for e in examples for s in (e.scene, e.positive, e.negative)} | pool)
