@@ -37,17 +37,23 @@ def _norms(model: StyleModel) -> list[DomainBatchNorm]:
 
 
 @torch.no_grad()
-def _recalibrate(model: StyleModel, bank, batches, blended: bool, momentum: float | None) -> None:
+def _recalibrate(
+    model: StyleModel, bank, batches, blended: bool, momentum: float | None, frozen_backbone: bool
+) -> None:
     """Run training batches (domain, bank indices) through the model in train mode, updating only the
-    BatchNorm running statistics. `blended`: one shared average, as plain BatchNorm kept it."""
+    BatchNorm running statistics. `blended`: one shared average, as plain BatchNorm kept it. A frozen
+    backbone keeps its own (ImageNet) statistics, as in training: only the heads' are rebuilt."""
     model.train()
-    for m in _norms(model):
+    if frozen_backbone:
+        model.backbone.eval()
+    norms = _norms(model.heads if frozen_backbone else model)
+    for m in norms:
         m.momentum = momentum
         m.reset_running_stats()
         m.product_mean.zero_(), m.product_var.fill_(1.0), m.product_batches.zero_()
     for domain, idx in batches:
         if blended:  # the shared average lives in the scene buffers; products update it too
-            for m in _norms(model):
+            for m in norms:
                 m.product_mean.copy_(m.running_mean), m.product_var.copy_(m.running_var)
         regions, map_mean, pooled = image_features(model, bank, None, idx, domain)
         if domain == "scene":
@@ -55,10 +61,10 @@ def _recalibrate(model: StyleModel, bank, batches, blended: bool, momentum: floa
         else:
             model.heads.product(map_mean, pooled)
         if blended and domain == "product":
-            for m in _norms(model):
+            for m in norms:
                 m.running_mean.copy_(m.product_mean), m.running_var.copy_(m.product_var)
     if blended:
-        for m in _norms(model):
+        for m in norms:
             m.product_mean.copy_(m.running_mean), m.product_var.copy_(m.running_var)
     model.eval()
 
@@ -107,10 +113,11 @@ def main() -> None:
 
     models = {"per domain (served now)": served}
     blended = copy.deepcopy(served)
-    _recalibrate(blended, bank, batches, blended=True, momentum=0.1)
+    frozen = not info["resolved"]["train_backbone"]
+    _recalibrate(blended, bank, batches, blended=True, momentum=0.1, frozen_backbone=frozen)
     models["blended (served before)"] = blended
     precise = copy.deepcopy(served)
-    _recalibrate(precise, bank, batches, blended=False, momentum=None)
+    _recalibrate(precise, bank, batches, blended=False, momentum=None, frozen_backbone=frozen)
     models["per domain, precise"] = precise
 
     print(f"run {args.run} ({args.checkpoint} checkpoint, step {state.get('step')}), data {args.data}")

@@ -87,6 +87,7 @@ def _train_config(args: argparse.Namespace):
         max_minutes=args.max_minutes,
         patience=args.patience,
         restarts=args.restarts,
+        eval_every=args.eval_every,
         batch_size=args.batch_size,
         lr=args.lr,
         attention=args.attention,
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--restarts", type=int, default=1, help="restarts with another seed after a collapse (default 1)"
+    )
+    p.add_argument(
+        "--eval-every", type=int, help="steps between validations (default: a tenth of the budget)"
     )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

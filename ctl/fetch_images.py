@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -343,9 +344,13 @@ def fetch_images(signatures: Iterable[str], root: Path, config: FetchConfig) -> 
     summary = Summary(len(signatures), root / REPORT)
     try:
         images.mkdir(exist_ok=True)
-        report = open(summary.report, "a")  # noqa: SIM115 (locked, then emptied, before it is used)
+        # never through a link: a planted fetch-report.jsonl link would empty its target
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        report = os.fdopen(os.open(summary.report, flags, 0o644), "a")  # locked, then emptied, before use
     except OSError as exc:
-        raise FetchError(f"{exc.filename}: {exc.strerror or exc}") from None
+        if exc.errno == errno.ELOOP:
+            raise FetchError(f"{summary.report}: is a symbolic link; refusing to write through it") from None
+        raise FetchError(f"{exc.filename or summary.report}: {exc.strerror or exc}") from None
     with report:
         try:  # one run per folder: it may remove the temporary files it finds
             fcntl.flock(report, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -21,7 +21,7 @@ from style_model.data.examples import Example
 from style_model.data.stl import load_dataset
 from style_model.embed import score_candidates
 from style_model.errors import RunError
-from style_model.protocol import FITB_NEGATIVES, HR_CANDIDATES, fitb_accuracy, hit_rates
+from style_model.protocol import FITB_NEGATIVES, HR_CANDIDATES, HR_KS, fitb_accuracy, hit_rates
 from style_model.train import TrainConfig, load_run, train
 from style_model.usable import CandidateSet, load_usable
 
@@ -35,8 +35,10 @@ def _baseline_run(run: Path, name: str, data: Path, overrides: dict) -> Path:
     resolved = info["resolved"]
     same_way = {k: resolved[k] for k in ("batch_size", "lr")}
     same_way["input_size"] = resolved["model"]["input_size"]
-    if "budget" in info:  # runs before step budgets trained a number of epochs: kept in their args
+    if "budget" in info:
         same_way.update(steps=info["budget"]["steps"], epochs=None)
+    else:  # a run from before step budgets trained the preset's (or its own) number of epochs
+        same_way.update(steps=None, epochs=resolved.get("epochs"))
     args = {**info["args"], **same_way, **overrides}
     target = run / "baselines" / name
     done = target / "run.json"
@@ -46,7 +48,10 @@ def _baseline_run(run: Path, name: str, data: Path, overrides: dict) -> Path:
     return target
 
 
-def _metrics(fitb: list[np.ndarray], hr: list[np.ndarray]) -> dict[str, float]:
+def _metrics(fitb: list[np.ndarray], hr: list[np.ndarray]) -> dict[str, float | None]:
+    """FITB and HR@K; None (JSON null, never NaN) when there is no example to score."""
+    if not fitb:
+        return {"fitb_accuracy": None, **{f"hr@{k}": None for k in HR_KS}}
     return {"fitb_accuracy": fitb_accuracy(fitb), **hit_rates(hr)}
 
 
@@ -150,6 +155,7 @@ def evaluate(
         "examples": len(examples),
         "product_disjoint_examples": len(disjoint),
         "hr_candidates": int(np.mean([len(c) for c in hr])),
+        "fitb_chance": float(np.mean([1.0 / len(c) for c in fitb])),
         "model": model.config.to_dict(),
         "preset": info.get("resolved", {}).get("preset"),
         "data_gaps": usable.counts(),
@@ -166,8 +172,9 @@ def format_table(result: dict) -> str:
     gaps = result.get("data_gaps", {})
     lines = [
         f"{result['split']} split: {result['examples']} examples; "
-        f"FITB: 1 true + {FITB_NEGATIVES} same-category negatives (chance {1 / (FITB_NEGATIVES + 1):.2f}); "
-        f"HR@K among {result['hr_candidates']} candidates",
+        f"FITB: 1 true + up to {FITB_NEGATIVES} same-category negatives (chance "
+        f"{result.get('fitb_chance', 1 / (FITB_NEGATIVES + 1)):.2f}); HR@K among {result['hr_candidates']} "
+        "candidates on average",
     ]
     if gaps.get("missing_images") or gaps.get("unreadable_images") or gaps.get("skipped_by_reason"):
         lines.append(
@@ -185,7 +192,7 @@ def format_table(result: dict) -> str:
         lines += ["", title, head, "-" * len(head)]
         for label, m in rows.items():
             cells = [m[k] for k in ("fitb_accuracy", "hr@1", "hr@5", "hr@10")]
-            lines.append(f"{label:<42} " + " ".join(f"{v:>6.3f}" for v in cells))
+            lines.append(f"{label:<42} " + " ".join("     -" if v is None else f"{v:>6.3f}" for v in cells))
     return "\n".join(lines)
 
 

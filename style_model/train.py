@@ -111,8 +111,21 @@ class Resolved:
     lr: float
 
 
+def _check(cfg: TrainConfig) -> None:
+    """Budget and batch settings that are not positive are refused by name, before any work."""
+    for name in ("steps", "epochs", "batch_size", "eval_every", "lr", "max_examples"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name}={value}: expected a positive number (or leave it unset)")
+    for name in ("patience", "restarts", "max_minutes"):
+        value = getattr(cfg, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{name}={value}: expected 0 or more")
+
+
 def resolve(cfg: TrainConfig) -> Resolved:
     """Apply the preset; `auto` means `paper` if ImageNet weights can be had, else `offline`."""
+    _check(cfg)
     if cfg.preset not in ("auto", *PRESETS):
         raise ConfigError(f"preset={cfg.preset!r}: expected auto, {', '.join(PRESETS)}")
     preset, reason, weights_file = cfg.preset, f"preset {cfg.preset!r} asked for", None
@@ -409,7 +422,8 @@ class _Attempt:
         self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
 
 
-CHECKPOINT_FORMAT = 2  # 1: budgets in epochs (before step budgets, early stopping and restarts)
+# 1: budgets in epochs; 2: step budgets; 3: the data, examples and budget recorded (checked on resume)
+CHECKPOINT_FORMAT = 3
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, out: Path) -> dict | None:
@@ -417,7 +431,7 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, out: Path) -> dict | None:
         return None
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"{out} holds a run of an older ctl (epoch budgets); use --fresh or another --out")
+        raise RunError(f"{out} holds a run of an older ctl (checkpoint format); use --fresh or another --out")
     if checkpoint["args"] != cfg.to_dict():
         changed = sorted(k for k, v in cfg.to_dict().items() if checkpoint["args"].get(k) != v)
         raise RunError(
@@ -459,15 +473,26 @@ def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = Fal
         budget.steps / budget.steps_per_epoch,
         budget.eval_every,
         cfg.patience,
-        f"; at most {cfg.max_minutes:g} min" if cfg.max_minutes else "",
+        f"; at most {cfg.max_minutes:g} min" if cfg.max_minutes is not None else "",
     )
+    examples = {"train": len(prep.train), "val": len(prep.val)}
+    if checkpoint is not None:
+        was = (checkpoint["data"], checkpoint["examples"], checkpoint["budget"])
+        now = (str(data.resolve()), examples, budget.to_dict())
+        if was != now:
+            raise RunError(
+                f"{out} was trained on {was[0]} ({was[1]['train']} training examples, {was[2]['steps']} "
+                f"steps) and the data is now {now[0]} ({now[1]['train']} examples, {now[2]['steps']} steps): "
+                "a resumed run must see the same examples; use --fresh or another --out"
+            )
     attempt = _Attempt(resolved, cfg, budget, checkpoint["attempt"] if checkpoint else 0, first)
     history: list[dict] = []
-    step, best, since_best, elapsed = 0, -1.0, 0, 0.0
+    step, total, best, since_best, elapsed, stopped = 0, 0, -1.0, 0, 0.0, ""
     if checkpoint is not None:
         attempt.load(checkpoint)
         history, step, elapsed = checkpoint["history"], checkpoint["step"], checkpoint["seconds"]
-        best, since_best = checkpoint["best"], checkpoint["since_best"]
+        best, since_best, total = checkpoint["best"], checkpoint["since_best"], checkpoint["total_steps"]
+        stopped = checkpoint["stopped"]  # killed after its last checkpoint: nothing left to train
         torch.set_rng_state(checkpoint["rng"])
     resolved_dict = {**dataclasses.asdict(resolved), "model": resolved.model.to_dict()}
     summary: dict[str, Any] = {
@@ -475,19 +500,18 @@ def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = Fal
         "resolved": resolved_dict,
         "budget": budget.to_dict(),
         "data": str(data.resolve()),
-        "examples": {"train": len(prep.train), "val": len(prep.val)},
+        "examples": examples,
         "data_gaps": prep.counts,
     }
     finished.write_text(json.dumps({**summary, "status": "training"}, indent=1) + "\n")
     chance = float(np.mean([1.0 / len(c) for c in prep.val_candidates]))
     aug = augment if resolved.train_backbone and cfg.augment else None
-    stopped = ""
     window: list[float] = []
     satisfied: list[float] = []
     t0 = time.time() - elapsed
     with progress_bar(budget.steps, "train", "step") as bar:
         bar.update(step)
-        while not stopped:
+        while not stopped:  # a run killed after its last checkpoint resumes stopped: it only finishes
             epoch, position = divmod(step, budget.steps_per_epoch)
             rng = random.Random(cfg.seed * 1000 + epoch + 100_003 * attempt.number)
             for batch in make_batches(prep.train, resolved.batch_size, rng)[position:]:
@@ -507,6 +531,7 @@ def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = Fal
                 attempt.optimizer.step()
                 attempt.scheduler.step()
                 step += 1
+                total += 1
                 window.append(value)
                 satisfied.append(sat)
                 bar.update(1)
@@ -544,6 +569,7 @@ def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = Fal
                             "model": attempt.model.state_dict(),
                             "config": resolved.model.to_dict(),
                             "step": step,
+                            "attempt": attempt.number,
                             "val_fitb": val_fitb,
                         },
                         out / "best.pt",
@@ -569,22 +595,26 @@ def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = Fal
                     stopped = f"time budget of {cfg.max_minutes:g} min"
                 elif step >= budget.steps // 2 and since_best >= cfg.patience:
                     stopped = f"early stop: no gain in {since_best} validations (best {best:.4f})"
-                if flat and step >= budget.steps // 2 and attempt.number < cfg.restarts:
+                if flat and step >= budget.steps // 2 and attempt.number < cfg.restarts and not over_time:
                     log.warning(
                         "still collapsed at half the budget: restarting with another seed (attempt %d of %d)",
                         attempt.number + 2,
                         cfg.restarts + 1,
                     )
                     attempt = _Attempt(resolved, cfg, budget, attempt.number + 1, first)
-                    step, stopped, best, since_best = 0, "", -1.0, 0
+                    step, stopped, since_best = 0, "", 0  # best.pt stays the best of every attempt
                     bar.reset()
                 _atomic_save(
                     {
                         **attempt.state(),
                         "format": CHECKPOINT_FORMAT,
                         "step": step,
+                        "total_steps": total,
                         "args": cfg.to_dict(),
                         "resolved": resolved_dict,
+                        "data": str(data.resolve()),
+                        "examples": examples,
+                        "budget": budget.to_dict(),
                         "history": history,
                         "best": best,
                         "since_best": since_best,
@@ -608,7 +638,7 @@ def train(cfg: TrainConfig, data: Path | str, out: Path | str, fresh: bool = Fal
         best_val_fitb=best,
         chance=chance,
         at_chance=at_chance,
-        steps_run=step,
+        steps_run=total,
         attempts=attempt.number + 1,
         train_seconds=round(time.time() - t0, 1),
     )

@@ -34,10 +34,12 @@ class Usable:
     bank: ImageBank
     report: BuildReport
 
+    wanted: dict[str, int]  # candidates asked for per list, by candidate-set name (true product included)
+
     def counts(self) -> dict:
         """What was left out and drawn again, for run reports."""
         short = {
-            name: sum(1 for c in lists if len(c) < max(map(len, lists), default=0))
+            name: sum(1 for c in lists if len(c) < self.wanted[name])
             for name, lists in self.candidates.items()
         }
         return {
@@ -46,7 +48,7 @@ class Usable:
             "missing_images": len(self.report.missing_images),
             "unreadable_images": len(self.report.unreadable_images),
             "negatives_redrawn": self.report.negatives_redrawn,
-            "candidate_lists_shorter_than_most": short,
+            "candidate_lists_short": short,  # fewer usable same-category products than asked for
         }
 
 
@@ -87,5 +89,6 @@ def load_usable(
         bank.load(workers)
         new = set(bank.unreadable) - unreadable
         if not new:
-            return Usable(groups, candidates, bank, report)
+            wanted = {name: c.negatives + 1 for name, c in candidate_sets.items()}
+            return Usable(groups, candidates, bank, report, wanted)
         unreadable |= new

@@ -101,3 +101,63 @@ def test_cli_takes_the_budget_flags(synth_dir, tmp_path, capsys):
     assert printed["steps_run"] == 6 and printed["stopped"] == "budget"
     info = json.loads((out / "run.json").read_text())
     assert info["budget"]["steps"] == 6 and info["args"]["max_minutes"] == 30
+
+
+def test_a_restart_keeps_the_best_model_of_every_attempt(flat_dir, tmp_path):
+    """After a restart, the new attempt's first validation replaced best.pt even when it was worse."""
+    cfg = TrainConfig(**{**TINY, "epochs": None, "steps": 8, "eval_every": 2, "restarts": 1, "patience": 9})
+    summary = train(cfg, flat_dir, tmp_path / "run")
+    assert summary["attempts"] == 2
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    assert best["attempt"] == 0  # grey images: every validation scores the same, so the first one stays
+
+
+def test_no_restart_once_the_time_budget_is_spent(flat_dir, tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": None, "steps": 2, "max_minutes": 0, "restarts": 5})
+    summary = train(cfg, flat_dir, tmp_path / "run")
+    assert summary["attempts"] == 1 and summary["steps_run"] == 1
+    assert summary["stopped"].startswith("time budget")
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_on_resume(synth_dir, tmp_path):
+    """The last checkpoint is written before run.json says done: a kill in between left a run that could
+    never be resumed (the learning-rate schedule refused the extra step)."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    first = train(cfg, synth_dir, out)
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "status": "training"}))  # as if killed just before
+    again = train(cfg, synth_dir, out)
+    assert again["status"] == "done" and again["steps_run"] == first["steps_run"]
+    assert again["best_val_fitb"] == first["best_val_fitb"]
+
+
+def test_resuming_on_other_data_is_refused(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    train(cfg, synth_dir, out)
+    (out / "run.json").unlink()  # not finished: it would resume
+    other = tmp_path / "other"
+    shutil.copytree(synth_dir, other)
+    for path in sorted((other / "images").glob("*.jpg"))[::3]:
+        path.unlink()  # more images fetched (or lost) since: other examples, another budget
+    with pytest.raises(RunError, match="same examples"):
+        train(cfg, other, out)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"steps": -3}, "steps=-3"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"eval_every": 0}, "eval_every=0"),
+        ({"max_minutes": -1}, "max_minutes=-1"),
+        ({"restarts": -1}, "restarts=-1"),
+    ],
+)
+def test_budget_settings_that_make_no_sense_are_refused_by_name(setting, message):
+    from style_model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        resolve(TrainConfig(preset="offline", **setting))

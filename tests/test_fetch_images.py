@@ -330,6 +330,20 @@ def test_one_run_at_a_time_in_a_folder(server, tmp_path):
     assert not server.requests
 
 
+def test_a_report_that_is_a_link_is_refused_and_its_target_untouched(server, tmp_path, caplog):
+    """A planted fetch-report.jsonl link was opened through: the run emptied the file it points at."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / fi.REPORT).symlink_to(victim)
+    (tmp_path / "list.txt").write_text("good-1\n")
+    listed = ("--list", str(tmp_path / "list.txt"), "--url-template", server.template)
+    assert run("--data", str(data), *listed) == 2
+    assert any("symbolic link" in r.getMessage() for r in caplog.records)
+    assert victim.read_text() == "precious\n" and not server.requests
+
+
 def test_timeouts_are_retried_and_then_given_up(server, tmp_path):
     (tmp_path / "list.txt").write_text("slow-1\nstuck-1\ngood-1\n")
     code = run(
