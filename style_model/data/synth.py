@@ -35,8 +35,11 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+# Pillow is imported where images are drawn: `ctl --help` and the ranker's image stay without it
+if TYPE_CHECKING:
+    from PIL import Image
 
 from style_model.errors import ConfigError
 
@@ -229,6 +232,8 @@ def _colour_pair(rng: random.Random) -> tuple[tuple[int, int, int], tuple[int, i
 
 def _pattern_tile(pattern: str, period: int, size: tuple[int, int], fg, bg, phase: tuple[int, int]):
     """A full-size image of the pattern; shapes are cut out of it with a mask."""
+    from PIL import Image, ImageDraw
+
     w, h = size
     img = Image.new("RGB", (w, h), bg)
     d = ImageDraw.Draw(img)
@@ -361,6 +366,8 @@ class _Item:
 
 
 def _draw_item(canvas: Image.Image, polys, pattern: str, period: int, fg, bg, rng: random.Random) -> None:
+    from PIL import Image, ImageDraw
+
     tile = _pattern_tile(pattern, period, canvas.size, fg, bg, (rng.randrange(period), rng.randrange(period)))
     mask = Image.new("L", canvas.size, 0)
     md = ImageDraw.Draw(mask)
@@ -374,6 +381,8 @@ def _draw_item(canvas: Image.Image, polys, pattern: str, period: int, fg, bg, rn
 
 
 def _background(size: int, rng: random.Random) -> Image.Image:
+    from PIL import Image, ImageDraw
+
     base = tuple(rng.randint(150, 235) for _ in range(3))
     img = Image.new("RGB", (size, size), base)
     d = ImageDraw.Draw(img)
@@ -403,6 +412,8 @@ def _place(rng: random.Random, size: int, n: int, lo: float, hi: float, taken: l
 
 
 def _render_product(item: _Item, size: int, rng: random.Random) -> Image.Image:
+    from PIL import Image
+
     img = Image.new("RGB", (size, size), tuple(rng.randint(225, 250) for _ in range(3)))
     s = rng.uniform(0.6, 0.8) * size
     w, h = s, s * item.aspect
