@@ -121,6 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         domain=args.domain,
         seed_variant=args.seed_variant,
         max_examples=args.max_examples,
+        baselines=not args.no_baselines,
     )
     print(format_table(result))
     print(f"written: {Path(args.run) / f'eval-{args.split}.json'}")
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed-variant",
         action="store_true",
         help="also train (if missing) and score the seed tutorial's attention variant",
+    )
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the baselines that need training (colour histograms, seed variant): the quick check",
     )
     p.add_argument("--max-examples", type=int)
     p.set_defaults(func=cmd_evaluate)

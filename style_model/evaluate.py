@@ -69,6 +69,7 @@ def evaluate(
     seed_variant: bool = False,
     max_examples: int | None = None,
     seed: int = 0,
+    baselines: bool = True,
 ) -> dict:
     """Every row on the same candidates, over all examples of `split` and over its product-disjoint part
     (true products never seen in training: what is left once memorised popularity cannot help)."""
@@ -129,15 +130,15 @@ def evaluate(
         for lists in (fitb, hr)
     )
 
-    baselines = {
+    trained = {
         "colour histograms + heads": (
             "colorhist",
             {"backbone": "colorhist", "train_backbone": False, "weights": "none", "preset": "offline"},
         )
     }
     if seed_variant:
-        baselines["seed attention (softmax of +distance)"] = ("seed-attention", {"attention": "seed"})
-    for label, (folder, overrides) in baselines.items():
+        trained["seed attention (softmax of +distance)"] = ("seed-attention", {"attention": "seed"})
+    for label, (folder, overrides) in trained.items() if baselines else ():
         base_dir = _baseline_run(run, folder, data, overrides)
         base_model, base_info = load_run(base_dir)
         bf, bh = scores_of(base_model, base_dir, base_info)

@@ -109,7 +109,8 @@ def test_popularity_baseline_and_product_disjoint_rows(tmp_path):
     assert len(disjoint) < len(test), "the catalogue re-use should put training products in the test split"
     run = tmp_path / "run"
     train(TrainConfig(**{**TINY, "epochs": 1}), data, run)
-    result = evaluate(run, data, split="test")
+    result = evaluate(run, data, split="test", baselines=False)  # the quick check: nothing trained
+    assert "colour histograms + heads" not in result["rows"] and not (run / "baselines").exists()
     assert result["examples"] == len(test)
     assert result["product_disjoint_examples"] == len(disjoint)
     assert "training popularity" in result["rows"]
