@@ -31,11 +31,13 @@ browser:
 test: $(BIN)/ctl triton-cpu browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest
 
 lint: $(BIN)/ctl
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+	$(BIN)/lint-imports --no-cache
 
 protos: $(BIN)/ctl
 	$(BIN)/python -m ctl.codegen

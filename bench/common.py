@@ -119,7 +119,7 @@ def start_ctl(*args: str, log_path: str, timeout: float = 120) -> tuple[object, 
 
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ctl.cli", *args], stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "ctl_app.cli", *args], stdout=log, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

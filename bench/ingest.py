@@ -109,7 +109,7 @@ def main() -> None:
                     [
                         sys.executable,
                         "-m",
-                        "ctl.cli",
+                        "ctl_app.cli",
                         "ingest",
                         str(catalog),
                         "--ranker",

@@ -55,7 +55,7 @@ class Process:
         )
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ctl.cli", *args],
+            [sys.executable, "-m", "ctl_app.cli", *args],
             cwd=REPO,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctl.cli import main
+from ctl_app.cli import main
 from style_model.errors import RunError
 from style_model.train import PRESETS, TrainConfig, load_run, plan_budget, resolve, train
 from tests.conftest import TINY

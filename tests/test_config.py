@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ctl.cli import build_parser
-from ctl.cli import main as ctl_main
+from ctl_app.cli import build_parser
+from ctl_app.cli import main as ctl_main
 from ranker_service import config as ranker_config
 from ranker_service import errors as ranker_errors
 
@@ -129,7 +129,7 @@ def _ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CTL_")}
     return subprocess.run(
-        [sys.executable, "-m", "ctl.cli", *args],
+        [sys.executable, "-m", "ctl_app.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -378,7 +378,7 @@ def test_restore_reads_the_ranker_store_path_when_it_runs(monkeypatch, tmp_path)
     parser = build_parser()
     monkeypatch.setenv("CTL_RANKER_STORE_PATH", str(tmp_path / "from-env"))
     args = parser.parse_args(["restore", "archive.tar.gz"])
-    from ctl.cli import restore_target
+    from ctl_app.cli import restore_target
 
     assert restore_target(args) == str(tmp_path / "from-env")
     monkeypatch.delenv("CTL_RANKER_STORE_PATH")

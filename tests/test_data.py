@@ -208,7 +208,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_that_keeps_the_input_size(tmp_pat
 
 
 def test_examples_command_plans_the_real_stl_folder(stl_dir, tmp_path, capsys):
-    from ctl.cli import main
+    from ctl_app.cli import main
 
     needed = tmp_path / "needed.txt"
     assert (
@@ -233,7 +233,7 @@ def test_examples_command_plans_the_real_stl_folder(stl_dir, tmp_path, capsys):
 
 
 def test_synth_command(tmp_path, capsys):
-    from ctl.cli import main
+    from ctl_app.cli import main
 
     assert main(["synth", "--out", str(tmp_path / "d"), "--scenes", "3"]) == 0
     counts = json.loads(capsys.readouterr().out)

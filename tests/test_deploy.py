@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctl.cli import build_parser
 from ctl.security import ALLOW_INSECURE_TOKEN_ENV, allow_insecure_token
 from ctl.serving import parse_bool
+from ctl_app.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -92,7 +92,7 @@ def test_ranker_killed_during_ingestion_the_job_retries_and_the_catalog_ends_com
     try:
         wait_serving(ranker.address)
         job = subprocess.Popen(
-            [sys.executable, "-m", "ctl.cli", "ingest", str(catalog), "--ranker", ranker.address,
+            [sys.executable, "-m", "ctl_app.cli", "ingest", str(catalog), "--ranker", ranker.address,
              "--images", str(synth_dir), "--batch", "4", "--streams", "2", "--retries", "8"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip

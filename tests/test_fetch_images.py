@@ -368,7 +368,7 @@ def test_a_run_stopped_with_sigint_leaves_no_partial_file_and_a_rerun_completes(
     ]
     script = (
         "import argparse, sys\n"
-        "from ctl.fetch_images import add_parser\n"
+        "from ctl_app.fetch_images import add_parser\n"
         "p = argparse.ArgumentParser(); add_parser(p.add_subparsers())\n"
         "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
     )

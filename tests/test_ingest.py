@@ -1,4 +1,4 @@
-"""`ctl ingest` and `ctl recommend` as real processes against a real encoder and ranker (ctl.local: the
+"""`ctl ingest` and `ctl recommend` as real processes against a real encoder and ranker (ctl_app.local: the
 same servers, on loopback, embedded Qdrant): planted bad records, a job killed half-way and resumed,
 CSV with metadata into the embedded store, and the HTML report opened in headless Chromium."""
 
@@ -22,21 +22,21 @@ import grpc
 import numpy as np
 import pytest
 
-from ctl.ingest import IngestConfig, format_summary, ingest
-from ctl.ingest.catalog import read_catalog
-from ctl.local import local_services
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
+from ctl_app.ingest.catalog import read_catalog
+from ctl_app.ingest.job import IngestConfig, format_summary, ingest
+from ctl_app.local import local_services
 from tests.browser import images_loaded, open_page
 from tests.servers import REPO, HoldingProxy
 
 GOOD = 150  # products of the generated set in the catalog
-MiB = 1 << 20  # also a catalog record's limit (ctl.ingest.catalog.MAX_RECORD_BYTES)
+MiB = 1 << 20  # also a catalog record's limit (ctl_app.ingest.catalog.MAX_RECORD_BYTES)
 
 
 def ctl(*args: str, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("timeout", 300)
     return subprocess.run(
-        [sys.executable, "-m", "ctl.cli", *args], cwd=REPO, capture_output=True, text=True, **kw
+        [sys.executable, "-m", "ctl_app.cli", *args], cwd=REPO, capture_output=True, text=True, **kw
     )
 
 
@@ -155,7 +155,7 @@ def test_killed_job_resumes_and_ends_with_exactly_the_catalog(loop, services, st
     proxy = HoldingProxy(loop, services.ranker_address, "/ctl.v1.RankerService/UpsertProducts", passes=3)
     try:
         first = subprocess.Popen(
-            [sys.executable, "-m", "ctl.cli", *args[:2], "--ranker", proxy.address, *args[4:]],
+            [sys.executable, "-m", "ctl_app.cli", *args[:2], "--ranker", proxy.address, *args[4:]],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -476,7 +476,7 @@ class _HeldImages(grpc.aio.StreamUnaryClientInterceptor):
             self.peak = max(self.peak, self.held)
 
     def read_image(self, *args, **kw) -> bytes:
-        from ctl.ingest.catalog import read_image
+        from ctl_app.ingest.catalog import read_image
 
         data = read_image(*args, **kw)
         self.add(len(data))
@@ -517,7 +517,7 @@ def test_the_images_the_job_holds_are_bounded_by_bytes(loop, services, synth_dir
         catalog=path, images=images, batch=64, batch_bytes=2 * MiB, streams=2, max_bytes_in_flight=3 * MiB
     )
     held = _HeldImages()
-    monkeypatch.setattr("ctl.ingest.job.read_image", held.read_image)
+    monkeypatch.setattr("ctl_app.ingest.job.read_image", held.read_image)
 
     async def job():
         async with grpc.aio.insecure_channel(
@@ -536,8 +536,8 @@ def test_the_images_the_job_holds_are_bounded_by_bytes(loop, services, synth_dir
 
 
 def test_the_byte_bounds_are_flags_and_variables(monkeypatch, capsys):
-    from ctl.cli import build_parser
-    from ctl.ingest.cli import config_from_args
+    from ctl_app.cli import build_parser
+    from ctl_app.ingest.cli import config_from_args
 
     config = config_from_args(build_parser().parse_args(["ingest", "c.jsonl"]))
     assert (config.batch_bytes, config.max_bytes_in_flight) == (32 * MiB, 256 * MiB)
@@ -551,7 +551,7 @@ def test_the_byte_bounds_are_flags_and_variables(monkeypatch, capsys):
 
 
 def test_the_journal_lists_the_catalogs_ingested_products_with_their_listings(tmp_path):
-    from ctl.ingest.journal import Journal, Outcome
+    from ctl_app.ingest.journal import Journal, Outcome
 
     path = tmp_path / "c.journal"
     journal = Journal(path, "store A", "v1")
@@ -569,7 +569,7 @@ def test_the_journal_lists_the_catalogs_ingested_products_with_their_listings(tm
 
 
 def test_the_checks_ask_for_at_most_10000_ids_and_about_a_mebibyte_per_call():
-    from ctl.ingest.job import CHECK_BYTES, _chunks
+    from ctl_app.ingest.job import CHECK_BYTES, _chunks
 
     ids = [f"p{i}" for i in range(25_000)]
     assert [len(c) for c in _chunks(ids, {i: 40 for i in ids})] == [10_000, 10_000, 5_000]
@@ -832,7 +832,7 @@ def test_images_outside_the_folder_are_read_when_allowed_but_never_devices_or_ov
 
 
 def test_read_image_reads_regular_files_under_the_root_within_the_limit(tmp_path):
-    from ctl.ingest.catalog import ImageFileError, read_image
+    from ctl_app.ingest.catalog import ImageFileError, read_image
 
     root = tmp_path / "images"
     (root / "a").mkdir(parents=True)
@@ -859,7 +859,7 @@ def test_read_image_walks_the_path_under_the_root_and_follows_links_itself(tmp_p
     """read_image checked realpath() and then opened the path: a folder swapped for a link to the outside
     in between was followed (O_NOFOLLOW guards the last name only). Now the path is walked name by name from
     the root, links read and walked by read_image itself; links that stay inside still work."""
-    from ctl.ingest.catalog import read_image
+    from ctl_app.ingest.catalog import read_image
 
     root, outside = tmp_path / "images", tmp_path / "outside"
     (root / "a").mkdir(parents=True)
@@ -908,7 +908,7 @@ def test_read_image_walks_the_path_under_the_root_and_follows_links_itself(tmp_p
 
 def _refused(root: Path, reference: str, code: str, says: str, **kw) -> None:
     """read_image refuses `reference` with status `code` and a reason that holds `says`."""
-    from ctl.ingest.catalog import ImageFileError, read_image
+    from ctl_app.ingest.catalog import ImageFileError, read_image
 
     with pytest.raises(ImageFileError) as caught:
         read_image(root, reference, **kw)
@@ -1125,7 +1125,7 @@ def test_a_stream_write_failing_in_grpc_core_is_retried_like_unavailable():
     ranker never answered such a call; an INTERNAL that the ranker itself sent is not retried."""
     from grpc.aio import AioRpcError, Metadata
 
-    from ctl.ingest.job import _transient
+    from ctl_app.ingest.job import _transient
 
     def error(code: grpc.StatusCode, details: str) -> AioRpcError:
         return AioRpcError(code, Metadata(), Metadata(), details)

@@ -40,7 +40,7 @@ def _free_port() -> int:
 def _ctl(*args: str) -> tuple[int, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CTL_")}
     done = subprocess.run(
-        [sys.executable, "-m", "ctl.cli", *args],
+        [sys.executable, "-m", "ctl_app.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -558,7 +558,7 @@ def test_ctl_health_command(ranker):
         [
             sys.executable,
             "-m",
-            "ctl.cli",
+            "ctl_app.cli",
             "health",
             f"127.0.0.1:{ranker.port}",
             "--service",
@@ -570,7 +570,7 @@ def test_ctl_health_command(ranker):
     )
     assert ok.returncode == 0 and "SERVING" in ok.stdout
     unknown = subprocess.run(
-        [sys.executable, "-m", "ctl.cli", "health", f"127.0.0.1:{ranker.port}", "--service", "no.Such"],
+        [sys.executable, "-m", "ctl_app.cli", "health", f"127.0.0.1:{ranker.port}", "--service", "no.Such"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
@@ -663,9 +663,9 @@ def test_the_ranker_and_the_ingest_client_run_without_torch_or_pillow():
     """As in the ranker's container image (base install: no torch, no Pillow): the `ctl` parser, the ranker,
     `ctl ingest`, `ctl recommend` and its report import, and `ctl serve-ranker`'s flags parse."""
     code = RANKER_IMAGE + (
-        "import ranker_service.server, ranker_service.cli, ctl.cli\n"
-        "import ctl.ingest.cli, ctl.recommend, ctl.report\n"
-        "ctl.cli.build_parser().parse_args(['serve-ranker', '--port', '0'])\n"
+        "import ranker_service.server, ranker_service.cli, ctl_app.cli\n"
+        "import ctl_app.ingest.cli, ctl_app.recommend, ctl_app.report\n"
+        "ctl_app.cli.build_parser().parse_args(['serve-ranker', '--port', '0'])\n"
         "assert not {'torch', 'PIL'} & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ctl.cli import main
+from ctl_app.cli import main
 from style_model.data.examples import split_of
 from tests.servers import REPO, Process, wait_serving
 
@@ -177,7 +177,7 @@ def stl_folder(stl_dir, tmp_path) -> tuple[Path, list[dict], dict[str, str]]:
 
 def ctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ctl.cli", *args],
+        [sys.executable, "-m", "ctl_app.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -182,7 +182,7 @@ def _ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "ctl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "ctl_app.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})}, check=False,
     )  # fmt: skip
 
@@ -658,8 +658,8 @@ def test_only_this_machine_counts_as_local():
 
 
 def test_clients_refuse_to_send_a_token_in_plaintext_to_another_machine(tmp_path, pki):
-    from ctl.cli import build_parser
     from ctl.security import SecurityConfigError, client_security
+    from ctl_app.cli import build_parser
 
     remote = "10.255.255.1:50052"  # not routed: a call there would hang until its deadline
     args = build_parser().parse_args(["health", remote, "--token", READ_TOKEN])
@@ -774,8 +774,8 @@ def test_a_plaintext_token_to_this_machine_never_goes_through_a_proxy(monkeypatc
     token is refused as before (the proxy is named)."""
     from grpc_health.v1 import health as health_aio
 
-    from ctl.cli import build_parser
     from ctl.security import SecurityConfigError, TokenAuth, Tokens, aio_channel, channel, client_security
+    from ctl_app.cli import build_parser
 
     request = health_pb2.HealthCheckRequest()
     serving = health_pb2.HealthCheckResponse.SERVING

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import qdrant_edge as qe
 
-import ctl.snapshot as snap  # the module, so that a test of a name the old code lacks fails alone
+import ctl_app.snapshot as snap  # the module, so that a test of a name the old code lacks fails alone
 from ranker_service.store import ProductPoint, open_edge_store
 from ranker_service.store._points import METADATA_TERMS, stored_points
 from tests.servers import REPO
@@ -32,7 +32,7 @@ VERSION, DIM = "m-snap-1", 16
 
 def ctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ctl.cli", *args],
+        [sys.executable, "-m", "ctl_app.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -484,7 +484,7 @@ def test_restore_limits_come_from_flags_then_variables():
 
 def test_ctl_restore_takes_its_limits_from_flags_and_variables(tmp_path):
     """`ctl restore`: a limit from its flag or CTL_RESTORE_* refuses with exit 1 and one line naming it;
-    a malformed limit is a bad setting, exit 2 (needs the flags wired in ctl/cli.py)."""
+    a malformed limit is a bad setting, exit 2 (needs the flags wired in ctl_app/cli.py)."""
     archive = craft(tmp_path / "ok.tar.gz", [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()])
     target = str(tmp_path / "new" / "{model_version}")
     small = ctl("restore", "--max-members", "2", str(archive), target)
@@ -492,7 +492,7 @@ def test_ctl_restore_takes_its_limits_from_flags_and_variables(tmp_path):
     assert len(small.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
     env = {**os.environ, "CTL_RESTORE_MAX_BYTES": "10GB"}
     bad = subprocess.run(
-        [sys.executable, "-m", "ctl.cli", "restore", str(archive), target],
+        [sys.executable, "-m", "ctl_app.cli", "restore", str(archive), target],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -642,7 +642,7 @@ def test_snapshot_warns_when_restore_needs_more_than_its_default_limits(tmp_path
     store = tmp_path / "store"
     asyncio.run(_fill(store, points))
     archive = tmp_path / "wide.tar.gz"
-    with caplog.at_level("WARNING", logger="ctl.snapshot"):
+    with caplog.at_level("WARNING", logger="ctl_app.snapshot"):
         manifest = snap.snapshot(store, archive)
     assert len(manifest["products_by_category"]) == 2098
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -748,7 +748,7 @@ def test_snapshot_refuses_a_file_that_changes_size_while_archived(tmp_path, stor
 def ctl_with_stderr(kind: str, *args: str) -> subprocess.CompletedProcess:
     """`ctl ARGS` with a stderr that takes nothing: 'closed' (2>&-, as a service manager may start it),
     'full' (/dev/full) or 'broken' (a pipe whose reader is gone)."""
-    command = [sys.executable, "-m", "ctl.cli", *args]
+    command = [sys.executable, "-m", "ctl_app.cli", *args]
     run = {"cwd": REPO, "stdout": subprocess.PIPE, "text": True, "timeout": 120, "check": False}
     if kind == "closed":
         return subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", *command], **run)

@@ -108,7 +108,7 @@ def test_resume_after_kill(synth_dir, tmp_path):
     args = [
         sys.executable,
         "-m",
-        "ctl.cli",
+        "ctl_app.cli",
         "train",
         "--data",
         str(synth_dir),
@@ -239,7 +239,7 @@ def test_finished_run_is_reused(tiny_run, synth_dir, caplog):
 
 
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
-    from ctl.cli import main
+    from ctl_app.cli import main
     from tests.browser import images_loaded, open_page
 
     out = tmp_path / "demo"

@@ -9,6 +9,7 @@ RUN python -m venv /opt/ctl \
  && /opt/ctl/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY ctl ctl
+COPY ctl_app ctl_app
 COPY style_model style_model
 COPY encoder_service encoder_service
 COPY ranker_service ranker_service

@@ -6,6 +6,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY ctl ctl
+COPY ctl_app ctl_app
 COPY style_model style_model
 COPY encoder_service encoder_service
 COPY ranker_service ranker_service

@@ -42,11 +42,11 @@ from typing import TypeVar
 
 import grpc
 
-from ctl.ingest.catalog import MAX_IMAGE_BYTES, CatalogRecord, ImageFileError, read_catalog, read_image
-from ctl.ingest.journal import Journal, Outcome
 from ctl.progress import progress_bar
 from ctl.terminal import printable
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
+from ctl_app.ingest.catalog import MAX_IMAGE_BYTES, CatalogRecord, ImageFileError, read_catalog, read_image
+from ctl_app.ingest.journal import Journal, Outcome
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import grpc
 
-from ctl.ingest.cli import run_against
-from ctl.ingest.job import IngestConfig, format_summary
-from ctl.local import local_services
-from ctl.recommend import request, section
-from ctl.report import write_report
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
+from ctl_app.ingest.cli import run_against
+from ctl_app.ingest.job import IngestConfig, format_summary
+from ctl_app.local import local_services
+from ctl_app.recommend import request, section
+from ctl_app.report import write_report
 
-log = logging.getLogger("ctl.demo")
+log = logging.getLogger("ctl_app.demo")
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ async def _serve(config: DemoConfig, repo: Path, catalog: Path, data: Path, pres
 
 
 async def _report(config: DemoConfig, ranker: str, catalog: Path, data: Path, preset: str) -> Path:
-    from ctl.recommend import catalog_images
+    from ctl_app.recommend import catalog_images
 
     images = catalog_images(catalog)
     scenes = await asyncio.to_thread(held_out_scenes, data, config.show_scenes)

@@ -6,10 +6,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from ctl.ingest.catalog import ImageFileError, read_catalog, read_image
-from ctl.report import SceneSection, ShownProduct
 from ctl.terminal import printable
 from ctl.v1 import ranker_pb2
+from ctl_app.ingest.catalog import ImageFileError, read_catalog, read_image
+from ctl_app.report import SceneSection, ShownProduct
 
 log = logging.getLogger(__name__)
 

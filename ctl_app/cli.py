@@ -137,7 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ctl.demo import DemoConfig, run_demo
+    from ctl_app.demo import DemoConfig, run_demo
 
     return run_demo(
         DemoConfig(
@@ -156,14 +156,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     import grpc
 
-    from ctl.ingest.catalog import CatalogError
-    from ctl.recommend import catalog_images, format_table, request, section
-    from ctl.report import write_report
     from ctl.security import SecurityConfigError, bearer, channel, client_security
     from ctl.terminal import printable
     from ctl.v1 import ranker_pb2_grpc
+    from ctl_app.ingest.catalog import CatalogError
+    from ctl_app.recommend import catalog_images, format_table, request, section
+    from ctl_app.report import write_report
 
-    log = logging.getLogger("ctl.recommend")
+    log = logging.getLogger("ctl_app.recommend")
     try:
         scene = args.scene.read_bytes()
     except OSError as exc:
@@ -210,12 +210,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """Archive an embedded store no ranker holds: 0, or 1 with the reason."""
-    from ctl.snapshot import SnapshotError, snapshot
+    from ctl_app.snapshot import SnapshotError, snapshot
 
     try:
         manifest = snapshot(args.store, args.out)
     except SnapshotError as exc:
-        logging.getLogger("ctl.snapshot").error("%s", exc)
+        logging.getLogger("ctl_app.snapshot").error("%s", exc)
         return 1
     print(f"{args.out}: {manifest['products']} products of model {manifest['model_version']}")
     return 0
@@ -224,7 +224,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     """Unpack a snapshot into a new store folder, checked before it is moved into place: 0, 1 refused (one
     line: why), 2 a bad setting."""
-    from ctl.snapshot import RestoreConfigError, SnapshotError, restore, restore_limits
+    from ctl_app.snapshot import RestoreConfigError, SnapshotError, restore, restore_limits
 
     target = restore_target(args)
     if not target.strip():
@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the folder to create; {model_version} is replaced (default: CTL_RANKER_STORE_PATH or "
         "ctl-store/{model_version})",
     )
-    from ctl.snapshot import add_restore_arguments
+    from ctl_app.snapshot import add_restore_arguments
 
     add_restore_arguments(p)
     p.set_defaults(func=cmd_restore)
@@ -442,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(p)
     p.set_defaults(func=cmd_health)
 
-    from ctl.fetch_images import add_parser as add_fetch_images
-    from ctl.ingest.cli import add_parser as add_ingest
+    from ctl_app.fetch_images import add_parser as add_fetch_images
+    from ctl_app.ingest.cli import add_parser as add_ingest
     from encoder_service.cli import add_parser as add_encoder
     from ranker_service.cli import add_parser as add_ranker
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import grpc
 
-from ctl.ingest.catalog import FORMATS, MAX_IMAGE_BYTES, CatalogError
-from ctl.ingest.job import BATCH_BYTES, MAX_BYTES_IN_FLIGHT, IngestConfig, Summary, format_summary, ingest
 from ctl.security import add_client_arguments, aio_channel, client_security
 from ctl.serving import parse_bool
 from ctl.settings import GRPC_MAX_MESSAGE_BYTES, parse_int
 from ctl.terminal import printable
+from ctl_app.ingest.catalog import FORMATS, MAX_IMAGE_BYTES, CatalogError
+from ctl_app.ingest.job import BATCH_BYTES, MAX_BYTES_IN_FLIGHT, IngestConfig, Summary, format_summary, ingest
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -176,7 +176,7 @@ async def run_against(
 
 
 async def run_embedded(config: IngestConfig, model_repo: Path, store_path: str) -> Summary:
-    from ctl.local import local_services
+    from ctl_app.local import local_services
 
     async with local_services(model_repo, store_path) as services:
         return await run_against(config, services.ranker_address)

@@ -1,0 +1,1 @@
+"""Bulk ingestion of product catalogs into the ranker (`ctl ingest`): no torch unless `--embedded`."""
