@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ctl import fetch_images as fi
+from ctl_app import fetch_images as fi
 from tests.servers import REPO
 
 HANG_GUARD = 60.0  # seconds; only a hang guard, never reached by a working run
