@@ -1,19 +1,16 @@
-"""What both gRPC servers share: server construction, health, reflection, metrics, errors, shutdown.
+"""What both gRPC servers share: server construction, health, reflection, metrics, errors.
 
-Each service builds its servicer and calls `build_server`; `serve_forever` runs it until SIGTERM/SIGINT,
-then turns health to NOT_SERVING, lets in-flight calls finish (`grace`) and closes the service's
-resources. Metrics are Prometheus, one registry per server (so several servers can share a process,
-as they do in tests and in `ctl demo`).
+Each service builds its servicer and calls `build_server`; its life (start, serve, drain on SIGTERM) is
+`ctl.lifecycle.Service`. Metrics are Prometheus, one registry per server (so several servers can share a
+process, as they do in tests and in `ctl demo`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -392,58 +389,3 @@ def build_server(
         health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
         health_port = _bind(health_server, health_address, "health_port", None)
     return Server(server, port, health, service_names, metrics, health_server, health_port)
-
-
-async def _started(start: Awaitable[None], stop: asyncio.Event) -> bool:
-    """Runs `start` unless `stop` is set first (SIGTERM while waiting for a dependency at start-up: the
-    pod is told to go, and must not wait for SIGKILL); False when it was stopped. `start`'s error is
-    raised."""
-    starting = asyncio.ensure_future(start)
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-    if starting.cancelled():
-        return False
-    starting.result()
-    return True
-
-
-async def serve_forever(
-    server: Server,
-    *,
-    grace: float,
-    on_start: Callable[[], Awaitable[None]] | None = None,
-    on_stop: Callable[[], Awaitable[None]] | None = None,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Starts the server, runs `on_start` (which turns health SERVING once dependencies answer), waits for
-    SIGTERM/SIGINT (or `stop`), then drains: NOT_SERVING, in-flight calls get `grace` seconds, `on_stop`."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # grpc's health servicer starts with "" SERVING: say NOT_SERVING until on_start has succeeded
-    await server.begin()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    try:
-        if on_start is not None and not await _started(on_start(), stop):
-            log.info("stopped while starting (waiting for dependencies)")
-        await stop.wait()
-        log.info("shutting down: NOT_SERVING, %.1f s for in-flight calls", grace)
-    finally:
-        await server.set_serving(False)
-        await server.health.enter_graceful_shutdown()  # a health probe may no longer turn it SERVING
-        await server.stop(grace)
-        if on_stop is not None:
-            await on_stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
-        log.info("stopped")

@@ -11,12 +11,12 @@ import asyncio
 import io
 import json
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from ctl.lifecycle import wait_for_signal
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ctl_app.ingest.cli import run_against
 from ctl_app.ingest.job import IngestConfig, format_summary
@@ -189,10 +189,6 @@ async def _report(config: DemoConfig, ranker: str, catalog: Path, data: Path, pr
 
 
 async def _wait_for_signal(services, catalog: Path) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     scene = "SCENE.jpg"
     print(
         f"""
@@ -205,9 +201,5 @@ Try:
 """,
         flush=True,
     )
-    try:
-        await stop.wait()
-        log.info("stopping the encoder and the ranker")
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    await wait_for_signal()
+    log.info("stopping the encoder and the ranker")

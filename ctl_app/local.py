@@ -1,7 +1,8 @@
 """The encoder and the ranker run inside this process, on loopback: `ctl ingest --embedded` and `ctl demo`.
 
 The same servers as `ctl serve-encoder` / `ctl serve-ranker` (in-process TorchScript, embedded Qdrant),
-started on the running event loop without their signal handling, so that the caller owns the lifecycle.
+started on the running event loop without their signal handling (`ctl.lifecycle.Service.start`/`stop`), so
+that the caller owns their life.
 Needs the `model` extra (torch), which the ranker alone never does.
 """
 
@@ -36,20 +37,18 @@ async def local_services(
 ) -> AsyncIterator[LocalServices]:
     """Encoder (TorchScript from `model_repo`) and ranker (embedded store at `store_path`, where
     `{model_version}` is replaced), both SERVING when this yields; drained and closed on exit."""
-    from encoder_service import EncoderConfig, build
+    from encoder_service.config import EncoderConfig
+    from encoder_service.server import Encoder
     from ranker_service.config import RankerConfig
     from ranker_service.server import Ranker
 
-    encoder_server, app = await build(
+    encoder = Encoder(
         EncoderConfig(model_repo=Path(model_repo), host=host, port=encoder_port, metrics_port=-1)
     )
-    await encoder_server.begin()
-    await encoder_server.start()
+    await encoder.start()  # stops itself if it cannot come up
     ranker = None
     try:
-        await app.start()
-        await encoder_server.set_serving(True)
-        encoder_address = f"{host}:{encoder_server.port}"
+        encoder_address = f"{host}:{encoder.port}"
         config = RankerConfig(
             host=host,
             port=ranker_port,
@@ -68,6 +67,4 @@ async def local_services(
     finally:
         if ranker is not None:
             await ranker.stop(grace=grace_s)
-        await encoder_server.set_serving(False)
-        await encoder_server.stop(grace_s)
-        await app.close()
+        await encoder.stop(grace=grace_s)

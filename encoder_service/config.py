@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctl import settings
+from ctl.serving import host_port
 from ctl.settings import at_least, in_range, message_size, more_than, not_empty, setting, tcp_port
 from encoder_service.errors import ConfigError
 
@@ -140,10 +141,7 @@ class EncoderConfig:
     @property
     def address(self) -> str:
         """host:port for grpc (an IPv6 host gets its brackets)."""
-        host = self.host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def forward_workers(self) -> int:

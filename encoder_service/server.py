@@ -1,22 +1,22 @@
-"""Building and running the encoder server.
+"""The encoder server: config -> backend -> EncoderApp -> servicer -> grpc server, and its life.
 
-`build` wires config -> backend -> EncoderApp -> servicer -> grpc server (bound, not started), so tests
-can read the port before anything runs. `serve` starts it: the gRPC port opens at once (health NOT_SERVING),
-the backend loads and answers a warm-up forward pass, then health turns SERVING; on SIGTERM (or `stop`)
-health turns NOT_SERVING, in-flight calls get `grace_s` to finish, then batchers and backend close.
-A watcher keeps health in step with the backend (a Triton that goes away, or now serves another model than
-the one the encoder started with, turns the service NOT_SERVING).
+`Encoder(config)` (built on the event loop that will serve it) is bound, not started, so tests can read the
+port before anything runs; its life is `ctl.lifecycle.Service`'s: the gRPC port opens at once (health
+NOT_SERVING), the backend loads and answers a warm-up forward pass, then health turns SERVING; on SIGTERM
+(or `stop`) health turns NOT_SERVING, in-flight calls get `grace_s` to finish, then batchers and backend
+close. A watcher keeps health in step with the backend (a Triton that goes away, or now serves another
+model than the one the encoder started with, turns the service NOT_SERVING).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 
+from ctl.lifecycle import Service
 from ctl.security import Tokens, server_credentials, token_auth, warn_unauthenticated
-from ctl.serving import Metrics, Server, build_server, serve_forever
+from ctl.serving import Metrics, Server, build_server, host_port
 from ctl.settings import named
 from ctl.v1 import encoder_pb2_grpc
 from encoder_service.app import EncoderApp
@@ -28,34 +28,6 @@ from encoder_service.service import SERVICE_NAME, EncoderServicer
 log = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 5.0
-
-
-async def build(config: EncoderConfig) -> tuple[Server, EncoderApp]:
-    """The server bound to `config.address` (port 0: read `Server.port`) and its app; nothing started."""
-    metrics = Metrics(SERVICE_NAME)
-    app = EncoderApp(config, make_backend(config), metrics)
-    scopes = {"encode": Tokens(config.tokens, named(ENV_PREFIX, "tokens"))}
-    auth = token_auth(scopes, {}, protect_open=config.protect_health)
-    server = build_server(
-        service_names=(SERVICE_NAME,),
-        add_servicers=lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(
-            EncoderServicer(app), s
-        ),
-        address=config.address,
-        metrics=metrics,
-        max_message_bytes=config.max_message_bytes,
-        max_concurrent_calls=config.max_concurrent_calls,
-        auth=auth,
-        credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
-        health_address=f"{config.address.rsplit(':', 1)[0]}:{config.health_port}"
-        if config.health_port >= 0
-        else None,
-    )
-    if auth is None:
-        server.notices.append(
-            functools.partial(warn_unauthenticated, scopes, service=SERVICE_NAME, host=config.host)
-        )
-    return server, app
 
 
 def _why_not_ready(app: EncoderApp) -> str:
@@ -86,41 +58,47 @@ async def _watch_backend(server: Server, app: EncoderApp, interval: float) -> No
             serving = ready
 
 
-async def serve(
-    server: Server,
-    app: EncoderApp,
-    *,
-    stop: asyncio.Event | None = None,
-    health_poll_s: float = HEALTH_POLL_S,
-) -> None:
-    """Runs a built server until SIGTERM/SIGINT or `stop` is set; raises BackendUnavailable if the model
-    cannot be served at start."""
-    config = app.config
-    watcher: asyncio.Task | None = None
-    if config.metrics_port >= 0:
-        port = server.metrics.serve_http(config.host.strip("[]"), config.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", config.host, port)
+class Encoder(Service):
+    """The encoder server and its app (backend, batchers); `health_poll_s`: how often the watcher asks the
+    backend whether it is ready."""
 
-    async def on_start() -> None:
-        nonlocal watcher
-        await app.start()
-        await server.set_serving(True)
-        watcher = asyncio.create_task(_watch_backend(server, app, health_poll_s), name="encoder-health")
+    def __init__(self, config: EncoderConfig, *, health_poll_s: float = HEALTH_POLL_S):
+        self.config = config
+        self.health_poll_s = health_poll_s
+        metrics = Metrics(SERVICE_NAME)
+        self.app = EncoderApp(config, make_backend(config), metrics)
+        scopes = {"encode": Tokens(config.tokens, named(ENV_PREFIX, "tokens"))}
+        auth = token_auth(scopes, {}, protect_open=config.protect_health)
+        server = build_server(
+            service_names=(SERVICE_NAME,),
+            add_servicers=lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(
+                EncoderServicer(self.app), s
+            ),
+            address=config.address,
+            metrics=metrics,
+            max_message_bytes=config.max_message_bytes,
+            max_concurrent_calls=config.max_concurrent_calls,
+            auth=auth,
+            credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+            health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
+        )
+        if auth is None:
+            server.notices.append(
+                functools.partial(warn_unauthenticated, scopes, service=SERVICE_NAME, host=config.host)
+            )
+        super().__init__(server, grace_s=config.grace_s, host=config.host, metrics_port=config.metrics_port)
 
-    async def on_stop() -> None:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-        await app.close()
+    async def bring_up(self) -> None:
+        """The model loaded and warmed up: SERVING, and the backend watcher starts. Raises
+        BackendUnavailable if the model cannot be served."""
+        await self.app.start()
+        await self.server.set_serving(True)
+        self.keep(_watch_backend(self.server, self.app, self.health_poll_s), name="encoder-health")
 
-    try:
-        await serve_forever(server, grace=config.grace_s, on_start=on_start, on_stop=on_stop, stop=stop)
-    finally:
-        await asyncio.to_thread(server.metrics.stop_http)  # joins the HTTP thread (up to 0.5 s)
+    async def close(self) -> None:
+        await self.app.close()
 
 
 async def run(config: EncoderConfig, *, stop: asyncio.Event | None = None) -> None:
-    """Builds and serves the encoder (`ctl serve-encoder`) until SIGTERM/SIGINT or `stop`."""
-    server, app = await build(config)
-    await serve(server, app, stop=stop)
+    """`ctl serve-encoder`: builds and serves the encoder until SIGTERM/SIGINT or `stop`."""
+    await Encoder(config).run(stop)

@@ -13,7 +13,6 @@ model while it runs: restart it to serve the new one, with its catalog.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import ssl
@@ -22,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from ctl.lifecycle import Service
+from ctl.retry import backoff
 from ctl.security import (
     READ,
     WRITE,
@@ -34,7 +35,7 @@ from ctl.security import (
     token_auth,
     warn_unauthenticated,
 )
-from ctl.serving import Metrics, Server, build_server, host_port, serve_forever
+from ctl.serving import Metrics, build_server, host_port
 from ctl.settings import named
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import ENV_PREFIX, RankerConfig
@@ -45,6 +46,7 @@ from ranker_service.store import ProductStore, open_client_store, open_edge_stor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STARTUP_BACKOFF_S, STARTUP_BACKOFF_CAP_S = 0.2, 5.0  # the pauses while waiting for a dependency at start-up
 PROBE_ERROR_REPEAT_S = 60.0  # a probe that keeps failing (a bug) is logged again at most this often
 
 # The scope each RankerService method needs when tokens are configured.
@@ -136,8 +138,9 @@ class ProbeErrorLog:
         self._error = None
 
 
-class Ranker:
-    """A built ranker server and what it owns; `start()` brings it to SERVING, `stop()` drains it."""
+class Ranker(Service):
+    """The ranker server and what it owns (encoder client, app, store); its life is
+    `ctl.lifecycle.Service`'s."""
 
     def __init__(self, config: RankerConfig):
         self.config = config
@@ -163,7 +166,7 @@ class Ranker:
             METHOD_SCOPES,
             protect_open=config.protect_health,
         )
-        self.server: Server = build_server(
+        server = build_server(
             service_names=(SERVICE_NAME,),
             add_servicers=lambda s: ranker_pb2_grpc.add_RankerServiceServicer_to_server(
                 RankerServicer(self.app), s
@@ -177,50 +180,35 @@ class Ranker:
             health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
         )
         if auth is None:
-            self.server.notices.append(
+            server.notices.append(
                 functools.partial(warn_unauthenticated, scopes, service=SERVICE_NAME, host=config.host)
             )
         # a bad key file or CA file: exit 2 now, not once the encoder answered
         self._qdrant = qdrant_credentials(config) if config.qdrant_url else (None, None)
         self.store: ProductStore | None = None
-        self._probe: asyncio.Task | None = None
         self._probe_log = ProbeErrorLog()
-
-    @property
-    def port(self) -> int:
-        return self.server.port
+        super().__init__(server, grace_s=config.grace_s, host=config.host, metrics_port=config.metrics_port)
 
     async def _until_up(
         self, what: str, attempt: Callable[[], Awaitable[T]], transient: type[Exception]
     ) -> T:
-        """Runs `attempt` until it stops raising `transient` (backing off 0.2 s to 5 s), up to
+        """Runs `attempt` until it stops raising `transient` (backing off 0.2 s up to 5 s), up to
         startup_timeout_s; meanwhile calls are answered UNAVAILABLE with the reason. A dependency that
         starts after us, or a store still held by the ranker we replace, is waited for, not fatal."""
         self.app.waiting_for = what
         timeout = self.config.startup_timeout_s
         deadline = time.monotonic() + timeout if timeout else None
-        delay = 0.2
+        pauses = backoff(STARTUP_BACKOFF_S, STARTUP_BACKOFF_CAP_S)
         while True:
             try:
                 return await attempt()
             except transient as exc:
-                if deadline is not None and time.monotonic() + delay > deadline:
+                pause = next(pauses)
+                if deadline is not None and time.monotonic() + pause > deadline:
                     raise type(exc)(f"gave up after {timeout:.0f} s: {exc}") from exc
                 self.app.waiting_for = f"{what} ({exc})"
                 log.warning("waiting for %s: %s", what, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def start(self) -> None:
-        """Starts serving (for tests and embedding; `run` is the command's lifecycle); stops again if the
-        encoder or the store never came up."""
-        await self.server.begin()
-        await self.server.start()
-        try:
-            await self.bring_up()
-        except BaseException:
-            await self.stop(grace=0)
-            raise
+                await asyncio.sleep(pause)
 
     async def bring_up(self) -> None:
         """Encoder answered, store opened: SERVING, and the dependency probe starts."""
@@ -239,7 +227,7 @@ class Ranker:
             self.store.description,
         )
         await self.server.set_serving(True)
-        self._probe = asyncio.create_task(self._probe_dependencies(self.store, info))
+        self.keep(self._probe_dependencies(self.store, info), name="ranker-probe")
 
     async def _failing_dependency(self, store: ProductStore, info: ModelInfo) -> str | None:
         """Why the ranker cannot serve now (encoder or store down, or either on another model than `info`,
@@ -292,32 +280,13 @@ class Ranker:
                 await self.server.set_serving(serving)
 
     async def close(self) -> None:
-        """Releases what `start` opened (after the gRPC server stopped)."""
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        """Releases what `bring_up` opened (after the gRPC server stopped)."""
         await self.app.close()
         if self.store is not None:
             await self.store.close()
         await self.encoder.close()
 
-    async def stop(self, grace: float | None = None) -> None:
-        await self.server.set_serving(False)
-        await self.server.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_s if grace is None else grace)
-        await self.close()
-
 
 async def run(config: RankerConfig, stop: asyncio.Event | None = None) -> None:
     """`ctl serve-ranker`: serve until SIGTERM/SIGINT (or `stop`), then drain and close."""
-    ranker = Ranker(config)
-    if config.metrics_port >= 0:
-        port = ranker.metrics.serve_http(config.host.strip("[]"), config.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", config.host, port)
-    try:
-        await serve_forever(
-            ranker.server, grace=config.grace_s, on_start=ranker.bring_up, on_stop=ranker.close, stop=stop
-        )
-    finally:
-        await asyncio.to_thread(ranker.metrics.stop_http)
+    await Ranker(config).run(stop)

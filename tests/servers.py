@@ -20,7 +20,9 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctl.v1 import encoder_pb2_grpc
-from encoder_service import BackendUnavailable, EncoderConfig, build, serve
+from encoder_service.config import EncoderConfig
+from encoder_service.errors import BackendUnavailable
+from encoder_service.server import Encoder as EncoderService
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_LINE = re.compile(r"listening on port (\d+)")
@@ -112,13 +114,18 @@ def wait_serving(address: str, timeout: float = 60) -> None:
     raise TimeoutError(f"{address} not SERVING after {timeout} s")
 
 
-# ---- an encoder server run in the test process (build + serve on a LoopThread)
+# ---- an encoder server run in the test process (encoder_service.server.Encoder.run on a LoopThread)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 async def _new_event() -> asyncio.Event:
     return asyncio.Event()
+
+
+async def _built(config: EncoderConfig, health_poll_s: float) -> EncoderService:
+    """The encoder service, built on the loop that will serve it."""
+    return EncoderService(config, health_poll_s=health_poll_s)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -130,13 +137,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 class Encoder:
-    """A running encoder server (build + serve on the loop thread) and a channel to it."""
+    """A running encoder server (`run` on the loop thread, as `ctl serve-encoder` runs it) and a channel
+    to it; `server` is its gRPC server (ctl.serving.Server), `app` its EncoderApp."""
 
     def __init__(self, loop: LoopThread, config: EncoderConfig, health_poll_s: float = 5.0):
         self.loop = loop
-        self.server, self.app = loop.call(build(config))
+        self.service = loop.call(_built(config, health_poll_s))
+        self.server, self.app = self.service.server, self.service.app
         self._stop = loop.call(_new_event())
-        self.task = loop.submit(serve(self.server, self.app, stop=self._stop, health_poll_s=health_poll_s))
+        self.task = loop.submit(self.service.run(self._stop))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)

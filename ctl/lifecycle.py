@@ -1,0 +1,147 @@
+"""One server's life, the same for the encoder, the ranker, the local stack and the tests.
+
+A service subclasses `Service`: its constructor (run on the event loop that will serve it) builds the bound
+gRPC server (`ctl.serving.build_server`) and what the service owns; `bring_up` waits for its dependencies and
+turns health SERVING; `close` releases what it owns once the gRPC server has stopped. Then:
+
+- `run` is a command's life (`ctl serve-*`): the /metrics endpoint, the gRPC port open at once with health
+  NOT_SERVING, `bring_up`, serve until SIGTERM/SIGINT (or `stop`). SIGTERM while `bring_up` still waits for
+  a dependency stops at once: the pod is told to go, and must not wait for SIGKILL.
+- `start` / `stop` are for a caller that owns the life itself (the local stack, tests): `start` returns
+  once SERVING (stopping again if it cannot come up), `stop` drains.
+
+Draining is written once (`stop`): NOT_SERVING, no probe may turn it SERVING again, in-flight calls get the
+grace period, the service's background tasks end, then `close`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+from ctl.serving import Server
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Service(abc.ABC):
+    """A built (not started) server and what it owns; see the module's docstring."""
+
+    def __init__(self, server: Server, *, grace_s: float, host: str, metrics_port: int):
+        """`grace_s`: what in-flight calls get when stopped; `host`, `metrics_port` (-1: off): where `run`
+        serves /metrics."""
+        self.server = server
+        self.metrics = server.metrics
+        self.grace_s = grace_s
+        self._metrics_host = host
+        self._metrics_port = metrics_port
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def port(self) -> int:
+        """The gRPC port (the one picked when the config said 0)."""
+        return self.server.port
+
+    @abc.abstractmethod
+    async def bring_up(self) -> None:
+        """Waits for the dependencies, then turns health SERVING (`self.server.set_serving(True)`)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Releases what the service owns, after the gRPC server stopped and its background tasks ended."""
+
+    def keep(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Runs `coro` (a health watcher) until the service stops."""
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def start(self) -> None:
+        """Serving in the caller's life: the port open (NOT_SERVING), then `bring_up`; stops again (no
+        grace: nothing was served) if it raises."""
+        await self.server.begin()
+        await self.server.start()
+        try:
+            await self.bring_up()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: NOT_SERVING for good, in-flight calls get `grace` (default `grace_s`) seconds, the
+        background tasks end, then `close`."""
+        await self.server.set_serving(False)
+        await self.server.health.enter_graceful_shutdown()  # a health probe may no longer turn it SERVING
+        await self.server.stop(self.grace_s if grace is None else grace)
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.close()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """A command's life: serves until SIGTERM/SIGINT or `stop`, then drains. Raises what `bring_up`
+        raises (a dependency that never came up), after draining."""
+        stop = stop or asyncio.Event()
+        if self._metrics_port >= 0:
+            port = self.metrics.serve_http(self._metrics_host.strip("[]"), self._metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self._metrics_host, port)
+        loop = asyncio.get_running_loop()
+        try:
+            # grpc's health servicer starts with "" SERVING: NOT_SERVING until bring_up has succeeded
+            await self.server.begin()
+            for sig in STOP_SIGNALS:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+            await self.server.start()
+            try:
+                if not await _unless_stopped(self.bring_up(), stop):
+                    log.info("stopped while starting (waiting for dependencies)")
+                await stop.wait()
+                log.info("shutting down: NOT_SERVING, %.1f s for in-flight calls", self.grace_s)
+            finally:
+                await self.stop()
+                log.info("stopped")
+        finally:
+            for sig in STOP_SIGNALS:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+            await asyncio.to_thread(self.metrics.stop_http)  # joins the HTTP thread (up to 0.5 s)
+
+
+async def _unless_stopped(start: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Runs `start` unless `stop` is set first; False when it was stopped. `start`'s error is raised."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    if starting.cancelled():
+        return False
+    starting.result()
+    return True
+
+
+async def wait_for_signal() -> None:
+    """Returns on SIGTERM or SIGINT (`ctl demo --keep-running`: the caller then stops its services)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
