@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import string
@@ -29,6 +28,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ctl.retry import backoff
 from ctl.settings import parse_float, parse_int
 from ctl.terminal import printable
 from encoder_service.config import EncoderConfig  # its limits only: no torch, no Pillow
@@ -230,7 +230,7 @@ class Fetcher:
         size = await asyncio.to_thread(present_size, path, *limits)
         if size is not None:
             return _result(signature, url, "present", "", 0, size)
-        attempts = 0
+        attempts, pauses = 0, backoff(self.config.backoff, MAX_BACKOFF, jitter=True)
         while True:
             attempts += 1
             await self.rate.wait(urlsplit(url).hostname or "")
@@ -242,8 +242,7 @@ class Fetcher:
                 if not failed.retry or attempts > self.config.retries:
                     log.debug("%s: %s: %s", url, failed.outcome, printable(failed.reason))
                     return _result(signature, url, failed.outcome, failed.reason, attempts, failed.size)
-                pause = min(self.config.backoff * 2 ** (attempts - 1), MAX_BACKOFF)
-                await asyncio.sleep(max(random.uniform(pause / 2, pause), failed.wait or 0.0))
+                await asyncio.sleep(max(next(pauses), failed.wait or 0.0))
 
     def _limits(self) -> tuple[int, int]:
         return self.config.max_image_bytes, self.config.max_image_pixels

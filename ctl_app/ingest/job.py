@@ -43,6 +43,7 @@ from typing import TypeVar
 import grpc
 
 from ctl.progress import progress_bar
+from ctl.retry import backoff
 from ctl.terminal import printable
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ctl_app.ingest.catalog import MAX_IMAGE_BYTES, CatalogRecord, ImageFileError, read_catalog, read_image
@@ -50,6 +51,7 @@ from ctl_app.ingest.journal import Journal, Outcome
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RETRY_BACKOFF_S, RETRY_BACKOFF_CAP_S = 0.5, 10.0  # the pauses between attempts of a transient failure
 
 # Record failures that depend only on the record (a corrupt image...): journaled, not retried by a rerun.
 # Any other status of a record (RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL...) is reported, and sent again
@@ -346,25 +348,26 @@ def _requests(items: list[_Item]) -> Iterator[ranker_pb2.UpsertProductsRequest]:
 async def _retried(call: Callable[[], Awaitable[T]], method: str, config: IngestConfig) -> T:
     """`call()`, made again with backoff on transient statuses (`config.retries` times); raises the last
     RpcError."""
-    delay = 0.5
-    for attempt in range(config.retries + 1):
+    pauses = backoff(RETRY_BACKOFF_S, RETRY_BACKOFF_CAP_S)
+    attempt = 0
+    while True:
         try:
             return await call()
         except grpc.aio.AioRpcError as exc:
             if not _transient(exc) or attempt == config.retries:
                 raise
+            attempt += 1
+            pause = next(pauses)
             log.warning(
                 "%s: %s (%s); retry %d/%d in %.1f s",
                 method,
                 exc.code().name,
                 printable(exc.details()),
-                attempt + 1,
+                attempt,
                 config.retries,
-                delay,
+                pause,
             )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-    raise AssertionError("unreachable")
+            await asyncio.sleep(pause)
 
 
 async def _send(
