@@ -1,12 +1,13 @@
 """`ctl snapshot` / `ctl restore`: the embedded catalog as one archive, and back.
 
-qdrant-edge cannot snapshot a live shard from Python, and its write-ahead log locks the directory while a
-ranker has it open; so a snapshot is taken of a store no ranker holds (stop the ranker, or snapshot a
-replica's copy): the store is opened (which proves nobody else has it and replays its log), flushed and
-closed, then archived as a .tar.gz with a manifest (model version, dimension, products per category).
-A store that holds a link, a file of more than one name (a hard link) or a special file is refused rather
-than archived (each could carry a file from outside the store into the archive), and so is one holding a
-name restore refuses (the same rules, `_name_fault`).
+What the embedded store's files are, how to read them consistently and how to check that a store opens is
+the store package's (ranker_service/store/snapshot.py, record.py); this module is the job around it: the
+archive, its names and limits, the messages. A snapshot is taken of a store no ranker holds (stop the
+ranker, or snapshot a replica's copy): the store is inspected (opened, which proves nobody else has it and
+replays its log, flushed and closed), then archived as a .tar.gz with a manifest (model version,
+dimension, products per category). A store that holds a link, a file of more than one name (a hard link)
+or a special file is refused rather than archived (each could carry a file from outside the store into
+the archive), and so is one holding a name restore refuses (the same rules, `_name_fault`).
 
 Restore treats the archive as hostile until proven otherwise, and unpacks with its own code rather than
 tarfile's extraction (whose "data" filter is bypassable on unpatched Pythons, CVE-2025-4517, and missing
@@ -19,12 +20,13 @@ on some: Debian's 3.11.2), so it is equally safe on every Python ctl supports:
    regular expressions that backtrack quadratically, CVE-2024-6232), and the decompressed stream can
    never be read past `--max-bytes` (a gzip bomb stops there);
 2. the manifest (at most `--max-manifest-bytes`) must be a JSON object of the expected fields and types,
-   with a model version of letters, digits, `.`, `_` and `-` (MODEL_VERSION), which decides the folder:
+   with a model version of letters, digits, `.`, `_` and `-` (the store record's rules,
+   ranker_service/store/record.py), which decides the folder:
    it must not exist and must lie under the template's fixed part (`ctl-store/` of the default);
 3. the members are written into a fresh staging folder beside the target, each file created anew
    (O_EXCL, never through a link), the bytes counted as they are written;
-4. the restored store is opened and must hold what the manifest says (a damaged one that makes the engine
-   panic is refused like any other); only then is it moved into place.
+4. the restored store is opened (`inspect_store`) and must hold what the manifest says (a damaged one that
+   makes the engine panic is refused like any other); only then is it moved into place.
 Any failure removes the staging folder and the parent folders the restore created, and the message names
 the archive and the target, never the staging folder.
 
@@ -45,19 +47,30 @@ import os
 import re
 import shutil
 import stat
-import sys
 import tarfile
 import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ctl import settings
 from ctl.settings import at_least, setting
+from ranker_service.store.record import (
+    MAX_EMBEDDING_DIM,
+    RecordError,
+    StoreFileError,
+    integer,
+    json_kind,
+    model_version,
+    parse_json,
+    shown,
+    size_text,
+)
+from ranker_service.store.snapshot import StoreContents, inspect_store, store_files
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +79,11 @@ STORE = "store"
 FORMAT = 1
 PLACEHOLDER = "{model_version}"
 
-# A model version names a folder: no separators, no `.`/`..`, no control characters (export's are hex).
-MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 HEADER_BYTES = 8 * KiB  # tar header material per member (ustar block, pax records, GNU long name)
 NAME_BYTES = 1024  # a member's name, UTF-8
 PART_BYTES = 255  # one part of it (NAME_MAX)
 CATEGORY_BYTES = 1024  # a category in the manifest (the ranker takes 512)
-META_BYTES = 64 * KiB  # the store's own ctl_store.json
 CHUNK = 256 * KiB  # bytes copied per read
 BLOCK = 4096  # what a file or folder takes on disk at least, for the free-space estimate
 ENV_PREFIX = "CTL_RESTORE_"
@@ -135,196 +144,23 @@ def _named(name: str) -> str:
     return settings.named(ENV_PREFIX, name)
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """A value from the archive, for a one-line message: repr, shortened."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
-# ---------------------------------------------------------------- the store's own record
-
-
-def _store_meta(store_dir: Path, shown: str) -> tuple[str, int]:
-    """The model version and dimension the store records, checked like a manifest's (a version that names
-    no folder would make an archive no restore accepts)."""
-    from ranker_service.store.edge import META_FILE
-
-    try:
-        with open(store_dir / META_FILE, "rb") as f:
-            data = f.read(META_BYTES + 1)
-    except FileNotFoundError:
-        raise SnapshotError(f"{shown} is not an embedded ctl store (no {META_FILE})") from None
-    except OSError as exc:
-        raise SnapshotError(f"cannot read {shown}/{META_FILE}: {exc.strerror}") from exc
-    try:
-        if len(data) > META_BYTES:
-            raise _Refused(f"larger than {_size(META_BYTES)}")
-        meta = _parse_json(data)
-        if not isinstance(meta, dict):
-            raise _Refused(f"holds {_json_kind(meta)}, expected an object")
-        return _version(meta), _integer(meta, "dim", 1, 65536)
-    except _Refused as exc:
-        raise SnapshotError(f"{shown}/{META_FILE} is not a ctl store record: {exc}") from None
-
-
-# What `_inventory` lets through: the caller's interruptions. Anything else the engine raises is about the
-# store, a panic included (pyo3_runtime.PanicException, a BaseException: a damaged shard makes qdrant-edge
-# index past a file's end).
-_NOT_ENGINE_FAULTS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
-
-
-def _flush_stderr() -> None:
-    """Flushes Python's stderr, if there is one (None when fd 2 was closed at start) and it can be written."""
-    with contextlib.suppress(OSError, ValueError):
-        if sys.stderr is not None:
-            sys.stderr.flush()
-
-
-def _held_file() -> io.BufferedRandom | io.BufferedWriter:
-    """Where fd 2 points while the engine runs: a temporary file, or /dev/null if none can be made (then
-    the engine's report is dropped, not passed on: holding it is never a reason to fail)."""
-    try:
-        return tempfile.TemporaryFile()
-    except OSError:
-        return open(os.devnull, "wb")
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _engine_report() -> Iterator[None]:
-    """Holds what is written to stderr (file descriptor 2) while the engine has a store open: a panic's
-    report (the Rust hook prints the message, a source line and maybe a backtrace) is dropped, as the
-    SnapshotError says it in one line; anything else is passed on afterwards, in order, as far as stderr
-    takes it (closed, full or a pipe nobody reads: dropped, never a failure of the snapshot). fd 2 points
-    at the held file even when it was closed, so that no file the engine opens takes its number (a report
-    would be written into it); it is closed again afterwards. A process started without fd 2 (no
-    sys.__stderr__) whose number another file has taken since (asyncio's epoll, say) is left alone: that
-    file is not stderr. Other threads' output in the meantime is held too (ctl snapshot and restore run
-    none)."""
-    _flush_stderr()
-    if sys.__stderr__ is None and _is_open(2):
-        yield
-        return
-    try:
-        saved: int | None = os.dup(2)
-    except OSError:
-        saved = None  # fd 2 is closed (`2>&-`, a service manager without stderr)
-    keep = False
-    try:
-        with _held_file() as held:
-            os.dup2(held.fileno(), 2)
-            try:
-                yield
-                keep = True
-            except BaseException as exc:
-                keep = isinstance(exc, (Exception, *_NOT_ENGINE_FAULTS))
-                raise
-            finally:
-                _flush_stderr()
-                if saved is None:
-                    if held.fileno() != 2:  # (the held file took the free number itself: closed below)
-                        os.close(2)
-                else:
-                    os.dup2(saved, 2)
-                if keep and saved is not None and held.readable():
-                    _pass_on(held)
-    finally:
-        if saved is not None:
-            os.close(saved)
-
-
-def _pass_on(held: io.BufferedRandom) -> None:
-    """Copies the held output to stderr, best effort: what stderr does not take is dropped."""
-    with contextlib.suppress(OSError, ValueError):
-        held.seek(0)
-        with open(2, "wb", closefd=False) as stderr:
-            shutil.copyfileobj(held, stderr)
-
-
-async def _inventory(store_dir: Path, shown: str) -> dict:
-    """Opens the store (proving no ranker holds it), reads what it holds, flushes and closes it. Messages
-    name the store as `shown` (restore's staging folder is gone by the time anyone reads them)."""
-    from ranker_service.store import open_edge_store
-
-    version, dim = _store_meta(store_dir, shown)
-    try:
-        with _engine_report():
-            store = await open_edge_store(store_dir, version, dim)
-            try:
-                counts = await store.counts_by_category()
-            finally:
-                await store.close()
-    except _NOT_ENGINE_FAULTS:
-        raise
-    except BaseException as exc:  # the engine's own errors, and its panic on a damaged shard
-        reason = (str(exc) or type(exc).__name__).replace(str(store_dir), shown).replace("\n", " ")
-        if not isinstance(exc, Exception):
-            reason = f"qdrant-edge panicked ({reason[:200]}): the store is damaged"
-        raise SnapshotError(f"cannot open {shown}: {reason}") from exc
-    return {
-        "format": FORMAT,
-        "model_version": version,
-        "dim": dim,
-        "products": sum(counts.values()),
-        "products_by_category": dict(sorted(counts.items())),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
 # ---------------------------------------------------------------- snapshot
 
 
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+def _store_error(exc: StoreFileError) -> SnapshotError:
+    return SnapshotError(str(exc))
 
 
-def _file_kind(mode: int, link: str = "?") -> str:
-    """What a file in the store is, in words (as `_kind` says it of a member)."""
-    if stat.S_ISLNK(mode):
-        return f"a symbolic link (to {_shown(link)})"
-    for test, words in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return words
-    return f"of file type {stat.S_IFMT(mode):#o}"
-
-
-def _not_plain(where: Path, mode: int, link: str = "?") -> SnapshotError:
-    return SnapshotError(
-        f"{where} is {_file_kind(mode, link)}: a snapshot holds only regular files and folders "
-        "(move it out of the store, or copy what it points to into it)"
-    )
-
-
-def _changed(where: Path, parent: int, part: str) -> SnapshotError:
-    """A name that is no longer what it was when checked (someone writes to the store meanwhile)."""
-    try:
-        now = _file_kind(os.stat(part, dir_fd=parent, follow_symlinks=False).st_mode)
-    except OSError:
-        now = "gone"
-    return SnapshotError(
-        f"{where} changed while it was archived (now {now}): stop whatever writes to the store, "
-        "then take the snapshot again"
-    )
+def _manifest(found: StoreContents) -> dict:
+    """The manifest of a store as `inspect_store` found it."""
+    return {
+        "format": FORMAT,
+        "model_version": found.model_version,
+        "dim": found.embedding_dim,
+        "products": sum(found.counts.values()),
+        "products_by_category": dict(sorted(found.counts.items())),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _member(name: str, st: os.stat_result) -> tarfile.TarInfo:
@@ -337,132 +173,26 @@ def _member(name: str, st: os.stat_result) -> tarfile.TarInfo:
     return info
 
 
-class _Exact:
-    """A regular file's bytes as tarfile reads them for a member: exactly `size`; a file that ends before
-    (it shrank while read) is refused rather than archived short (tarfile would fail mid-member)."""
-
-    def __init__(self, fd: int, size: int, where: Path) -> None:
-        self._fd, self._left, self._where = fd, size, where
-
-    def read(self, size: int) -> bytes:
-        size = min(size, self._left)
-        parts = []
-        while size:
-            try:
-                chunk = os.read(self._fd, size)
-            except OSError as exc:
-                raise SnapshotError(f"cannot read {self._where}: {exc.strerror}") from exc
-            if not chunk:
-                raise SnapshotError(
-                    f"{self._where} shrank while it was archived: stop whatever writes to the store, "
-                    "then take the snapshot again"
-                )
-            parts.append(chunk)
-            size -= len(chunk)
-            self._left -= len(chunk)
-        return b"".join(parts)
-
-    def grew(self) -> bool:
-        """Whether the file holds more than `size` bytes now (it grew while read)."""
-        try:
-            return bool(os.read(self._fd, 1))
-        except OSError as exc:
-            raise SnapshotError(f"cannot read {self._where}: {exc.strerror}") from exc
-
-
-def _add_file(tar: tarfile.TarFile, parent: int, part: str, name: str, where: Path) -> None:
-    """Archives the regular file `part` of the folder open as `parent`: opened without following a link
-    (O_NOFOLLOW) and without blocking on a FIFO, then checked as opened (fstat: a regular file of one
-    name) and archived from that descriptor, so that what is archived is what was checked."""
-    try:
-        fd = os.open(part, _FILE_FLAGS, dir_fd=parent)
-    except OSError as exc:  # ELOOP: a link now; ENXIO: a socket; ENOENT: gone
-        raise _changed(where, parent, part) from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _changed(where, parent, part)
-        if st.st_nlink > 1:
-            raise SnapshotError(
-                f"{where} is a hard link (one of {st.st_nlink} names of a file, which may lie outside the "
-                "store): a snapshot holds only files of one name (replace it with a copy)"
-            )
-        source = _Exact(fd, st.st_size, where)
-        tar.addfile(_member(name, st), source)
-        if source.grew():
-            raise SnapshotError(
-                f"{where} grew while it was archived: stop whatever writes to the store, "
-                "then take the snapshot again"
-            )
-    finally:
-        os.close(fd)
-
-
-@dataclass
-class _Folder:
-    """A folder being archived: its descriptor, member name, path (for messages) and names left."""
-
-    fd: int
-    name: str
-    where: Path
-    parts: Iterator[str] | None = None
+def _refuse_name(name: str, where: Path) -> None:
+    """Refuses a file of the store that restore would refuse as a member (`_name_fault`)."""
+    fault = _name_fault(name)
+    if fault:
+        raise SnapshotError(  # repr: the name may hold control characters or bytes not UTF-8
+            f"{str(where)!r} {fault}, which ctl restore refuses in an archive "
+            "(rename it, or move it out of the store)"
+        )
 
 
 def _add_store(tar: tarfile.TarFile, store_dir: Path) -> int:
-    """Archives the store folder as `store/`, like tarfile's add (folders first, names sorted), but walked
-    by descriptors: each folder opened in the one above it (O_DIRECTORY | O_NOFOLLOW), each file opened in
-    its folder and checked as opened (`_add_file`). tarfile checks a path (lstat) and then opens it by
-    name, which follows a link put there in between. Refuses names restore refuses, links, special files
-    and hard links. The number of members added."""
+    """Archives the store folder as `store/`, like tarfile's add (folders first, names sorted), each file
+    from the descriptor it was checked on (`store_files`: tarfile checks a path, lstat, and then opens it
+    by name, which follows a link put there in between). Refuses names restore refuses, links, special
+    files and hard links. The number of members added."""
     members = 0
-    walk: list[_Folder] = []
-    try:
-        try:
-            walk.append(_Folder(os.open(store_dir, _DIR_FLAGS), STORE, store_dir))
-        except OSError as exc:
-            raise SnapshotError(f"cannot read {store_dir}: {exc.strerror}") from exc
-        while walk:
-            folder = walk[-1]
-            if folder.parts is None:  # just opened: its own member, then what it holds
-                try:
-                    st, names = os.fstat(folder.fd), sorted(os.listdir(folder.fd))
-                except OSError as exc:
-                    raise SnapshotError(f"cannot read {folder.where}: {exc.strerror}") from exc
-                tar.addfile(_member(folder.name, st))
-                members += 1
-                folder.parts = iter(names)
-            part = next(folder.parts, None)
-            if part is None:
-                os.close(walk.pop().fd)
-                continue
-            name, where = f"{folder.name}/{part}", folder.where / part
-            fault = _name_fault(name)
-            if fault:
-                raise SnapshotError(  # repr: the name may hold control characters or bytes not UTF-8
-                    f"{str(where)!r} {fault}, which ctl restore refuses in an archive "
-                    "(rename it, or move it out of the store)"
-                )
-            try:
-                mode = os.stat(part, dir_fd=folder.fd, follow_symlinks=False).st_mode
-            except OSError as exc:
-                raise _changed(where, folder.fd, part) from exc
-            if stat.S_ISDIR(mode):
-                try:
-                    walk.append(_Folder(os.open(part, _DIR_FLAGS, dir_fd=folder.fd), name, where))
-                except OSError as exc:  # ELOOP or ENOTDIR: no longer a folder
-                    raise _changed(where, folder.fd, part) from exc
-            elif stat.S_ISREG(mode):
-                _add_file(tar, folder.fd, part, name, where)
-                members += 1
-            else:
-                link = "?"
-                if stat.S_ISLNK(mode):
-                    with contextlib.suppress(OSError):
-                        link = os.readlink(part, dir_fd=folder.fd)
-                raise _not_plain(where, mode, link)
-    finally:
-        for folder in walk:
-            os.close(folder.fd)
+    with contextlib.closing(store_files(store_dir, STORE, _refuse_name)) as files:
+        for item in files:
+            tar.addfile(_member(item.name, item.stat), item.content)
+            members += 1
     return members
 
 
@@ -474,11 +204,14 @@ def snapshot(store_dir: Path, out: Path) -> dict:
     was checked on (`_add_store`), so a name swapped for a link meanwhile is refused. Warns when
     restoring the archive needs more than restore's default limits."""
     store_dir = Path(os.path.realpath(store_dir))  # a link given as the store is the operator's choice
-    manifest = asyncio.run(_inventory(store_dir, str(store_dir)))
+    try:
+        manifest = _manifest(asyncio.run(inspect_store(store_dir, str(store_dir))))
+    except StoreFileError as exc:
+        raise _store_error(exc) from exc
     data = json.dumps(manifest, indent=2).encode()
     try:
-        _check_manifest(_parse_json(data))  # restore's own check: a category it would refuse, say
-    except _Refused as exc:
+        _check_manifest(parse_json(data))  # restore's own check: a category it would refuse, say
+    except (_Refused, RecordError) as exc:
         raise SnapshotError(f"{store_dir} would make a manifest ctl restore refuses: {exc}") from None
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -492,6 +225,8 @@ def snapshot(store_dir: Path, out: Path) -> dict:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
+    except StoreFileError as exc:  # a file of the store is refused, or changed while archived
+        raise _store_error(exc) from exc
     except (OSError, tarfile.TarError) as exc:
         raise SnapshotError(f"cannot write {out}: {exc}") from exc
     finally:
@@ -534,7 +269,7 @@ def _pax_records_ok(buf: bytes) -> bool:
 
 
 def _too_large(limit: int) -> str:
-    return f"it unpacks to more than {_size(limit)} ({_named('max_bytes')}; raise it for a larger store)"
+    return f"it unpacks to more than {size_text(limit)} ({_named('max_bytes')}; raise it for a larger store)"
 
 
 class _Capped:
@@ -567,7 +302,7 @@ class _Capped:
         if self.header_left is None:
             return self._gz.read(size)
         if size > self.header_left:
-            raise _Refused(f"a member header is larger than {_size(HEADER_BYTES)}: not a ctl snapshot")
+            raise _Refused(f"a member header is larger than {size_text(HEADER_BYTES)}: not a ctl snapshot")
         self.header_left -= size
         data = self._gz.read(size)
         if _LONG_NUMBER.search(data):
@@ -587,14 +322,14 @@ def _kind(member: tarfile.TarInfo) -> str:
         return "a sparse file" if member.sparse is not None else "a regular file"
     return {
         tarfile.DIRTYPE: "a folder",
-        tarfile.SYMTYPE: f"a symbolic link (to {_shown(member.linkname)})",
-        tarfile.LNKTYPE: f"a hard link (to {_shown(member.linkname)})",
+        tarfile.SYMTYPE: f"a symbolic link (to {shown(member.linkname)})",
+        tarfile.LNKTYPE: f"a hard link (to {shown(member.linkname)})",
         tarfile.CHRTYPE: "a character device",
         tarfile.BLKTYPE: "a block device",
         tarfile.FIFOTYPE: "a FIFO",
         tarfile.CONTTYPE: "a contiguous file",
         tarfile.GNUTYPE_SPARSE: "a sparse file",
-    }.get(member.type, f"of tar type {_shown(member.type)}")
+    }.get(member.type, f"of tar type {shown(member.type)}")
 
 
 def _name_fault(name: str) -> str | None:
@@ -622,7 +357,7 @@ def _checked_name(member: tarfile.TarInfo) -> str:
     name = member.name[:-1] if member.isdir() and member.name.endswith("/") else member.name
     fault = _name_fault(name)
     if fault:
-        raise _Refused(f"member {_shown(name)} {fault}")
+        raise _Refused(f"member {shown(name)} {fault}")
     return name
 
 
@@ -651,21 +386,21 @@ def _scan(tar: tarfile.TarFile, src: _Capped, limits: RestoreLimits, free: int) 
         name = _checked_name(member)
         is_file = member.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and member.sparse is None
         if not (is_file or member.type == tarfile.DIRTYPE):
-            raise _Refused(f"member {_shown(name)} is {_kind(member)}: only regular files and folders")
+            raise _Refused(f"member {shown(name)} is {_kind(member)}: only regular files and folders")
         if name in names:
-            raise _Refused(f"member {_shown(name)} appears twice")
+            raise _Refused(f"member {shown(name)} appears twice")
         if name == MANIFEST and not is_file:
             raise _Refused(f"{MANIFEST} is {_kind(member)}, not a regular file")
         if name == MANIFEST and member.size > limits.max_manifest_bytes:
             raise _Refused(
-                f"{MANIFEST} is larger than {_size(limits.max_manifest_bytes)} "
+                f"{MANIFEST} is larger than {size_text(limits.max_manifest_bytes)} "
                 f"({_named('max_manifest_bytes')})"
             )
         if name == STORE and is_file:
             raise _Refused(f"{STORE} is {_kind(member)}, not a folder")
         parent = name.rpartition("/")[0]
         if parent and parent not in folders:
-            raise _Refused(f"member {_shown(name)} comes without its folder {_shown(parent)} before it")
+            raise _Refused(f"member {shown(name)} comes without its folder {shown(parent)} before it")
         names.add(name)
         if not is_file:
             folders.add(name)
@@ -676,7 +411,7 @@ def _scan(tar: tarfile.TarFile, src: _Capped, limits: RestoreLimits, free: int) 
         if total > limits.max_bytes:
             raise _Refused(_too_large(limits.max_bytes))
         if need > free:
-            raise _Refused(f"it needs {_size(need)} or more, and the disk has {_size(free)} free")
+            raise _Refused(f"it needs {size_text(need)} or more, and the disk has {size_text(free)} free")
     if MANIFEST not in names:
         raise _Refused(f"no {MANIFEST}: not a ctl snapshot")
     if STORE not in folders:
@@ -687,40 +422,9 @@ def _scan(tar: tarfile.TarFile, src: _Capped, limits: RestoreLimits, free: int) 
 # ---------------------------------------------------------------- restore: the manifest
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _Refused("a key appears twice in one object")
-    return dict(pairs)
-
-
-def _parse_json(data: bytes) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _Refused(f"not JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    for kind, words in ((dict, "an object"), (list, "an array"), (str, "a string"), (int, "an integer")):
-        if isinstance(value, kind):
-            return words
-    return "a number" if isinstance(value, float) else type(value).__name__
-
-
-def _integer(record: dict, key: str, low: int, high: int) -> int:
-    value = record.get(key)
-    if type(value) is not int or not low <= value <= high:
-        shown = _shown(value) if key in record else "missing"
-        raise _Refused(f"{key} is {shown}, expected an integer from {low} to {high}")
-    return value
-
-
 def _text(value: Any, what: str, limit: int) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= limit or _CONTROL.search(value):
-        raise _Refused(f"{what} is {_shown(value)}, expected text of 1 to {limit} printable characters")
+        raise _Refused(f"{what} is {shown(value)}, expected text of 1 to {limit} printable characters")
     return value
 
 
@@ -732,36 +436,27 @@ def _category(name: str) -> str:
     except UnicodeEncodeError:
         size = 0
     if not 0 < size <= CATEGORY_BYTES:
-        raise _Refused(f"category {_shown(name)} is not 1 to {CATEGORY_BYTES} bytes of UTF-8")
+        raise _Refused(f"category {shown(name)} is not 1 to {CATEGORY_BYTES} bytes of UTF-8")
     return name
 
 
-def _version(record: dict) -> str:
-    value = record.get("model_version")
-    if not isinstance(value, str) or not MODEL_VERSION.fullmatch(value):
-        raise _Refused(
-            f"model_version is {_shown(value) if 'model_version' in record else 'missing'}, expected "
-            "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return value
-
-
 def _check_manifest(value: Any) -> dict:
-    """The manifest's fields, each of the expected type and range; products add up."""
+    """The manifest's fields, each of the expected type and range; products add up. The rules are the
+    store record's (ranker_service/store/record.py): RecordError, or _Refused, says what is wrong."""
     if not isinstance(value, dict):
-        raise _Refused(f"holds {_json_kind(value)}, expected an object")
+        raise _Refused(f"holds {json_kind(value)}, expected an object")
     if value.get("format") != FORMAT or type(value.get("format")) is not int:
-        raise _Refused(f"format is {_shown(value.get('format'))}, expected {FORMAT}")
+        raise _Refused(f"format is {shown(value.get('format'))}, expected {FORMAT}")
     manifest = {
         "format": FORMAT,
-        "model_version": _version(value),
-        "dim": _integer(value, "dim", 1, 65536),
-        "products": _integer(value, "products", 0, 2**53),
+        "model_version": model_version(value),
+        "dim": integer(value, "dim", 1, MAX_EMBEDDING_DIM),
+        "products": integer(value, "products", 0, 2**53),
     }
     by_category = value.get("products_by_category")
     if not isinstance(by_category, dict):
-        raise _Refused(f"products_by_category is {_json_kind(by_category)}, expected an object")
-    counts = {_category(name): _integer(by_category, name, 0, 2**53) for name in by_category}
+        raise _Refused(f"products_by_category is {json_kind(by_category)}, expected an object")
+    counts = {_category(name): integer(by_category, name, 0, 2**53) for name in by_category}
     if sum(counts.values()) != manifest["products"]:
         raise _Refused(
             f"products is {manifest['products']}, but products_by_category adds up to {sum(counts.values())}"
@@ -780,8 +475,8 @@ def _read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) ->
     if len(data) != member.size:
         raise _Refused(f"{MANIFEST} is shorter than its header says: the archive is damaged")
     try:
-        return _check_manifest(_parse_json(data))
-    except _Refused as exc:
+        return _check_manifest(parse_json(data))
+    except (_Refused, RecordError) as exc:
         raise _Refused(f"{MANIFEST}: {exc}") from None
 
 
@@ -861,14 +556,14 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, out: io.BufferedW
         while chunk := source.read(CHUNK):
             count += len(chunk)
             if count > member.size or count > left:
-                raise _Refused(f"member {_shown(member.name)} holds more bytes than its header says")
+                raise _Refused(f"member {shown(member.name)} holds more bytes than its header says")
             if chunk.count(0) == len(chunk):
                 out.seek(len(chunk), os.SEEK_CUR)
             else:
                 out.write(chunk)
     out.truncate(count)
     if count != member.size:
-        raise _Refused(f"member {_shown(member.name)} is shorter than its header says: a damaged archive")
+        raise _Refused(f"member {shown(member.name)} is shorter than its header says: a damaged archive")
     return count
 
 
@@ -906,12 +601,12 @@ def _restore_checked(archive: Path, tar: tarfile.TarFile, src: _Capped, target: 
         restored = staging / STORE
         if not stat.S_ISDIR(os.lstat(restored).st_mode):
             raise _Refused(f"{STORE} is not a folder")
-        found = asyncio.run(_inventory(restored, f"the store in {archive}"))
+        found = _manifest(asyncio.run(inspect_store(restored, f"the store in {archive}")))
         for key in ("model_version", "dim", "products", "products_by_category"):
             if found[key] != manifest[key]:
                 raise _Refused(
-                    f"the restored store holds {key} {_shown(found[key])}, the manifest says "
-                    f"{_shown(manifest[key])}; the archive is damaged"
+                    f"the restored store holds {key} {shown(found[key])}, the manifest says "
+                    f"{shown(manifest[key])}; the archive is damaged"
                 )
         if os.path.lexists(folder):
             raise _Refused(f"{folder} appeared while restoring; nothing was changed there")
@@ -937,7 +632,7 @@ def restore(archive: Path, target: str, limits: RestoreLimits | None = None) -> 
             src = _Capped(gz, limits.max_bytes)
             with tarfile.open(fileobj=src, mode="r:") as tar:
                 return _restore_checked(archive, tar, src, target, limits)
-    except (_Refused, SnapshotError) as exc:  # SnapshotError: the store check, naming what it opened
+    except (_Refused, StoreFileError) as exc:  # StoreFileError: the store check, naming what it opened
         raise _restore_error(archive, str(exc)) from exc
     except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise _restore_error(archive, f"not a readable .tar.gz ({type(exc).__name__}: {exc})") from exc

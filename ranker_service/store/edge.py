@@ -58,12 +58,12 @@ from ranker_service.store.base import (
     ProductStore,
     Query,
 )
+from ranker_service.store.record import META_FILE
 from ranker_service.store.table import ProductTable
 from style_model.distances import l2_normalize
 
 log = logging.getLogger(__name__)
 
-META_FILE = "ctl_store.json"
 _ENGINE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge when it creates a shard
 
 
