@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from ctl import defaults
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -228,7 +230,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     target = restore_target(args)
     if not target.strip():
-        logging.getLogger("ctl.restore").error("CTL_RANKER_STORE_PATH is empty: give the folder to create")
+        logging.getLogger("ctl.restore").error(
+            "%s is empty: give the folder to create", defaults.STORE_PATH_ENV
+        )
         return 2
     try:
         limits = restore_limits(args)
@@ -289,9 +293,7 @@ def restore_target(args: argparse.Namespace) -> str:
     another malformed CTL_RANKER_* setting does not stop a restore."""
     if args.store_path is not None:
         return args.store_path
-    from ranker_service.config import RankerConfig
-
-    return os.environ.get("CTL_RANKER_STORE_PATH", RankerConfig.store_path)
+    return os.environ.get(defaults.STORE_PATH_ENV, defaults.STORE_PATH)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-running",
         action="store_true",
-        help="leave the encoder (:50051) and the ranker (:50052) running until Ctrl-C",
+        help=f"leave the encoder (:{defaults.ENCODER_PORT}) and the ranker (:{defaults.RANKER_PORT}) running "
+        "until Ctrl-C",
     )
     p.set_defaults(func=cmd_demo)
 
@@ -399,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--explain", action="store_true", help="also print the global and local distances")
     p.add_argument("--mode", default="pooled", choices=["pooled", "exhaustive", "certify"])
-    p.add_argument("--ranker", default=_env("RANKER", "localhost:50052"), help="host:port (env CTL_RANKER)")
+    p.add_argument(
+        "--ranker", default=_env("RANKER", defaults.RANKER_ADDRESS), help="host:port (env CTL_RANKER)"
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of the call, seconds")
     p.add_argument("--html", type=Path, help="write the scene, its attention and the products as HTML")
     p.add_argument("--catalog", type=Path, help="the ingestion catalog, to show the product images")
@@ -427,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
         "store_path",
         nargs="?",
         default=None,
-        help="the folder to create; {model_version} is replaced (default: CTL_RANKER_STORE_PATH or "
-        "ctl-store/{model_version})",
+        help="the folder to create; {model_version} is replaced "
+        f"(default: {defaults.STORE_PATH_ENV} or {defaults.STORE_PATH})",
     )
     from ctl_app.snapshot import add_restore_arguments
 

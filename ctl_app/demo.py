@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from ctl.defaults import ENCODER_PORT, RANKER_PORT
 from ctl.lifecycle import wait_for_signal
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ctl_app.ingest.cli import run_against
@@ -128,8 +129,8 @@ def held_out_scenes(data: Path, n: int) -> list[tuple[str, bytes, str, str]]:
 
 async def _serve(config: DemoConfig, repo: Path, catalog: Path, data: Path, preset: str) -> int:
     root = config.out
-    encoder_port = config.encoder_port or (50051 if config.keep_running else 0)
-    ranker_port = config.ranker_port or (50052 if config.keep_running else 0)
+    encoder_port = config.encoder_port or (ENCODER_PORT if config.keep_running else 0)
+    ranker_port = config.ranker_port or (RANKER_PORT if config.keep_running else 0)
     log.info(
         "step 5/6: encoder and ranker on loopback, embedded Qdrant in %s; ingest %s", root / "store", catalog
     )

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctl import settings
+from ctl import defaults, settings
 from ctl.serving import host_port
 from ctl.settings import at_least, in_range, message_size, more_than, not_empty, setting, tcp_port
 from encoder_service.errors import ConfigError
@@ -44,15 +44,18 @@ class EncoderConfig:
     )
     backend: str = field(default="torchscript", metadata=setting("where the model runs", choices=BACKENDS))
     triton_url: str = field(
-        default="localhost:8001", metadata=setting("Triton gRPC address (backend triton)", check=not_empty)
+        default=defaults.TRITON_ADDRESS,
+        metadata=setting("Triton gRPC address (backend triton)", check=not_empty),
     )
     triton_timeout_s: float = field(
         default=5.0, metadata=setting("timeout of every call to Triton, in seconds", check=more_than(0))
     )
     host: str = field(default="[::]", metadata=setting("address the gRPC server listens on", check=not_empty))
-    port: int = field(default=50051, metadata=setting("gRPC port (0 picks a free one)", check=tcp_port()))
+    port: int = field(
+        default=defaults.ENCODER_PORT, metadata=setting("gRPC port (0 picks a free one)", check=tcp_port())
+    )
     metrics_port: int = field(
-        default=9464,
+        default=defaults.ENCODER_METRICS_PORT,
         metadata=setting(
             "Prometheus /metrics port (0 picks a free one, -1 turns it off)", check=tcp_port(off=True)
         ),

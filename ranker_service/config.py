@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ctl import settings
+from ctl import defaults, settings
 from ctl.settings import at_least, message_size, more_than, not_empty, setting, tcp_port
 from ranker_service.errors import ConfigError
 
@@ -25,13 +25,16 @@ class RankerConfig:
     """How the ranker service runs; passed down to the server, the servicer and the store."""
 
     host: str = field(default="0.0.0.0", metadata=setting("address to listen on", check=not_empty))
-    port: int = field(default=50052, metadata=setting("gRPC port (0: any free port)", check=tcp_port()))
+    port: int = field(
+        default=defaults.RANKER_PORT, metadata=setting("gRPC port (0: any free port)", check=tcp_port())
+    )
     metrics_port: int = field(
-        default=9465,
+        default=defaults.RANKER_METRICS_PORT,
         metadata=setting("Prometheus /metrics port (0: any free port, -1: off)", check=tcp_port(off=True)),
     )
     encoder: str = field(
-        default="localhost:50051", metadata=setting("the encoder service, host:port", check=not_empty)
+        default=defaults.ENCODER_ADDRESS,
+        metadata=setting("the encoder service, host:port", check=not_empty),
     )
     encoder_timeout_s: float = field(
         default=10.0,
@@ -49,7 +52,7 @@ class RankerConfig:
     )
     # Embedded store (qdrant-edge): a directory, one per model.
     store_path: str = field(
-        default="ctl-store/{model_version}",
+        default=defaults.STORE_PATH,
         metadata=setting("embedded store directory; {model_version} is replaced", check=not_empty),
     )
     # A Qdrant server/cluster instead (qdrant-client).

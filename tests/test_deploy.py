@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ctl import defaults
 from ctl.security import ALLOW_INSECURE_TOKEN_ENV, allow_insecure_token
 from ctl.serving import parse_bool
 from ctl_app.cli import build_parser
@@ -184,6 +185,41 @@ def test_ports_probes_services_and_addresses_agree(rendered):
     ranker_only = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ctl-ranker"}}}
     assert by_kind(docs, "NetworkPolicy")["ctl-encoder"]["spec"]["ingress"][0]["from"] == [ranker_only]
     assert by_kind(docs, "NetworkPolicy")["qdrant"]["spec"]["ingress"][0]["from"] == [ranker_only]
+
+
+def test_the_manifests_ports_are_the_codes_defaults(rendered, monkeypatch):
+    """The manifests and the Dockerfiles keep literal ports; they are the ones ctl/defaults.py gives the
+    code (the configs' defaults, ctl demo, ctl ingest's --ranker), so a port changed in one place only
+    fails here."""
+    overlay, _, docs = rendered
+    env, pods = config_env(docs), containers(docs)
+    expected = {
+        "encoder": (defaults.ENCODER_PORT, defaults.ENCODER_METRICS_PORT),
+        "ranker": (defaults.RANKER_PORT, defaults.RANKER_METRICS_PORT),
+    }
+    for part, (grpc_port, metrics_port) in expected.items():
+        key = part.upper()
+        assert (int(env[f"CTL_{key}_PORT"]), int(env[f"CTL_{key}_METRICS_PORT"])) == (grpc_port, metrics_port)
+        ports = {p["name"]: p["containerPort"] for p in pods[f"ctl-{part}"]["ports"]}
+        assert (ports["grpc"], ports["metrics"]) == (grpc_port, metrics_port), part
+        text = dockerfile(part)
+        assert f"EXPOSE {grpc_port} {metrics_port}" in text, part
+        assert f'"ctl", "health", "localhost:{grpc_port}"' in text, part
+    assert env["CTL_RANKER_ENCODER"].endswith(f":{defaults.ENCODER_PORT}")
+    assert env["CTL_INGEST_RANKER"].endswith(f":{defaults.RANKER_PORT}")
+    if overlay == "gpu":
+        triton = {p["name"]: p["containerPort"] for p in pods["ctl-triton"]["ports"]}
+        assert triton["grpc"] == defaults.TRITON_GRPC_PORT
+    from encoder_service.config import EncoderConfig
+    from ranker_service.config import RankerConfig
+
+    encoder, ranker = EncoderConfig(), RankerConfig()
+    assert (encoder.port, encoder.metrics_port) == expected["encoder"]
+    assert (ranker.port, ranker.metrics_port) == expected["ranker"]
+    assert (ranker.encoder, ranker.store_path) == (defaults.ENCODER_ADDRESS, defaults.STORE_PATH)
+    assert encoder.triton_url == defaults.TRITON_ADDRESS
+    monkeypatch.delenv("CTL_INGEST_RANKER", raising=False)
+    assert build_parser().parse_args(["ingest", "c.jsonl"]).ranker == defaults.RANKER_ADDRESS
 
 
 def dockerfile(part: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from ctl import defaults
 from ctl.security import add_client_arguments, aio_channel, client_security
 from ctl.serving import parse_bool
 from ctl.settings import GRPC_MAX_MESSAGE_BYTES, parse_int
@@ -19,6 +20,7 @@ from ctl_app.ingest.job import BATCH_BYTES, MAX_BYTES_IN_FLIGHT, IngestConfig, S
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+OLD_STORE_PATH_ENV = "CTL_INGEST_STORE_PATH"  # deprecated: CTL_RANKER_STORE_PATH
 
 
 class _FromEnvironment(str):
@@ -66,6 +68,22 @@ def _switch(name: str) -> bool:
         raise ValueError(f"{variable}={text[:40]!r}: expected true or false") from None
 
 
+def embedded_store_path(given: str | None) -> str:
+    """The store `--embedded` opens: the flag, else CTL_RANKER_STORE_PATH (the same store `ctl serve-ranker`
+    and `ctl restore` open), else the default. CTL_INGEST_STORE_PATH, its old name here, still works
+    (with a warning) when the new one is not set."""
+    if given is not None:
+        return given
+    old = os.environ.get(OLD_STORE_PATH_ENV)
+    if old is not None:
+        if defaults.STORE_PATH_ENV in os.environ:
+            log.warning("%s is ignored: %s is set", OLD_STORE_PATH_ENV, defaults.STORE_PATH_ENV)
+        else:
+            log.warning("%s is deprecated: set %s instead", OLD_STORE_PATH_ENV, defaults.STORE_PATH_ENV)
+            return old
+    return os.environ.get(defaults.STORE_PATH_ENV, defaults.STORE_PATH)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "ingest",
@@ -92,7 +110,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metadata-columns", default="", help="comma-separated extra columns kept as metadata")
     p.add_argument(
         "--ranker",
-        default=_env("RANKER", "localhost:50052"),
+        default=_env("RANKER", defaults.RANKER_ADDRESS),
         help="the ranker, host:port (env CTL_INGEST_RANKER; default %(default)s)",
     )
     p.add_argument(
@@ -105,8 +123,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--store-path",
-        default=_env("STORE_PATH", "ctl-store/{model_version}"),
-        help="with --embedded: the store directory ({model_version} is replaced; default %(default)s)",
+        help="with --embedded: the store directory ({model_version} is replaced; env "
+        f"{defaults.STORE_PATH_ENV}, the ranker's; default {defaults.STORE_PATH})",
     )
     for name, default, low, high, text in (
         ("batch", "64", 1, 100_000, "records per stream"),
@@ -188,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
         if args.embedded and not args.model_repo:
             raise ValueError("--embedded needs --model-repo (the folder `ctl export` wrote)")
         if args.embedded:
-            summary = asyncio.run(run_embedded(config, args.model_repo, args.store_path))
+            summary = asyncio.run(run_embedded(config, args.model_repo, embedded_store_path(args.store_path)))
         else:
             credentials, token = client_security(args)
             summary = asyncio.run(run_against(config, args.ranker, credentials, token))
