@@ -7,33 +7,25 @@ servicer calls one method per RPC; tests and other callers can use it directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import Gauge
 
+from ctl.encoding import ModelInfo, ProductResult
 from ctl.serving import Metrics
 from ctl.tensors import Scene
-from encoder_service.backends import EncoderBackend, ModelInfoData
+from encoder_service.backends.base import EncoderBackend
 from encoder_service.batcher import MicroBatcher
 from encoder_service.config import EncoderConfig
-from encoder_service.decode import decode_image
-from encoder_service.errors import BackendUnavailable, ImageError, TooManyImages
+from encoder_service.decode import decode_image, pixel_limit
+from encoder_service.errors import BackendUnavailable, ImageError, TooManyImages, status_code
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProductResult:
-    """One image's outcome: its vectors, or the error that failed it alone."""
-
-    style: np.ndarray | None = None
-    key: np.ndarray | None = None
-    error: ImageError | None = None
 
 
 class EncoderApp:
@@ -117,7 +109,7 @@ class EncoderApp:
             self._pool.shutdown(wait=False, cancel_futures=True)
         await self.backend.close()
 
-    def _info(self) -> ModelInfoData:
+    def _info(self) -> ModelInfo:
         if not self._started:
             raise BackendUnavailable("the encoder is starting: the model is not loaded yet")
         return self.backend.info
@@ -135,19 +127,20 @@ class EncoderApp:
             self.config.max_image_pixels,
         )
 
-    async def encode_scene(self, image: bytes, deadline_s: float | None = None) -> tuple[Scene, str]:
-        """A scene's embeddings and the model version; `deadline_s`: what the caller still waits."""
+    async def encode_scene(self, image: bytes, remaining_s: float | None = None) -> tuple[Scene, str]:
+        """A scene's embeddings and the model version; `remaining_s`: what the caller still waits."""
         info = self._info()
         started = time.monotonic()
         pixels = await self.decode(image)
-        global_, local, attention = await self.scenes.submit(pixels[None], _left(deadline_s, started))
+        global_, local, attention = await self.scenes.submit(pixels[None], _left(remaining_s, started))
         return Scene(global_[0], local[0], attention[0]), info.model_version
 
     async def encode_products(
-        self, images: Sequence[bytes], deadline_s: float | None = None
+        self, images: Sequence[bytes], remaining_s: float | None = None
     ) -> tuple[list[ProductResult], str]:
-        """One result per image, in order; a bad image fails only its own result. Backend errors and
-        too many images fail the call. `deadline_s`: what the caller still waits."""
+        """One result per image, in order; a bad image fails only its own result (its `code` the gRPC
+        status name of its error). Backend errors and too many images fail the call. `remaining_s`: what
+        the caller still waits."""
         info = self._info()
         started = time.monotonic()
         limit = self.config.max_images_per_call
@@ -161,20 +154,32 @@ class EncoderApp:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ImageError):
                 raise outcome
         good = [i for i, outcome in enumerate(decoded) if not isinstance(outcome, BaseException)]
-        results = [ProductResult(error=o) if isinstance(o, ImageError) else ProductResult() for o in decoded]
+        results = [_failed(o) if isinstance(o, ImageError) else ProductResult() for o in decoded]
         if good:
-            style, key = await self.products.submit(
-                np.stack([decoded[i] for i in good]), _left(deadline_s, started)
+            styles, attention_keys = await self.products.submit(
+                np.stack([decoded[i] for i in good]), _left(remaining_s, started)
             )
             for row, i in enumerate(good):
-                results[i] = ProductResult(style=style[row], key=key[row])
+                results[i] = ProductResult(style=styles[row], attention_key=attention_keys[row])
         return results, info.model_version
 
-    def model_info(self) -> ModelInfoData:
-        """The served model; BackendUnavailable until `start()` has finished."""
-        return self._info()
+    def model_info(self) -> ModelInfo:
+        """The served model and this encoder's limits; BackendUnavailable until `start()` has finished."""
+        config = self.config
+        return dataclasses.replace(
+            self._info(),
+            max_batch_images=config.max_images_per_call,
+            max_image_bytes=config.max_image_bytes,
+            max_image_pixels=pixel_limit(config.max_image_pixels),
+            max_request_bytes=config.max_message_bytes,
+        )
 
 
-def _left(deadline_s: float | None, since: float) -> float | None:
-    """What remains of a deadline given at `since` (time.monotonic)."""
-    return None if deadline_s is None else deadline_s - (time.monotonic() - since)
+def _failed(error: ImageError) -> ProductResult:
+    """The result of an image that failed alone: the gRPC status name of its error, and its message."""
+    return ProductResult(code=status_code(error).name, message=str(error))
+
+
+def _left(remaining_s: float | None, since: float) -> float | None:
+    """What remains at this moment of `remaining_s` seconds counted from `since` (time.monotonic)."""
+    return None if remaining_s is None else remaining_s - (time.monotonic() - since)

@@ -105,9 +105,9 @@ class MicroBatcher:
     def running(self) -> bool:
         return any(not t.done() for t in self._tasks) and not self._closed
 
-    async def submit(self, images: np.ndarray, deadline_s: float | None = None) -> tuple[np.ndarray, ...]:
+    async def submit(self, images: np.ndarray, remaining_s: float | None = None) -> tuple[np.ndarray, ...]:
         """The forward outputs for `images` [n, ...] (n >= 1), each [n, ...]. Requests larger than
-        `max_batch` are split into several queue entries (and possibly several passes). `deadline_s`: the
+        `max_batch` are split into several queue entries (and possibly several passes). `remaining_s`: the
         seconds the caller still waits (None: no deadline)."""
         n = len(images)
         if n < 1:
@@ -121,14 +121,14 @@ class MicroBatcher:
                 f"the {self.name} encoder is overloaded: {self.pending_images} images are waiting and "
                 f"{n} more would pass the limit of {self.max_queue}; retry later"
             )
-        if deadline_s is not None and self.images_per_s:
+        if remaining_s is not None and self.images_per_s:
             expected = (self.pending_images + n) / self.images_per_s
-            if expected > deadline_s:
+            if expected > remaining_s:
                 if self._rejected is not None:
                     self._rejected.inc(n)
                 raise Overloaded(
                     f"the {self.name} encoder cannot finish {n} images within the call's deadline "
-                    f"({deadline_s:.2f} s): {self.pending_images} images are queued ahead and it encodes "
+                    f"({remaining_s:.2f} s): {self.pending_images} images are queued ahead and it encodes "
                     f"about {self.images_per_s:.0f} images/s (~{expected:.2f} s); retry later or with a "
                     "longer deadline"
                 )
@@ -171,7 +171,7 @@ class MicroBatcher:
             first = self._take()
         batch.append(first)
         size = len(first.images)
-        deadline = first.arrived + self.max_wait_s
+        gather_until = first.arrived + self.max_wait_s  # loop time: the batch waits no longer for more
         while size < self.max_batch:
             self._drop_abandoned()
             if self._queue:
@@ -181,12 +181,12 @@ class MicroBatcher:
                 batch.append(request)
                 size += len(request.images)
                 continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            wait_s = gather_until - loop.time()
+            if wait_s <= 0:
                 break
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._arrived.wait(), wait_s)
             except asyncio.TimeoutError:
                 break
 

@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encoder_service import MicroBatcher
+from encoder_service.batcher import MicroBatcher
 
 
 class Backend:

@@ -31,19 +31,13 @@ from PIL import Image
 import encoder_service.decode as decode_module
 from ctl.tensors import product_from_proto, scene_from_proto
 from ctl.v1 import encoder_pb2
-from encoder_service import (
-    SERVICE_NAME,
-    BackendUnavailable,
-    ConfigError,
-    EncoderConfig,
-    ImageError,
-    ImageTooLarge,
-    MicroBatcher,
-    Overloaded,
-    decode_image,
-    from_args,
-)
+from encoder_service.batcher import MicroBatcher
 from encoder_service.cli import add_parser, main
+from encoder_service.config import EncoderConfig, from_args
+from encoder_service.decode import decode_image
+from encoder_service.errors import BackendUnavailable, ConfigError, ImageError, ImageTooLarge, Overloaded
+from encoder_service.service import SERVICE_NAME
+from style_model.contract import PRODUCT_ENCODER, SCENE_ENCODER, model_file
 from style_model.data.images import PAD_COLOUR, load_image
 from style_model.export import load_encoder
 from tests.servers import Encoder
@@ -269,7 +263,7 @@ def test_batcher_refuses_at_once_what_cannot_finish_before_the_deadline():
 
         batcher = MicroBatcher("t", forward, max_batch=1, max_wait_s=0.0, max_queue=64)
         batcher.start()
-        await batcher.submit(np.ones((1, 1)), deadline_s=5.0)  # measures the rate
+        await batcher.submit(np.ones((1, 1)), remaining_s=5.0)  # measures the rate
         rate = batcher.images_per_s
         assert rate is not None
         gate.clear()
@@ -277,7 +271,7 @@ def test_batcher_refuses_at_once_what_cannot_finish_before_the_deadline():
         await _turns()
         assert batcher.pending_images == 4  # one in a pass held at the gate, four waiting
         needs = (4 + 1) / rate  # seconds for the queue and one more image at that rate
-        refused = asyncio.create_task(batcher.submit(np.ones((1, 1)), deadline_s=needs / 2))
+        refused = asyncio.create_task(batcher.submit(np.ones((1, 1)), remaining_s=needs / 2))
         await _turns()
         assert refused.done()
         with pytest.raises(
@@ -285,7 +279,7 @@ def test_batcher_refuses_at_once_what_cannot_finish_before_the_deadline():
             match=r"cannot finish 1 images within the call's deadline .*: 4 images are queued ahead",
         ):
             refused.result()
-        late = asyncio.create_task(batcher.submit(np.full((1, 1), 3.0), deadline_s=needs * 2))
+        late = asyncio.create_task(batcher.submit(np.full((1, 1), 3.0), remaining_s=needs * 2))
         await _turns()
         assert not late.done() and batcher.pending_images == 5  # accepted: waits its turn
         gate.set()
@@ -351,7 +345,7 @@ def test_config_errors_name_the_setting():
 def test_cli_fails_cleanly_without_a_model(tmp_path, caplog):
     args = _cli(["--model-repo", str(tmp_path), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"])
     assert main(args) == 1
-    assert "no exported scene_encoder" in caplog.text
+    assert f"no exported {SCENE_ENCODER}" in caplog.text
 
 
 # ---------------------------------------------------------------- servers on loopback
@@ -391,8 +385,8 @@ def start_encoder(loop, exported_repo) -> Iterator[Callable[..., Encoder]]:
 @pytest.fixture(scope="module")
 def modules(exported_repo) -> dict[str, Any]:
     """The exported TorchScript encoders, loaded directly (the reference for the served embeddings)."""
-    scene, meta = load_encoder(exported_repo / "scene_encoder" / "1" / "model.pt")
-    product, _ = load_encoder(exported_repo / "product_encoder" / "1" / "model.pt")
+    scene, meta = load_encoder(model_file(exported_repo, SCENE_ENCODER))
+    product, _ = load_encoder(model_file(exported_repo, PRODUCT_ENCODER))
     return {"scene": scene, "product": product, "version": meta["model_version"]}
 
 

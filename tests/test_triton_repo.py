@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from style_model.config import ModelConfig
+from style_model.contract import ENCODERS, config_file, model_file
 from style_model.export import model_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,12 +46,13 @@ OPERATORS = {
 MAX_FILE_FORMAT = 6  # libtorch 2.x reads formats up to 10; TorchScript writers have produced 4-6 for years
 
 
-def test_committed_configs_are_the_generators():
-    for name, text in model_configs(PAPER, PLACEHOLDER_VERSION).items():
-        committed = (REPO / "triton_repo" / name / "config.pbtxt").read_text()
-        assert committed == text, (
-            f"triton_repo/{name}/config.pbtxt differs from style_model.export.model_configs"
-        )
+def test_committed_configs_are_the_contracts():
+    """Triton reads the committed files; they are what `style_model.contract` renders for the paper preset."""
+    configs = model_configs(PAPER, PLACEHOLDER_VERSION)
+    assert sorted(configs) == sorted(ENCODERS)
+    for name, text in configs.items():
+        committed = config_file(REPO / "triton_repo", name).read_text()
+        assert committed == text, f"triton_repo/{name}/config.pbtxt differs from the contract's config_pbtxt"
 
 
 def _operators(module: torch.jit.ScriptModule) -> set[str]:
@@ -67,8 +69,8 @@ def _operators(module: torch.jit.ScriptModule) -> set[str]:
 
 
 def test_exported_files_use_an_old_format_and_known_operators(exported_repo):
-    for name in ("scene_encoder", "product_encoder"):
-        path = exported_repo / name / "1" / "model.pt"
+    for name in ENCODERS:
+        path = model_file(exported_repo, name)
         with zipfile.ZipFile(path) as archive:
             (version_file,) = [n for n in archive.namelist() if n.endswith("/version") and n.count("/") == 1]
             assert int(archive.read(version_file)) <= MAX_FILE_FORMAT

@@ -6,11 +6,9 @@ deployment needs no torch and the in-process one needs no tritonclient.
 
 from __future__ import annotations
 
-from encoder_service.backends.base import EncoderBackend, ModelInfoData
+from encoder_service.backends.base import EncoderBackend
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import BackendUnavailable, ConfigError
-
-__all__ = ["EncoderBackend", "ModelInfoData", "make_backend"]
 
 
 def make_backend(config: EncoderConfig) -> EncoderBackend:

@@ -1,33 +1,20 @@
 """The one small async interface every model backend implements (in-process TorchScript, Triton).
 
 Backends take uint8 images [B, S, S, 3] already decoded and letterboxed, and return float32 arrays with
-the batch first, in request order (DESIGN.md §2, tensor contract). They never block the event loop.
+the batch first, in request order (the tensor contract: `style_model.contract`). They never block the
+event loop. What a backend serves is a `ctl.encoding.ModelInfo` (its limits left at 0: the service's).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from ctl.encoding import ModelInfo
 from encoder_service.errors import BackendUnavailable
-
-
-@dataclass(frozen=True)
-class ModelInfoData:
-    """What the backend serves; known once `start()` has returned."""
-
-    model_version: str
-    input_size: int
-    grid: int
-    regions: int
-    embedding_dim: int
-    backend: str
-    model_config: dict[str, Any] = field(default_factory=dict)
-
+from style_model import contract
 
 SceneOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
 ProductOutputs = tuple[np.ndarray, np.ndarray]
@@ -44,7 +31,7 @@ class EncoderBackend(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def info(self) -> ModelInfoData:
+    def info(self) -> ModelInfo:
         """The served model; raises BackendUnavailable before `start()`, and ModelChanged while the model
         behind the backend is not the one `start()` found (its version labels every vector: a backend never
         adopts another model while it runs)."""
@@ -67,26 +54,33 @@ class EncoderBackend(abc.ABC):
         """Release the model or the connection; idempotent."""
 
 
-def check_images(images: np.ndarray, size: int) -> np.ndarray:
-    """The batch as the encoders take it: C-contiguous uint8 [B, size, size, 3], B >= 1."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3) or not len(images):
+def encoder_specs(info: ModelInfo) -> dict[str, contract.EncoderSpec]:
+    """The tensors of both encoders of the served model, by model name."""
+    return contract.encoders(info.input_size, info.regions, info.embedding_dim)
+
+
+def check_images(images: np.ndarray, input_size: int) -> np.ndarray:
+    """The batch as the encoders take it: C-contiguous uint8 [B, S, S, 3], B >= 1."""
+    dims = contract.input_dims(input_size)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != dims or not len(images):
         raise ValueError(
-            f"expected uint8 [B, {size}, {size}, 3] with B >= 1, got {images.dtype} {images.shape}"
+            f"expected uint8 [B, {', '.join(map(str, dims))}] with B >= 1, got {images.dtype} {images.shape}"
         )
     return np.ascontiguousarray(images)
 
 
 def check_outputs(
-    outputs: tuple[np.ndarray, ...], shapes: tuple[tuple[int, ...], ...], batch: int, where: str
+    outputs: tuple[np.ndarray, ...], spec: contract.EncoderSpec, batch: int, where: str
 ) -> tuple[np.ndarray, ...]:
-    """float32 outputs of the expected shapes; a mismatch means the backend serves another model."""
-    if len(outputs) != len(shapes):
-        raise BackendUnavailable(f"{where}: answered {len(outputs)} outputs, expected {len(shapes)}")
+    """float32 outputs of the shapes `spec` names; a mismatch means the backend serves another model."""
+    if len(outputs) != len(spec.outputs):
+        raise BackendUnavailable(f"{where}: answered {len(outputs)} outputs, expected {len(spec.outputs)}")
     checked = []
-    for i, (array, shape) in enumerate(zip(outputs, shapes)):
-        if array is None or tuple(array.shape) != (batch, *shape):
+    for array, tensor in zip(outputs, spec.outputs):
+        expected = [batch, *tensor.dims]
+        if array is None or list(array.shape) != expected:
             got = None if array is None else list(array.shape)
-            raise BackendUnavailable(f"{where}: OUTPUT__{i} has shape {got}, expected {[batch, *shape]}")
+            raise BackendUnavailable(f"{where}: {tensor.name} has shape {got}, expected {expected}")
         checked.append(np.ascontiguousarray(array, dtype=np.float32))
     return tuple(checked)
 

@@ -1,7 +1,7 @@
 """The in-process backend: the exported TorchScript encoders, run on the CPU in a worker thread.
 
-It loads the same `model.pt` files Triton would (REPO/{scene,product}_encoder/1/model.pt), so both
-backends give the same embeddings. Forward passes run under `torch.inference_mode` in `asyncio.to_thread`:
+It loads the same files Triton would (`style_model.contract.model_file`), so both backends give the same
+embeddings. Forward passes run under `torch.inference_mode` in `asyncio.to_thread`:
 the event loop keeps answering while the model computes.
 """
 
@@ -15,25 +15,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctl.encoding import ModelInfo
 from encoder_service.backends.base import (
     EncoderBackend,
-    ModelInfoData,
     ProductOutputs,
     SceneOutputs,
     check_images,
     check_outputs,
+    encoder_specs,
     in_chunks,
 )
 from encoder_service.errors import BackendUnavailable
-from style_model.export import MAX_BATCH_SIZE, load_encoder
+from style_model.contract import MAX_BATCH_SIZE, PRODUCT_ENCODER, SCENE_ENCODER, model_file
+from style_model.export import load_encoder
 
 log = logging.getLogger(__name__)
-
-SCENE, PRODUCT = "scene_encoder", "product_encoder"
-
-
-def model_file(repo: Path, model: str) -> Path:
-    return Path(repo) / model / "1" / "model.pt"
 
 
 class TorchScriptBackend(EncoderBackend):
@@ -47,13 +43,13 @@ class TorchScriptBackend(EncoderBackend):
         self.max_batch = max_batch
         self._scene: torch.jit.ScriptModule | None = None
         self._product: torch.jit.ScriptModule | None = None
-        self._info: ModelInfoData | None = None
+        self._info: ModelInfo | None = None
 
     async def start(self) -> None:
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
         loaded = {}
-        for model in (SCENE, PRODUCT):
+        for model in (SCENE_ENCODER, PRODUCT_ENCODER):
             path = model_file(self.repo, model)
             if not path.is_file():
                 raise BackendUnavailable(
@@ -63,13 +59,15 @@ class TorchScriptBackend(EncoderBackend):
                 loaded[model] = await asyncio.to_thread(load_encoder, path)
             except Exception as exc:  # torch.jit.load raises RuntimeError for damaged files
                 raise BackendUnavailable(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
-        (scene, scene_meta), (product, product_meta) = loaded[SCENE], loaded[PRODUCT]
+        (scene, scene_meta), (product, product_meta) = loaded[SCENE_ENCODER], loaded[PRODUCT_ENCODER]
         if not scene_meta["model_version"]:
-            raise BackendUnavailable(f"{model_file(self.repo, SCENE)} carries no model version; re-export it")
+            raise BackendUnavailable(
+                f"{model_file(self.repo, SCENE_ENCODER)} carries no model version; re-export it"
+            )
         if scene_meta["model_version"] != product_meta["model_version"]:
             raise BackendUnavailable(
-                f"{self.repo}: {SCENE} is model version {scene_meta['model_version']!r} but {PRODUCT} is "
-                f"{product_meta['model_version']!r}; export both from the same run"
+                f"{self.repo}: {SCENE_ENCODER} is model version {scene_meta['model_version']!r} but "
+                f"{PRODUCT_ENCODER} is {product_meta['model_version']!r}; export both from the same run"
             )
         self._info = _info_from_config(scene_meta["model_version"], scene_meta["config"], self.name)
         self._scene, self._product = scene, product
@@ -84,36 +82,30 @@ class TorchScriptBackend(EncoderBackend):
         )
 
     @property
-    def info(self) -> ModelInfoData:
+    def info(self) -> ModelInfo:
         if self._info is None:
             raise BackendUnavailable("the TorchScript encoders are not loaded")
         return self._info
 
     async def encode_scenes(self, images: np.ndarray) -> SceneOutputs:
-        info = self.info
-        images = check_images(images, info.input_size)
-        r, d = info.regions, info.embedding_dim
-        shapes = ((d,), (r, d), (r, d))
-
-        async def forward(chunk: np.ndarray) -> tuple[np.ndarray, ...]:
-            outputs = await asyncio.to_thread(_run, self._module(SCENE), chunk)
-            return check_outputs(outputs, shapes, len(chunk), SCENE)
-
-        return await in_chunks(images, self.max_batch, forward)  # type: ignore[return-value]
+        return await self._encode(SCENE_ENCODER, images)  # type: ignore[return-value]
 
     async def encode_products(self, images: np.ndarray) -> ProductOutputs:
+        return await self._encode(PRODUCT_ENCODER, images)  # type: ignore[return-value]
+
+    async def _encode(self, model: str, images: np.ndarray) -> tuple[np.ndarray, ...]:
         info = self.info
         images = check_images(images, info.input_size)
-        d = info.embedding_dim
+        spec = encoder_specs(info)[model]
 
         async def forward(chunk: np.ndarray) -> tuple[np.ndarray, ...]:
-            outputs = await asyncio.to_thread(_run, self._module(PRODUCT), chunk)
-            return check_outputs(outputs, ((d,), (d,)), len(chunk), PRODUCT)
+            outputs = await asyncio.to_thread(_run, self._module(model), chunk)
+            return check_outputs(outputs, spec, len(chunk), model)
 
-        return await in_chunks(images, self.max_batch, forward)  # type: ignore[return-value]
+        return await in_chunks(images, self.max_batch, forward)
 
     def _module(self, model: str) -> torch.jit.ScriptModule:
-        module = self._scene if model == SCENE else self._product
+        module = self._scene if model == SCENE_ENCODER else self._product
         if module is None:
             raise BackendUnavailable("the TorchScript encoders are not loaded (or were closed)")
         return module
@@ -134,10 +126,10 @@ def _run(module: torch.jit.ScriptModule, images: np.ndarray) -> tuple[np.ndarray
     return tuple(t.numpy() for t in outputs)
 
 
-def _info_from_config(version: str, config: dict[str, Any], backend: str) -> ModelInfoData:
+def _info_from_config(version: str, config: dict[str, Any], backend: str) -> ModelInfo:
     try:
         grid = int(config["grid"])
-        return ModelInfoData(
+        return ModelInfo(
             model_version=version,
             input_size=int(config["input_size"]),
             grid=grid,

@@ -1,11 +1,10 @@
 """The Triton backend: the same exported encoders, served by a Triton Inference Server (GPU) over gRPC.
 
-The contract is the model config `ctl export` writes (DESIGN.md §2): `pytorch_libtorch` models
-"scene_encoder" and "product_encoder", `INPUT__0` UINT8 [S, S, 3] -> `OUTPUT__0..` FP32, batch first, and
-the model version in the config's `parameters`. Input size, regions and embedding size are read from that
-config, so the service needs no local copy of the model. One `tritonclient.grpc.aio` client per backend
-(one backend per process), reused, with `client_timeout` on every call; tritonclient's errors become
-BackendUnavailable with the cause kept.
+The contract is the model config `ctl export` writes (`style_model.contract`, DESIGN.md §2): the two
+encoders' tensors, batch first, and the model version in the config's `parameters`. Input size, regions
+and embedding size are read from that config, so the service needs no local copy of the model. One
+`tritonclient.grpc.aio` client per backend (one backend per process), reused, with `client_timeout` on
+every call; tritonclient's errors become BackendUnavailable with the cause kept.
 
 The model can change under a running encoder: Triton restarted or reloaded with another repository. The
 version read at start is what this process labels its vectors with (and what GetModelInfo told the
@@ -33,23 +32,22 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ctl.encoding import ModelInfo
 from encoder_service.backends.base import (
     EncoderBackend,
-    ModelInfoData,
     ProductOutputs,
     SceneOutputs,
     check_images,
     check_outputs,
+    encoder_specs,
     in_chunks,
 )
 from encoder_service.errors import BackendUnavailable, ModelChanged
+from style_model import contract
 
 log = logging.getLogger(__name__)
 
-SCENE, PRODUCT = "scene_encoder", "product_encoder"
-INPUT = "INPUT__0"
-SCENE_OUTPUTS = ("OUTPUT__0", "OUTPUT__1", "OUTPUT__2")
-PRODUCT_OUTPUTS = ("OUTPUT__0", "OUTPUT__1")
+SCENE, PRODUCT = contract.SCENE_ENCODER, contract.PRODUCT_ENCODER
 
 
 class TritonBackend(EncoderBackend):
@@ -65,7 +63,7 @@ class TritonBackend(EncoderBackend):
         self.timeout_s = timeout_s
         self.model_repo = Path(model_repo) if model_repo is not None else None
         self._client: Any = None
-        self._info: ModelInfoData | None = None
+        self._info: ModelInfo | None = None
         self._max_batch = 0
         self._contracts: dict[str, tuple] = {}  # per model: what its config promised at start
         self._changed = ""  # why the backend refuses (the model changed under it), or ""
@@ -123,7 +121,7 @@ class TritonBackend(EncoderBackend):
         """ModelChanged (remembered: every call refuses) unless `config` is the one `model` had at start."""
         if self._info is None or _contract(config) == self._contracts[model]:
             return
-        old, new = self._info.model_version, _parameter(config, "model_version")
+        old, new = self._info.model_version, _parameter(config, contract.VERSION_PARAMETER)
         if new != old:
             what = f"model version {new!r}" if new else "a model without a model_version parameter"
         else:
@@ -154,9 +152,11 @@ class TritonBackend(EncoderBackend):
             del self._next_check[model]  # sent from now on: later batches need the next read
         self._check_served(model, await self._config(model))
 
-    def _read_configs(self, scene: Any, product: Any) -> tuple[ModelInfoData, int]:
-        """ModelInfoData and the max batch from the two model configs (model_config_pb2.ModelConfig)."""
-        versions = {m: _parameter(c, "model_version") for m, c in ((SCENE, scene), (PRODUCT, product))}
+    def _read_configs(self, scene: Any, product: Any) -> tuple[ModelInfo, int]:
+        """ModelInfo and the max batch from the two model configs (model_config_pb2.ModelConfig)."""
+        versions = {
+            m: _parameter(c, contract.VERSION_PARAMETER) for m, c in ((SCENE, scene), (PRODUCT, product))
+        }
         if not versions[SCENE] or versions[SCENE] != versions[PRODUCT]:
             raise BackendUnavailable(
                 f"Triton at {self.url}: model versions {versions} (config parameter model_version) are "
@@ -167,38 +167,41 @@ class TritonBackend(EncoderBackend):
             raise BackendUnavailable(
                 f"Triton at {self.url}: {SCENE} and {PRODUCT} take different input sizes"
             )
-        outputs = _output_dims(scene, SCENE, SCENE_OUTPUTS)
-        product_dims = _output_dims(product, PRODUCT, PRODUCT_OUTPUTS)
-        dim = outputs["OUTPUT__0"][0] if len(outputs["OUTPUT__0"]) == 1 else 0
-        regions = outputs["OUTPUT__1"][0] if len(outputs["OUTPUT__1"]) == 2 else 0
+        outputs = _output_dims(scene, SCENE, contract.SCENE_OUTPUTS)
+        product_outputs = _output_dims(product, PRODUCT, contract.PRODUCT_OUTPUTS)
+        # the scene's global embedding gives D, its local embeddings R: the rest must follow from them
+        global_dims, local_dims = outputs[contract.SCENE_OUTPUTS[0]], outputs[contract.SCENE_OUTPUTS[1]]
+        embedding_dim = global_dims[0] if len(global_dims) == 1 else 0
+        regions = local_dims[0] if len(local_dims) == 2 else 0
         grid = math.isqrt(regions)
-        expected = {"OUTPUT__0": [dim], "OUTPUT__1": [regions, dim], "OUTPUT__2": [regions, dim]}
-        if not dim or grid * grid != regions or outputs != expected:
+        specs = contract.encoders(size, regions, embedding_dim)
+        expected = {t.name: list(t.dims) for t in specs[SCENE].outputs}
+        if not embedding_dim or grid * grid != regions or outputs != expected:
             raise BackendUnavailable(
                 f"Triton at {self.url}: {SCENE} outputs {outputs} do not match {expected}"
             )
-        if product_dims != {"OUTPUT__0": [dim], "OUTPUT__1": [dim]}:
+        if product_outputs != {t.name: list(t.dims) for t in specs[PRODUCT].outputs}:
             raise BackendUnavailable(
-                f"Triton at {self.url}: {PRODUCT} outputs {product_dims} are not [{dim}]"
+                f"Triton at {self.url}: {PRODUCT} outputs {product_outputs} are not [{embedding_dim}]"
             )
         max_batch = min(int(scene.max_batch_size), int(product.max_batch_size))
         if max_batch < 1:
             raise BackendUnavailable(f"Triton at {self.url}: the encoders need max_batch_size > 0 (batching)")
-        config = _parameter(scene, "model_config")
+        config = _parameter(scene, contract.CONFIG_PARAMETER)
         model_config = json.loads(config) if config else self._local_model_config(versions[SCENE])
-        info = ModelInfoData(
+        info = ModelInfo(
             model_version=versions[SCENE],
             input_size=size,
             grid=grid,
             regions=regions,
-            embedding_dim=dim,
+            embedding_dim=embedding_dim,
             backend=self.name,
             model_config=model_config,
         )
         return info, max_batch
 
     def _local_model_config(self, version: str) -> dict[str, Any]:
-        path = self.model_repo / "model_info.json" if self.model_repo is not None else None
+        path = self.model_repo / contract.MODEL_INFO_FILE if self.model_repo is not None else None
         if path is None or not path.is_file():
             return {}
         try:
@@ -214,7 +217,7 @@ class TritonBackend(EncoderBackend):
         return dict(summary.get("config") or {})
 
     @property
-    def info(self) -> ModelInfoData:
+    def info(self) -> ModelInfo:
         """The model served since start; ModelChanged while Triton serves another one."""
         if self._info is None:
             raise BackendUnavailable(f"Triton at {self.url}: not connected yet")
@@ -222,46 +225,39 @@ class TritonBackend(EncoderBackend):
             raise ModelChanged(self._changed)
         return self._info
 
-    async def _infer(
-        self, model: str, outputs: tuple[str, ...], images: np.ndarray
-    ) -> tuple[np.ndarray, ...]:
+    async def _infer(self, spec: contract.EncoderSpec, images: np.ndarray) -> tuple[np.ndarray, ...]:
         from tritonclient.grpc import InferInput, InferRequestedOutput
 
         if self._client is None:
             raise BackendUnavailable(f"Triton at {self.url}: the client is closed")
-        with self._errors(f"infer {model}"):
-            tensor = InferInput(INPUT, list(images.shape), "UINT8")
+        with self._errors(f"infer {spec.name}"):
+            tensor = InferInput(spec.input.name, list(images.shape), spec.input.dtype)
             tensor.set_data_from_numpy(images)
             result = await self._client.infer(
-                model,
+                spec.name,
                 [tensor],
-                outputs=[InferRequestedOutput(name) for name in outputs],
+                outputs=[InferRequestedOutput(t.name) for t in spec.outputs],
                 client_timeout=self.timeout_s,
             )
-        await self._confirm(model)  # the answer is the started model's, not a newly loaded one's
-        return tuple(result.as_numpy(name) for name in outputs)
+        await self._confirm(spec.name)  # the answer is the started model's, not a newly loaded one's
+        return tuple(result.as_numpy(t.name) for t in spec.outputs)
 
     async def encode_scenes(self, images: np.ndarray) -> SceneOutputs:
-        info = self.info
-        images = check_images(images, info.input_size)
-        r, d = info.regions, info.embedding_dim
-
-        async def forward(chunk: np.ndarray) -> tuple[np.ndarray, ...]:
-            arrays = await self._infer(SCENE, SCENE_OUTPUTS, chunk)
-            return check_outputs(arrays, ((d,), (r, d), (r, d)), len(chunk), f"Triton {SCENE}")
-
-        return await in_chunks(images, self._max_batch, forward)  # type: ignore[return-value]
+        return await self._encode(SCENE, images)  # type: ignore[return-value]
 
     async def encode_products(self, images: np.ndarray) -> ProductOutputs:
+        return await self._encode(PRODUCT, images)  # type: ignore[return-value]
+
+    async def _encode(self, model: str, images: np.ndarray) -> tuple[np.ndarray, ...]:
         info = self.info
         images = check_images(images, info.input_size)
-        d = info.embedding_dim
+        spec = encoder_specs(info)[model]
 
         async def forward(chunk: np.ndarray) -> tuple[np.ndarray, ...]:
-            arrays = await self._infer(PRODUCT, PRODUCT_OUTPUTS, chunk)
-            return check_outputs(arrays, ((d,), (d,)), len(chunk), f"Triton {PRODUCT}")
+            arrays = await self._infer(spec, chunk)
+            return check_outputs(arrays, spec, len(chunk), f"Triton {model}")
 
-        return await in_chunks(images, self._max_batch, forward)  # type: ignore[return-value]
+        return await in_chunks(images, self._max_batch, forward)
 
     async def ready(self) -> bool:
         """Both models ready, and still the ones this process started with (configs read again)."""
@@ -302,7 +298,7 @@ def _contract(config: Any) -> tuple:
     """What a model config promises the encoder: model version, tensors and max batch (not instances,
     batching delays or other tuning, which may change under the same model)."""
     return (
-        _parameter(config, "model_version"),
+        _parameter(config, contract.VERSION_PARAMETER),
         tuple((t.name, t.data_type, tuple(t.dims)) for t in config.input),
         tuple((t.name, t.data_type, tuple(t.dims)) for t in config.output),
         int(config.max_batch_size),
@@ -313,28 +309,33 @@ def _parameter(config: Any, key: str) -> str:
     return config.parameters[key].string_value if key in config.parameters else ""
 
 
-def _input_size(config: Any, model: str) -> int:
+def _data_type(dtype: str) -> int:
+    """The model_config_pb2.DataType value of a contract dtype ("UINT8")."""
     from tritonclient.grpc import model_config_pb2
 
+    return model_config_pb2.DataType.Value(contract.triton_type(dtype))
+
+
+def _input_size(config: Any, model: str) -> int:
+    name, dtype = contract.INPUT, contract.INPUT_DTYPE
     inputs = {i.name: i for i in config.input}
-    spec = inputs.get(INPUT)
+    spec = inputs.get(name)
     dims = list(spec.dims) if spec is not None else []
-    if spec is None or spec.data_type != model_config_pb2.TYPE_UINT8 or len(dims) != 3 or dims[2] != 3:
+    if spec is None or spec.data_type != _data_type(dtype) or len(dims) != 3 or dims[2] != 3:
         raise BackendUnavailable(
-            f"Triton {model}: expected input {INPUT} UINT8 [S, S, 3], got {list(inputs)}"
+            f"Triton {model}: expected input {name} {dtype} [S, S, 3], got {list(inputs)}"
         )
     if dims[0] != dims[1] or dims[0] < 1:
-        raise BackendUnavailable(f"Triton {model}: input {INPUT} dims {dims} are not a square image")
+        raise BackendUnavailable(f"Triton {model}: input {name} dims {dims} are not a square image")
     return int(dims[0])
 
 
 def _output_dims(config: Any, model: str, names: tuple[str, ...]) -> dict[str, list[int]]:
-    from tritonclient.grpc import model_config_pb2
-
+    dtype = contract.OUTPUT_DTYPE
     found = {o.name: o for o in config.output}
-    missing = [n for n in names if n not in found or found[n].data_type != model_config_pb2.TYPE_FP32]
+    missing = [n for n in names if n not in found or found[n].data_type != _data_type(dtype)]
     if missing:
         raise BackendUnavailable(
-            f"Triton {model}: expected FP32 outputs {list(names)}, missing or not FP32 {missing}"
+            f"Triton {model}: expected {dtype} outputs {list(names)}, missing or not {dtype} {missing}"
         )
     return {n: [int(d) for d in found[n].dims] for n in names}
