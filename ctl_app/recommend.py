@@ -10,21 +10,26 @@ from ctl.terminal import printable
 from ctl.v1 import ranker_pb2
 from ctl_app.ingest.catalog import ImageFileError, read_catalog, read_image
 from ctl_app.report import SceneSection, ShownProduct
+from ranker_service.retrieval import RetrievalMode
+from ranker_service.service import mode_from_proto, mode_to_proto
 
 log = logging.getLogger(__name__)
 
-MODES = {
-    "pooled": ranker_pb2.RETRIEVAL_MODE_POOLED,
-    "exhaustive": ranker_pb2.RETRIEVAL_MODE_EXHAUSTIVE,
-    "certify": ranker_pb2.RETRIEVAL_MODE_CERTIFY,
-}
-
 
 def request(
-    scene: bytes, categories: list[str], limit: int = 10, explain: bool = False, mode: str = "pooled"
+    scene: bytes,
+    categories: list[str],
+    limit: int = 10,
+    explain: bool = False,
+    mode: str = RetrievalMode.POOLED.value,
 ) -> ranker_pb2.RecommendRequest:
+    """`mode`: a RetrievalMode's value (`ctl recommend --mode`)."""
     return ranker_pb2.RecommendRequest(
-        scene_image=scene, categories=categories, limit=limit, explain=explain, mode=MODES[mode]
+        scene_image=scene,
+        categories=categories,
+        limit=limit,
+        explain=explain,
+        mode=mode_to_proto(RetrievalMode(mode)),
     )
 
 
@@ -33,7 +38,7 @@ def format_table(reply: ranker_pb2.RecommendResponse, explain: bool) -> str:
     categories and the model version are the catalog's data: their control characters are escaped."""
     out = [f"model {printable(reply.model_version)}"]
     for result in reply.results:
-        mode = ranker_pb2.RetrievalMode.Name(result.mode).removeprefix("RETRIEVAL_MODE_").lower()
+        mode = mode_from_proto(result.mode).value
         out.append(
             f"\n{printable(result.category)}: {len(result.products)} of {result.category_size} products "
             f"({mode}, {result.candidates_scored} scored{', certified exact' if result.certified else ''})"

@@ -1,4 +1,11 @@
-"""Errors of the ranker service: one base class, a shallow tree; servicers map them to gRPC statuses."""
+"""Errors of the ranker service: one base class, a shallow tree, and the table that maps them to gRPC
+status codes (applied by `ctl.serving.error_mapper`)."""
+
+from __future__ import annotations
+
+import grpc
+
+from ctl.tensors import TensorError
 
 
 class RankerError(Exception):
@@ -55,3 +62,17 @@ class DeadlineExceeded(RankerError):
 
 class TooManyStreams(RankerError):
     """max_upsert_streams UpsertProducts streams are open already: RESOURCE_EXHAUSTED (retry later)."""
+
+
+ERROR_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
+    VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownCategory: grpc.StatusCode.NOT_FOUND,
+    EncoderUnavailable: grpc.StatusCode.UNAVAILABLE,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    StoreError: grpc.StatusCode.UNAVAILABLE,
+    StreamTooLong: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}

@@ -34,25 +34,42 @@ from ranker_service.store import Hits, ProductPoint, ProductStore, Query
 log = logging.getLogger(__name__)
 
 SCROLL_PAGE = 2048
+DEFAULT_LIMIT = 10  # products per category when the caller does not say
 HITS_PER_CALL = 8192  # certify's queries per store call: at most this many hits (vectors copied) a call
 MEAN_KEY_SAMPLE = 2048
 
 
-class Mode(Enum):
+class RetrievalMode(Enum):
+    """How candidates are found before the exact rerank; the values are the names callers use (`ctl
+    recommend --mode`). The one list of modes: the API's enum is mapped to it by name (service.py)."""
+
     POOLED = "pooled"
     EXHAUSTIVE = "exhaustive"
     CERTIFY = "certify"
 
 
+Mode = RetrievalMode  # the old name, still used by bench/ (not yet moved over): use RetrievalMode
+
+
 @dataclass(frozen=True)
 class Ask:
-    """What to rank for one category."""
+    """What to rank for one category. A new ranking option is a field here (and its effect in this module):
+    the app passes Asks through as they are."""
 
     query: Query
-    limit: int
-    mode: Mode = Mode.POOLED
+    limit: int = DEFAULT_LIMIT
+    mode: RetrievalMode = RetrievalMode.POOLED
     pool: int = 0  # 0: max(100, 20 × limit)
     deadline: float | None = None  # time.monotonic() after which the caller has given up
+
+
+@dataclass(frozen=True)
+class SceneQuery:
+    """One Recommend call: a scene, and one Ask per category (in the order answered). The scene is an
+    encoded image (the ranker has it encoded) or embeddings of the serving model, unit length."""
+
+    scene: bytes | Scene
+    asks: tuple[Ask, ...]
 
 
 async def _step(ask: Ask) -> None:
@@ -77,8 +94,17 @@ class Result:
     candidates_scored: int
     category_size: int
     certified: bool
-    mode: Mode
+    mode: RetrievalMode
     rounds: int = 1
+
+
+@dataclass
+class Recommendations:
+    """A Recommend call's answer: one Result per Ask, in order, and the model that ranked them."""
+
+    results: list[Result]
+    model_version: str
+    grid: int  # the scene's region grid (attention weights are grid × grid)
 
 
 @dataclass
@@ -166,9 +192,9 @@ class Retriever:
             known = sorted(await self.store.counts_by_category())
             shown = ", ".join(known[:20]) + (" …" if len(known) > 20 else "")
             raise UnknownCategory(f"no products in category {category!r}; the catalog has: {shown or 'none'}")
-        if ask.mode is Mode.EXHAUSTIVE:
+        if ask.mode is RetrievalMode.EXHAUSTIVE:
             return await self._exhaustive(scene, ask)
-        if ask.mode is Mode.CERTIFY:
+        if ask.mode is RetrievalMode.CERTIFY:
             return await self._certify(scene, ask, size)
         pool = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         q = pooled_query(scene, await self.mean_key(category))

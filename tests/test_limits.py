@@ -24,10 +24,11 @@ from PIL import Image
 from ctl.serving import Metrics
 from ctl.tensors import Scene, product_to_proto, scene_to_proto
 from ctl.v1 import ranker_pb2
+from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
-from ranker_service.errors import DeadlineExceeded, InvalidRequest, TooManyStreams
-from ranker_service.service import ERROR_CODES, RankerApp
+from ranker_service.errors import ERROR_CODES, DeadlineExceeded, InvalidRequest, TooManyStreams
+from ranker_service.service import RankerServicer
 from ranker_service.store import open_edge_store
 from tests.servers import Encoder, encoder_config, wait_until
 
@@ -138,7 +139,7 @@ def test_recommend_refuses_requests_beyond_its_bounds(shape: str, expected: str)
     async def scenario(app, store):
         await _fill(app, ["shoes"], 20)
         with pytest.raises(InvalidRequest) as error:
-            await app.recommend(req, None)
+            await RankerServicer(app).recommend(req, None)
         return str(error.value)
 
     assert expected in asyncio.run(_with_app(RankerConfig(), scenario))
@@ -164,7 +165,7 @@ def test_exclusions_become_point_ids_once_per_call_not_per_category(monkeypatch)
     async def scenario(app, store):
         await _fill(app, categories, 5)
         monkeypatch.setattr(uuid, "uuid5", counting)
-        reply = await app.recommend(req, None)
+        reply = await RankerServicer(app).recommend(req, None)
         monkeypatch.setattr(uuid, "uuid5", real)
         return reply
 
@@ -182,8 +183,8 @@ def test_a_recommend_past_its_deadline_stops_instead_of_working_for_nobody() -> 
     async def scenario(app, store):
         await _fill(app, ["a", "b"], 10)
         with pytest.raises(DeadlineExceeded, match="deadline passed"):
-            await app.recommend(req, -0.001)
-        return await app.recommend(req, 30.0)  # with time left, the same call is answered
+            await RankerServicer(app).recommend(req, -0.001)
+        return await RankerServicer(app).recommend(req, 30.0)  # with time left, the same call is answered
 
     reply = asyncio.run(_with_app(RankerConfig(), scenario))
     assert [len(r.products) for r in reply.results] == [10, 10]
@@ -204,7 +205,7 @@ def test_certify_on_identical_products_stops_at_the_work_cap_uncertified() -> No
     async def scenario(app, store):
         reply = await app.upsert(_stream(requests), None)
         assert reply.upserted == 400
-        return await app.recommend(req, None)
+        return await RankerServicer(app).recommend(req, None)
 
     result = asyncio.run(_with_app(RankerConfig(max_pool=64), scenario)).results[0]
     assert not result.certified
@@ -256,7 +257,9 @@ def test_a_new_category_beyond_the_catalog_cap_fails_alone_and_deletes_make_room
     async def scenario(app, store):
         reply = await app.upsert(_stream(first), None)
         more = await app.upsert(_stream([_product("p5", "c0", v[5], v[5])]), None)  # a known category
-        await app.delete(ranker_pb2.DeleteProductsRequest(product_ids=["p1"]))  # c1 is empty now
+        await RankerServicer(app).delete(
+            ranker_pb2.DeleteProductsRequest(product_ids=["p1"])
+        )  # c1 is empty now
         after = await app.upsert(_stream([_product("p6", "c9", v[6], v[6])]), None)
         return reply, more, after, await app.stats()
 
@@ -344,7 +347,7 @@ def test_legal_images_that_together_exceed_one_encoder_call_are_all_ingested(loo
 def test_the_byte_budget_grants_in_order_lets_an_oversized_batch_go_alone_and_survives_cancels() -> None:
     """The budget behind #6 (UpsertProducts held 4.8 GB for 32 legal 20 MB images): bytes held at once
     never exceed it, except one batch larger than all of it, which waits until nothing else is held."""
-    from ranker_service.service import ByteBudget
+    from ranker_service.app import ByteBudget
 
     async def scenario() -> list:
         budget = ByteBudget(100)
@@ -462,9 +465,11 @@ def test_get_products_whose_reply_would_not_fit_is_refused_as_such() -> None:
 
     async def scenario(app, store):
         assert (await app.upsert(_stream(requests), None)).upserted == 100
-        few = await app.get_products(ranker_pb2.GetProductsRequest(product_ids=["p1", "p2"]))
+        few = await RankerServicer(app).get_products(ranker_pb2.GetProductsRequest(product_ids=["p1", "p2"]))
         with pytest.raises(InvalidRequest, match="ask for fewer ids per call") as error:
-            await app.get_products(ranker_pb2.GetProductsRequest(product_ids=[f"p{i}" for i in range(100)]))
+            await RankerServicer(app).get_products(
+                ranker_pb2.GetProductsRequest(product_ids=[f"p{i}" for i in range(100)])
+            )
         return few, str(error.value)
 
     few, message = asyncio.run(_with_app(RankerConfig(max_message_bytes=200 * KiB), scenario))

@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 from ctl.serving import Metrics
 from ctl.tensors import Scene, product_to_proto, scene_to_proto
 from ctl.v1 import ranker_pb2
+from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
-from ranker_service.service import RankerApp
+from ranker_service.service import RankerServicer
 from ranker_service.store import open_edge_store
 from style_model.distances import hybrid_distances
 
@@ -168,7 +169,7 @@ def test_certify_is_the_exact_top_k_for_everything_the_api_accepts(
                     ask.mode = mode
                     # certify: a small first width, so that it has to prove its answer in rounds
                     ask.pool_size = limit + first_width if mode == CERTIFY else min(10_000, max(limit, n))
-                    (results[mode],) = (await app.recommend(ask, None)).results
+                    (results[mode],) = (await RankerServicer(app).recommend(ask, None)).results
                 return results
             finally:
                 await app.close()

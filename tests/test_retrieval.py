@@ -16,7 +16,7 @@ import numpy as np
 
 from ctl.tensors import Scene
 from ranker_service.rerank import pooled_query
-from ranker_service.retrieval import Ask, Mode, Retriever
+from ranker_service.retrieval import Ask, RetrievalMode, Retriever
 from ranker_service.store import ProductPoint, Query, open_edge_store
 
 DIM, REGIONS, N, POOL = 256, 4, 12_000, 200
@@ -56,7 +56,7 @@ def test_pooled_candidates_are_exact_below_the_threshold_and_from_hnsw_above(tmp
             scores = styles @ pooled_query(scene, mean_key)
             want = {ids[i] for i in np.argpartition(-scores, POOL)[:POOL]}
             ask = Ask(
-                Query("shoes"), limit=POOL, mode=Mode.POOLED, pool=POOL
+                Query("shoes"), limit=POOL, mode=RetrievalMode.POOLED, pool=POOL
             )  # limit = pool: every candidate
             got = await exact.recommend(scene, ask)
             assert {p.product_id for p in got.products} == want

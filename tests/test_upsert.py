@@ -17,9 +17,9 @@ import pytest
 from ctl.serving import Metrics
 from ctl.tensors import product_to_proto
 from ctl.v1 import ranker_pb2
+from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
-from ranker_service.service import RankerApp
 from ranker_service.store import open_edge_store
 
 VERSION, DIM = "m-1", 16
