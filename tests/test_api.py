@@ -31,3 +31,17 @@ def test_pinned_versions_are_consistent():
 
     assert ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name == "ctl.v1.RankerService"
     assert encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name == "ctl.v1.EncoderService"
+
+
+def test_every_retrieval_mode_has_its_api_value_and_back():
+    """One list of modes (RetrievalMode), mapped to the API's enum by name: a mode added to one and not the
+    other fails here, not in a caller's request."""
+    from ctl.v1 import ranker_pb2
+    from ranker_service.retrieval import RetrievalMode
+    from ranker_service.service import mode_from_proto, mode_to_proto
+
+    for mode in RetrievalMode:
+        assert mode_from_proto(mode_to_proto(mode)) is mode
+    values = [v for v in ranker_pb2.RetrievalMode.values() if v != ranker_pb2.RETRIEVAL_MODE_UNSPECIFIED]
+    assert sorted(mode_to_proto(mode_from_proto(v)) for v in values) == sorted(values)
+    assert mode_from_proto(ranker_pb2.RETRIEVAL_MODE_UNSPECIFIED) is RetrievalMode.POOLED
