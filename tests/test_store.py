@@ -58,10 +58,12 @@ class Backend:
     name: str
     root: Path
 
-    async def open(self, version: str = VERSION, dim: int = DIM, **kwargs: Any) -> ProductStore:
+    async def open(self, version: str = VERSION, embedding_dim: int = DIM, **kwargs: Any) -> ProductStore:
         if self.name == "edge":
-            return await open_edge_store(self.root / "edge", version, dim, **kwargs)
-        return await open_client_store(None, version, dim, path=self.root / "qdrant-local", **kwargs)
+            return await open_edge_store(self.root / "edge", version, embedding_dim, **kwargs)
+        return await open_client_store(
+            None, version, embedding_dim, path=self.root / "qdrant-local", **kwargs
+        )
 
 
 @pytest.fixture(params=["edge", "client"])
@@ -69,15 +71,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return Backend(request.param, tmp_path)
 
 
-def unit_rows(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
-    rows = rng.standard_normal((n, dim)).astype(np.float32)
+def unit_rows(rng: np.random.Generator, n: int, embedding_dim: int = DIM) -> np.ndarray:
+    rows = rng.standard_normal((n, embedding_dim)).astype(np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def catalog(n: int = 500, seed: int = 0) -> list[ProductPoint]:
     """n products over 5 categories with unit vectors; `size` is missing on a third of them."""
     rng = np.random.default_rng(seed)
-    styles, keys = unit_rows(rng, n), unit_rows(rng, n)
+    styles, attention_keys = unit_rows(rng, n), unit_rows(rng, n)
     points = []
     for i in range(n):
         metadata = {"color": COLORS[rng.integers(len(COLORS))], "brand": BRANDS[rng.integers(len(BRANDS))]}
@@ -88,7 +90,7 @@ def catalog(n: int = 500, seed: int = 0) -> list[ProductPoint]:
                 product_id=f"p{i:04d}",
                 category=CATEGORIES[i % len(CATEGORIES)],
                 style=styles[i],
-                attention=keys[i],
+                attention=attention_keys[i],
                 metadata=metadata,
                 model_version=VERSION,
             )
@@ -529,8 +531,8 @@ def test_products_written_without_metadata_terms_get_them_when_the_store_opens(
 
 
 def _without_terms(stored_fields):
-    def old(point, model_version, dim):
-        vectors, payload = stored_fields(point, model_version, dim)
+    def old(point, model_version, embedding_dim):
+        vectors, payload = stored_fields(point, model_version, embedding_dim)
         payload.pop(_points.METADATA_TERMS)
         return vectors, payload
 
@@ -557,7 +559,7 @@ def test_reopen_with_another_model_version_or_dim_is_refused(backend: Backend) -
         with pytest.raises(VersionMismatch, match=r"m-test-1.*m-test-2"):
             await backend.open(version="m-test-2")
         with pytest.raises(VersionMismatch, match="re-ingest"):
-            await backend.open(dim=DIM * 2)
+            await backend.open(embedding_dim=DIM * 2)
         store = await backend.open()  # the refused opens released everything
         assert await store.count() == 10
         await store.close()

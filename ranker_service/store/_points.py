@@ -24,12 +24,12 @@ from ranker_service.store.base import ATTENTION, STYLE, Condition, Hits, Product
 FACET_START = 1024  # facet hits asked for first; doubled while the answer is full
 
 
-def check_model(model_version: str, dim: int) -> None:
+def check_model(model_version: str, embedding_dim: int) -> None:
     """ValueError unless a store is opened for a named model version and a positive dimension."""
     if not model_version:
         raise ValueError("model_version must be a non-empty string")
-    if dim < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
+    if embedding_dim < 1:
+        raise ValueError(f"dim must be positive, got {embedding_dim}")
 
 
 @contextmanager
@@ -54,13 +54,13 @@ MARKER = "*"
 UNIT_STORED = 1e-5  # a vector further than this from unit length is normalised before it is stored
 
 
-def vector(values: Any, dim: int, what: str) -> list[float]:
+def vector(values: Any, embedding_dim: int, what: str) -> list[float]:
     """A float32 copy of one vector as a list, of unit length (the caller's array is never modified): the
     ranker's distances and certificate need unit vectors, whoever writes to the store (the ranker's API
     accepts and normalises near-unit ones; this keeps the store's own promise for every writer)."""
     array = np.asarray(values, dtype=np.float32)
-    if array.shape != (dim,):
-        raise InvalidRequest(f"{what} has shape {array.shape}, expected ({dim},)")
+    if array.shape != (embedding_dim,):
+        raise InvalidRequest(f"{what} has shape {array.shape}, expected ({embedding_dim},)")
     if not np.isfinite(array).all():
         raise InvalidRequest(f"{what} has non-finite values")
     norm = float(np.linalg.norm(array.astype(np.float64)))
@@ -71,8 +71,11 @@ def vector(values: Any, dim: int, what: str) -> list[float]:
     return array.tolist()
 
 
-def stored_fields(point: ProductPoint, model_version: str, dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The named vectors and the payload that store `point` in a store of `model_version` and `dim`.
+def stored_fields(
+    point: ProductPoint, model_version: str, embedding_dim: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The named vectors and the payload that store `point` in a store of `model_version` and
+    `embedding_dim`.
 
     VersionMismatch if the point was encoded by another model (an empty version passes, and is stored as
     the store's); InvalidRequest if a vector has another shape or non-finite values.
@@ -83,8 +86,8 @@ def stored_fields(point: ProductPoint, model_version: str, dim: int) -> tuple[di
             f"but this store holds model {model_version!r}"
         )
     vectors: dict[str, Any] = {
-        STYLE: vector(point.style, dim, f"style vector of {point.product_id!r}"),
-        ATTENTION: vector(point.attention, dim, f"attention vector of {point.product_id!r}"),
+        STYLE: vector(point.style, embedding_dim, f"style vector of {point.product_id!r}"),
+        ATTENTION: vector(point.attention, embedding_dim, f"attention vector of {point.product_id!r}"),
     }
     payload = {
         "product_id": point.product_id,
@@ -97,11 +100,11 @@ def stored_fields(point: ProductPoint, model_version: str, dim: int) -> tuple[di
 
 
 def stored_points(
-    points: Sequence[ProductPoint], model_version: str, dim: int
+    points: Sequence[ProductPoint], model_version: str, embedding_dim: int
 ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(point id, named vectors, payload) of each product to upsert; a product listed twice: its last."""
     latest = {point_id(p.product_id): p for p in points}
-    return [(pid, *stored_fields(p, model_version, dim)) for pid, p in latest.items()]
+    return [(pid, *stored_fields(p, model_version, embedding_dim)) for pid, p in latest.items()]
 
 
 def products(records: Sequence[tuple[Any, Any]], engine: str) -> list[ProductPoint]:
@@ -120,19 +123,20 @@ def hits(scores: Sequence[float], records: Sequence[tuple[Any, Any]], engine: st
         empty = np.zeros((0, 0), dtype=np.float32)
         return Hits([], np.zeros(0, dtype=np.float32), empty, empty, [])
     arrays = np.asarray([(v[STYLE], v[ATTENTION]) for v, _ in records], dtype=np.float32)
-    styles, keys = arrays[:, 0], arrays[:, 1]
+    styles, attention_keys = arrays[:, 0], arrays[:, 1]
     points = [
         ProductPoint(
             product_id=payload["product_id"],
             category=payload["category"],
             style=styles[i],
-            attention=keys[i],
+            attention=attention_keys[i],
             metadata=dict(payload.get("metadata") or {}),
             model_version=payload.get("model_version", ""),
         )
         for i, (_, payload) in enumerate(records)
     ]
-    return Hits([p.product_id for p in points], np.asarray(scores, dtype=np.float32), styles, keys, points)
+    scored = np.asarray(scores, dtype=np.float32)
+    return Hits([p.product_id for p in points], scored, styles, attention_keys, points)
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,11 +163,11 @@ def check_limit(limit: int) -> None:
         raise InvalidRequest(f"limit must be at least 1, got {limit}")
 
 
-def query_rows(vectors: NDArray[np.float32], dim: int, limit: int) -> NDArray[np.float32]:
+def query_rows(vectors: NDArray[np.float32], embedding_dim: int, limit: int) -> NDArray[np.float32]:
     """A search's query vectors as float32 rows [Q, D], once their shape, values and `limit` are checked."""
     rows = np.asarray(vectors, dtype=np.float32)
-    if rows.ndim != 2 or rows.shape[1] != dim:
-        raise InvalidRequest(f"query vectors have shape {rows.shape}, expected (Q, {dim})")
+    if rows.ndim != 2 or rows.shape[1] != embedding_dim:
+        raise InvalidRequest(f"query vectors have shape {rows.shape}, expected (Q, {embedding_dim})")
     check_limit(limit)
     if not np.isfinite(rows).all():
         raise InvalidRequest("query vectors have non-finite values")

@@ -136,7 +136,7 @@ class QdrantClientStore(ProductStore):
         collection: str,
         where: str,
         model_version: str,
-        dim: int,
+        embedding_dim: int,
         *,
         local: bool,
         name: str | None = None,
@@ -147,7 +147,7 @@ class QdrantClientStore(ProductStore):
         self._where = where
         self._local = local
         self.model_version = model_version
-        self.dim = dim
+        self.dim = embedding_dim  # ProductStore's name (the glossary's embedding_dim)
         self._refusal = ""  # why calls are refused (another model's collection behind the name), or ""
         self.description = ""
         self._describe()
@@ -340,14 +340,14 @@ async def _ensure_collection(
     collection: str,
     where: str,
     model_version: str,
-    dim: int,
+    embedding_dim: int,
     *,
     local: bool,
     shards: int | None = None,
     replication_factor: int | None = None,
 ) -> str:
     """Create the collection if missing (the embedded store's schema, with the cluster's shard count and
-    replication factor; None: the server's defaults), then check its version and dim. `collection` may
+    replication factor; None: the server's defaults), then check its version and dimension. `collection` may
     be an alias: returns the collection behind it."""
     with _map_errors(f"look up collection {collection!r}", where):
         exists = await client.collection_exists(collection)
@@ -358,12 +358,14 @@ async def _ensure_collection(
                 await client.create_collection(
                     collection,
                     vectors_config={
-                        STYLE: qm.VectorParams(size=dim, distance=qm.Distance.DOT),
-                        ATTENTION: qm.VectorParams(size=dim, distance=qm.Distance.DOT, hnsw_config=unindexed),
+                        STYLE: qm.VectorParams(size=embedding_dim, distance=qm.Distance.DOT),
+                        ATTENTION: qm.VectorParams(
+                            size=embedding_dim, distance=qm.Distance.DOT, hnsw_config=unindexed
+                        ),
                     },
                     metadata={
                         "model_version": model_version,
-                        "dim": dim,
+                        "dim": embedding_dim,
                         UNIT_VECTORS: True,
                     },
                     shard_number=shards,
@@ -376,7 +378,7 @@ async def _ensure_collection(
                     raise
     with _map_errors(f"look up collection {collection!r}", where):
         target = await _resolve(client, collection)
-    info = await _check_collection(client, target, collection, where, model_version, dim)
+    info = await _check_collection(client, target, collection, where, model_version, embedding_dim)
     metadata = dict(info.config.metadata or {})
     if not metadata.get(UNIT_VECTORS):
         await _normalise_stored(client, target, where, metadata)
@@ -487,7 +489,7 @@ def _named(collection: str, name: str) -> str:
 
 
 async def _check_collection(
-    client: AsyncQdrantClient, collection: str, name: str, where: str, model_version: str, dim: int
+    client: AsyncQdrantClient, collection: str, name: str, where: str, model_version: str, embedding_dim: int
 ) -> qm.CollectionInfo:
     """The collection's info; VersionMismatch unless its metadata and vectors are this model's (`name`:
     the alias that led to it, or the collection's own name)."""
@@ -501,7 +503,7 @@ async def _check_collection(
             "adapter, or the server is older than Qdrant 1.16, which keeps collection metadata); "
             "use another collection name, or delete it and re-ingest"
         )
-    found_version, found_dim = str(metadata["model_version"]), int(metadata["dim"])
+    found_version, found_embedding_dim = str(metadata["model_version"]), int(metadata["dim"])
     if found_version != model_version:
         raise VersionMismatch(
             f"collection {named} at {where} holds vectors of model {found_version!r}, not "
@@ -510,10 +512,10 @@ async def _check_collection(
         )
     params = info.config.params.vectors
     sizes = {n: v.size for n, v in params.items()} if isinstance(params, Mapping) else {}
-    if found_dim != dim or sizes.get(STYLE) != dim or sizes.get(ATTENTION) != dim:
+    if any(d != embedding_dim for d in (found_embedding_dim, sizes.get(STYLE), sizes.get(ATTENTION))):
         raise VersionMismatch(
-            f"collection {named} at {where} holds {found_dim}-d vectors (named vectors: {sizes}), "
-            f"but model {model_version!r} makes {dim}-d {STYLE!r} and {ATTENTION!r} vectors; "
+            f"collection {named} at {where} holds {found_embedding_dim}-d vectors (named vectors: {sizes}), "
+            f"but model {model_version!r} makes {embedding_dim}-d {STYLE!r} and {ATTENTION!r} vectors; "
             "use another collection, or delete it and re-ingest the catalog"
         )
     return info

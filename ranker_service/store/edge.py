@@ -86,12 +86,12 @@ def _store_error(exc: Exception, action: str, path: Path) -> StoreError:
     return StoreError(f"qdrant-edge failed to {action} at {path}: {message}")
 
 
-def _write_meta(path: Path, model_version: str, dim: int) -> None:
+def _write_meta(path: Path, model_version: str, embedding_dim: int) -> None:
     """Record the model version and dimension atomically (tmp + os.replace): never a half-written file."""
     tmp = path / f".{META_FILE}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # unique: two openers never clash
     try:
         with tmp.open("w") as f:
-            json.dump({"model_version": model_version, "dim": dim}, f, indent=2)
+            json.dump({"model_version": model_version, "dim": embedding_dim}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path / META_FILE)
@@ -99,7 +99,7 @@ def _write_meta(path: Path, model_version: str, dim: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _check_meta(path: Path, model_version: str, dim: int) -> bool:
+def _check_meta(path: Path, model_version: str, embedding_dim: int) -> bool:
     """Whether the directory already records this store; raise VersionMismatch if it records another."""
     meta_path = path / META_FILE
     if not meta_path.exists():
@@ -111,7 +111,7 @@ def _check_meta(path: Path, model_version: str, dim: int) -> bool:
         return False
     try:
         meta = json.loads(meta_path.read_text())
-        found_version, found_dim = str(meta["model_version"]), int(meta["dim"])
+        found_version, found_embedding_dim = str(meta["model_version"]), int(meta["dim"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"cannot read {meta_path}: {exc}") from exc
     if found_version != model_version:
@@ -120,15 +120,16 @@ def _check_meta(path: Path, model_version: str, dim: int) -> bool:
             "a new model needs its own store: use another directory (store_path with {model_version}), "
             "or delete this one and re-ingest the catalog"
         )
-    if found_dim != dim:
+    if found_embedding_dim != embedding_dim:
         raise VersionMismatch(
-            f"the embedded store at {path} holds {found_dim}-d vectors, but model {model_version!r} "
-            f"makes {dim}-d ones; use another directory, or delete this one and re-ingest the catalog"
+            f"the embedded store at {path} holds {found_embedding_dim}-d vectors, but model "
+            f"{model_version!r} makes {embedding_dim}-d ones; use another directory, or delete this one "
+            "and re-ingest the catalog"
         )
     return True
 
 
-def _engine_config(dim: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig:
+def _engine_config(embedding_dim: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig:
     """`style` is HNSW-indexed; `attention` is only stored (m=0: no graph links are built for it)."""
     unindexed = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
     optimizers = (
@@ -138,8 +139,10 @@ def _engine_config(dim: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig
     )
     return qe.EdgeConfig(
         vectors={
-            STYLE: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot),
-            ATTENTION: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Dot, hnsw_config=unindexed),
+            STYLE: qe.EdgeVectorParams(size=embedding_dim, distance=qe.Distance.Dot),
+            ATTENTION: qe.EdgeVectorParams(
+                size=embedding_dim, distance=qe.Distance.Dot, hnsw_config=unindexed
+            ),
         },
         optimizers=optimizers,
     )
@@ -190,11 +193,11 @@ class EdgeStore(ProductStore):
     and locks the directory, so one process (one store instance) owns it at a time.
     """
 
-    def __init__(self, shard: qe.EdgeShard, path: Path, model_version: str, dim: int) -> None:
+    def __init__(self, shard: qe.EdgeShard, path: Path, model_version: str, embedding_dim: int) -> None:
         self._shard: qe.EdgeShard | None = shard
         self.path = path
         self.model_version = model_version
-        self.dim = dim
+        self.dim = embedding_dim  # ProductStore's name (the glossary's embedding_dim)
         self.description = f"embedded qdrant-edge at {path}"
         self.inline = True
         # Every product as this process stored it (ranker_service/store/table.py says why): searches ask the

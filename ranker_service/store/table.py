@@ -29,12 +29,12 @@ _GROWTH = 1.5
 class ProductTable:
     """Products by point id (a `uuid.UUID`, or its string), with exact counts per category."""
 
-    def __init__(self, dim: int, model_version: str, capacity: int = 1024) -> None:
-        self.dim = dim
+    def __init__(self, embedding_dim: int, model_version: str, capacity: int = 1024) -> None:
+        self.embedding_dim = embedding_dim
         self.model_version = model_version
         self._rows: dict[int, int] = {}
-        self._styles = np.zeros((max(capacity, 1), dim), dtype=np.float32)
-        self._keys = np.zeros_like(self._styles)
+        self._styles = np.zeros((max(capacity, 1), embedding_dim), dtype=np.float32)
+        self._attention_keys = np.zeros_like(self._styles)
         self._info: list[tuple[str, str, Mapping[str, str]] | None] = []
         self._free: list[int] = []
         self._counts: Counter[str] = Counter()
@@ -43,7 +43,7 @@ class ProductTable:
         return len(self._rows)
 
     def __contains__(self, pid: object) -> bool:
-        return isinstance(pid, uuid.UUID | str) and _key(pid) in self._rows
+        return isinstance(pid, uuid.UUID | str) and _as_int(pid) in self._rows
 
     def count(self, category: str) -> int:
         return self._counts.get(category, 0)
@@ -53,23 +53,23 @@ class ProductTable:
 
     def put(self, pid: uuid.UUID | str, point: ProductPoint) -> None:
         """Insert or replace the product stored under point id `pid`."""
-        key = _key(pid)
-        row = self._rows.get(key)
+        number = _as_int(pid)
+        row = self._rows.get(number)
         if row is None:
             row = self._free.pop() if self._free else self._append()
-            self._rows[key] = row
+            self._rows[number] = row
         else:
             self._counts[self._info[row][1]] -= 1  # type: ignore[index]
         category = sys.intern(point.category)
         self._styles[row] = point.style
-        self._keys[row] = point.attention
+        self._attention_keys[row] = point.attention
         self._info[row] = (point.product_id, category, dict(point.metadata) or _NO_METADATA)
         self._counts[category] += 1
 
     def remove(self, pids: Iterable[uuid.UUID | str]) -> None:
         """Forget these point ids; unknown ones are ignored."""
         for pid in pids:
-            row = self._rows.pop(_key(pid), None)
+            row = self._rows.pop(_as_int(pid), None)
             if row is not None:
                 self._counts[self._info[row][1]] -= 1  # type: ignore[index]
                 self._info[row] = None
@@ -77,31 +77,32 @@ class ProductTable:
 
     def metadata(self, pid: uuid.UUID | str) -> Mapping[str, str]:
         """The metadata of a stored product."""
-        info = self._info[self._rows[_key(pid)]]
+        info = self._info[self._rows[_as_int(pid)]]
         assert info is not None
         return info[2]
 
     def not_unit(self, tolerance: float) -> list[int]:
-        """Point ids (as ints) of the products whose style or key is not unit length within `tolerance`."""
+        """Point ids (as ints) of the products whose style or attention key is not of unit length within
+        `tolerance`."""
         pids = list(self._rows)
         rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(pids))
         off = np.zeros(len(rows), dtype=bool)
-        for vectors in (self._styles, self._keys):
+        for vectors in (self._styles, self._attention_keys):
             off |= ~(np.abs(np.linalg.norm(vectors[rows], axis=1) - 1.0) <= tolerance)
         return [pids[i] for i in np.flatnonzero(off)]
 
     def hits(self, pids: Sequence[uuid.UUID | str], scores: Sequence[float] | None = None) -> Hits:
         """The products under `pids` (KeyError for one this table does not hold), as Hits with `scores`.
         Vectors and infos are taken now (later writes do not reach them); ProductPoints are made on access."""
-        rows = np.fromiter((self._rows[_key(p)] for p in pids), dtype=np.intp, count=len(pids))
+        rows = np.fromiter((self._rows[_as_int(p)] for p in pids), dtype=np.intp, count=len(pids))
         infos = [self._info[row] for row in rows]
-        styles, keys = self._styles[rows], self._keys[rows]
+        styles, attention_keys = self._styles[rows], self._attention_keys[rows]
         return Hits(
             [info[0] for info in infos],  # type: ignore[index]
             np.zeros(len(rows), np.float32) if scores is None else np.asarray(scores, dtype=np.float32),
             styles,
-            keys,
-            _Points(infos, styles, keys, self.model_version),  # type: ignore[arg-type]
+            attention_keys,
+            _Points(infos, styles, attention_keys, self.model_version),  # type: ignore[arg-type]
         )
 
     def _append(self) -> int:
@@ -109,7 +110,7 @@ class ProductTable:
         if row == len(self._styles):
             capacity = int(len(self._styles) * _GROWTH) + 1
             self._styles = _grown(self._styles, capacity)
-            self._keys = _grown(self._keys, capacity)
+            self._attention_keys = _grown(self._attention_keys, capacity)
         self._info.append(None)
         return row
 
@@ -121,10 +122,11 @@ class _Points(Sequence[ProductPoint]):
         self,
         infos: list[tuple[str, str, Mapping[str, str]]],
         styles: NDArray[np.float32],
-        keys: NDArray[np.float32],
+        attention_keys: NDArray[np.float32],
         model_version: str,
     ) -> None:
-        self._infos, self._styles, self._keys, self._version = infos, styles, keys, model_version
+        self._infos, self._styles, self._version = infos, styles, model_version
+        self._attention_keys = attention_keys
 
     def __len__(self) -> int:
         return len(self._infos)
@@ -138,10 +140,12 @@ class _Points(Sequence[ProductPoint]):
             return [self[j] for j in range(*i.indices(len(self)))]
         product_id, category, metadata = self._infos[i]
         shown = MappingProxyType(metadata) if metadata else _NO_METADATA  # read-only: shared with the table
-        return ProductPoint(product_id, category, self._styles[i], self._keys[i], shown, self._version)
+        style, attention_key = self._styles[i], self._attention_keys[i]
+        return ProductPoint(product_id, category, style, attention_key, shown, self._version)
 
 
-def _key(pid: uuid.UUID | str) -> int:
+def _as_int(pid: uuid.UUID | str) -> int:
+    """A point id as the int it is kept under."""
     return pid.int if isinstance(pid, uuid.UUID) else uuid.UUID(pid).int
 
 
