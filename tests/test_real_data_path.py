@@ -16,8 +16,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -30,7 +28,8 @@ from PIL import Image, ImageDraw
 
 from ctl_app.cli import main
 from style_model.data.examples import split_of
-from tests.servers import REPO, Process, wait_serving
+from tests.cli import run_ctl
+from tests.servers import Process, wait_serving
 
 CATEGORIES = (
     "Apparel & Accessories|Shoes",
@@ -175,16 +174,6 @@ def stl_folder(stl_dir, tmp_path) -> tuple[Path, list[dict], dict[str, str]]:
     return data, pairs, categories
 
 
-def ctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ctl_app.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD,
-    )
-
-
 class Clock:
     """Wall time of each step, printed at the end of the test."""
 
@@ -310,7 +299,9 @@ def test_real_data_path_from_metadata_to_a_served_recommendation(stl_folder, tmp
             for sig, cat in sorted(categories.items())
         ]
         catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        job = ctl("ingest", str(catalog), "--images", str(data), "--ranker", ranker.address)
+        job = run_ctl(
+            "ingest", str(catalog), "--images", str(data), "--ranker", ranker.address, timeout=HANG_GUARD
+        )
         clock.lap("ingest")
         assert job.returncode == 1, job.stdout + job.stderr  # 1: some records failed
         # not fetched: absent, or never needed (its only pair has too small a crop)
@@ -330,9 +321,9 @@ def test_real_data_path_from_metadata_to_a_served_recommendation(stl_folder, tmp
             if split_of(p["scene"]) == "test" and p["scene"] in present and p["product"] in present
         )
         category = categories[scene["product"]]
-        answer = ctl(
+        answer = run_ctl(
             "recommend", "--scene", str(data / "images" / f"{scene['scene']}.jpg"), "--category", category,
-            "--limit", "5", "--ranker", ranker.address,
+            "--limit", "5", "--ranker", ranker.address, timeout=HANG_GUARD,
         )  # fmt: skip
         clock.lap("recommend")
         assert answer.returncode == 0, answer.stdout + answer.stderr

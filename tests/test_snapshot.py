@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -25,20 +24,10 @@ import qdrant_edge as qe
 import ctl_app.snapshot as snap  # the module, so that a test of a name the old code lacks fails alone
 from ranker_service.store import ProductPoint, open_edge_store
 from ranker_service.store._points import METADATA_TERMS, stored_points
+from tests.cli import ctl_command, run_ctl
 from tests.servers import REPO
 
 VERSION, DIM = "m-snap-1", 16
-
-
-def ctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ctl_app.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def products(n: int = 300) -> list[ProductPoint]:
@@ -74,7 +63,7 @@ def test_snapshot_and_restore_bring_back_the_same_catalog(tmp_path):
     source = tmp_path / "ctl-store" / VERSION
     asyncio.run(_fill(source, points))
     archive = tmp_path / "backups" / "catalog.tar.gz"
-    done = ctl("snapshot", str(source), str(archive))
+    done = run_ctl("snapshot", str(source), str(archive))
     assert done.returncode == 0, done.stderr
     assert "298 products" in done.stdout
     with tarfile.open(archive) as tar:
@@ -82,7 +71,7 @@ def test_snapshot_and_restore_bring_back_the_same_catalog(tmp_path):
     kept = Counter(p.category for p in points[2:])
     assert manifest["products"] == 298 and manifest["products_by_category"] == dict(kept)
 
-    restored = ctl("restore", str(archive), str(tmp_path / "elsewhere" / "{model_version}"))
+    restored = run_ctl("restore", str(archive), str(tmp_path / "elsewhere" / "{model_version}"))
     assert restored.returncode == 0, restored.stderr
     got, want = asyncio.run(_read(tmp_path / "elsewhere" / VERSION)), asyncio.run(_read(source))
     assert set(got) == set(want) == {p.product_id for p in points[2:]}
@@ -92,7 +81,7 @@ def test_snapshot_and_restore_bring_back_the_same_catalog(tmp_path):
             got[pid].attention, point.attention
         )
 
-    again = ctl("restore", str(archive), str(tmp_path / "elsewhere" / "{model_version}"))
+    again = run_ctl("restore", str(archive), str(tmp_path / "elsewhere" / "{model_version}"))
     assert again.returncode == 1 and "already exists" in again.stderr  # never over an existing store
 
 
@@ -103,7 +92,7 @@ def test_a_held_store_and_a_damaged_archive_are_refused(tmp_path):
     async def snapshot_while_open() -> subprocess.CompletedProcess:
         store = await open_edge_store(source, VERSION, DIM)  # a ranker would hold it like this
         try:
-            return await asyncio.to_thread(ctl, "snapshot", str(source), str(tmp_path / "held.tar.gz"))
+            return await asyncio.to_thread(run_ctl, "snapshot", str(source), str(tmp_path / "held.tar.gz"))
         finally:
             await store.close()
 
@@ -112,7 +101,7 @@ def test_a_held_store_and_a_damaged_archive_are_refused(tmp_path):
     assert not (tmp_path / "held.tar.gz").exists() and not list(tmp_path.glob(".held*"))
 
     archive = tmp_path / "good.tar.gz"
-    assert ctl("snapshot", str(source), str(archive)).returncode == 0
+    assert run_ctl("snapshot", str(source), str(archive)).returncode == 0
     # a manifest that does not match the store inside: refused, and the target never appears
     with tarfile.open(archive) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
@@ -124,12 +113,12 @@ def test_a_held_store_and_a_damaged_archive_are_refused(tmp_path):
                 data = json.dumps({**manifest, "products": manifest["products"] + 1}).encode()
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data) if data is not None else None)
-    bad = ctl("restore", str(damaged), str(tmp_path / "restored"))
+    bad = run_ctl("restore", str(damaged), str(tmp_path / "restored"))
     assert bad.returncode == 1 and "damaged" in bad.stderr
     assert not (tmp_path / "restored").exists() and not list(tmp_path.glob(".restored*"))
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(archive.read_bytes()[:200])
-    cut = ctl("restore", str(truncated), str(tmp_path / "restored"))
+    cut = run_ctl("restore", str(truncated), str(tmp_path / "restored"))
     assert cut.returncode == 1 and "cannot restore" in cut.stderr
     assert not (tmp_path / "restored").exists()
 
@@ -226,7 +215,7 @@ def real(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("real")
     asyncio.run(_fill(root / "store", products(30)))
     archive = root / "good.tar.gz"
-    assert ctl("snapshot", str(root / "store"), str(archive)).returncode == 0
+    assert run_ctl("snapshot", str(root / "store"), str(archive)).returncode == 0
     with tarfile.open(archive) as tar:
         manifest = tar.extractfile("ctl_snapshot.json").read()
 
@@ -251,7 +240,7 @@ def test_a_model_version_that_climbs_out_of_the_stores_folder_is_refused(tmp_pat
     target = tmp_path / "a" / "stores" / "{model_version}"
     message = refused(archive, target)
     assert "model_version is '../../outside'" in message
-    done = ctl("restore", str(archive), str(target))
+    done = run_ctl("restore", str(archive), str(target))
     assert done.returncode == 1 and not (tmp_path / "outside").exists()
     assert len(done.stderr.strip().splitlines()) == 1 and "model_version" in done.stderr, done.stderr
 
@@ -487,19 +476,11 @@ def test_ctl_restore_takes_its_limits_from_flags_and_variables(tmp_path):
     a malformed limit is a bad setting, exit 2 (needs the flags wired in ctl_app/cli.py)."""
     archive = craft(tmp_path / "ok.tar.gz", [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()])
     target = str(tmp_path / "new" / "{model_version}")
-    small = ctl("restore", "--max-members", "2", str(archive), target)
+    small = run_ctl("restore", "--max-members", "2", str(archive), target)
     assert small.returncode == 1 and "--max-members / CTL_RESTORE_MAX_MEMBERS" in small.stderr, small.stderr
     assert len(small.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
     env = {**os.environ, "CTL_RESTORE_MAX_BYTES": "10GB"}
-    bad = subprocess.run(
-        [sys.executable, "-m", "ctl_app.cli", "restore", str(archive), target],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = run_ctl("restore", str(archive), target, env=env)
     assert bad.returncode == 2 and "CTL_RESTORE_MAX_BYTES='10GB'" in bad.stderr, bad.stderr
 
 
@@ -562,13 +543,13 @@ def test_a_store_the_engine_panics_on_is_refused_in_one_line(tmp_path, real):
     target = tmp_path / "stores" / "{model_version}"
     message = refused(archive, target)
     assert "qdrant-edge panicked" in message and "the store is damaged" in message, message
-    line = one_line(ctl("restore", str(archive), str(target)))
+    line = one_line(run_ctl("restore", str(archive), str(target)))
     assert "qdrant-edge panicked" in line and not (tmp_path / "stores").exists()
 
     out = tmp_path / "out" / "x.tar.gz"
     with pytest.raises(snap.SnapshotError, match=f"cannot open {damaged}: qdrant-edge panicked"):
         snap.snapshot(damaged, out)
-    assert "qdrant-edge panicked" in one_line(ctl("snapshot", str(damaged), str(out)))
+    assert "qdrant-edge panicked" in one_line(run_ctl("snapshot", str(damaged), str(out)))
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
@@ -748,7 +729,7 @@ def test_snapshot_refuses_a_file_that_changes_size_while_archived(tmp_path, stor
 def ctl_with_stderr(kind: str, *args: str) -> subprocess.CompletedProcess:
     """`ctl ARGS` with a stderr that takes nothing: 'closed' (2>&-, as a service manager may start it),
     'full' (/dev/full) or 'broken' (a pipe whose reader is gone)."""
-    command = [sys.executable, "-m", "ctl_app.cli", *args]
+    command = ctl_command(*args)
     run = {"cwd": REPO, "stdout": subprocess.PIPE, "text": True, "timeout": 120, "check": False}
     if kind == "closed":
         return subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", *command], **run)
@@ -787,10 +768,11 @@ def unmigrated(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("kind", ["closed", "full", "broken"])
 def test_snapshot_and_restore_work_whatever_stderr_is(tmp_path, unmigrated, kind):
-    """Review 2, item 5: holding the engine's stderr output (`_engine_report`) called sys.stderr.flush()
-    (None when fd 2 is closed) and copied the held output (here the store's log line) back to a stderr that
-    takes nothing (ENOSPC, EPIPE): `ctl snapshot` and `ctl restore` failed as 'cannot open <store>'. Now
-    passing it on is best effort; with a stderr that works the line still comes out."""
+    """Review 2, item 5: holding the engine's stderr output (`_engine_report`, ranker_service/store/
+    snapshot.py) called sys.stderr.flush() (None when fd 2 is closed) and copied the held output (here the
+    store's log line) back to a stderr that takes nothing (ENOSPC, EPIPE): `ctl snapshot` and `ctl restore`
+    failed as 'cannot open <store>'. Now passing it on is best effort; with a stderr that works the line
+    still comes out."""
     source = shutil.copytree(unmigrated, tmp_path / "store")
     archive = tmp_path / "a.tar.gz"
     done = ctl_with_stderr(kind, "snapshot", str(source), str(archive))
@@ -804,5 +786,5 @@ def test_snapshot_and_restore_work_whatever_stderr_is(tmp_path, unmigrated, kind
     got = asyncio.run(_read(tmp_path / "r" / VERSION))
     assert sorted(got) == sorted(p.product_id for p in products(9))
 
-    shown = ctl("restore", str(old), str(tmp_path / "r2" / "{model_version}"))
+    shown = run_ctl("restore", str(old), str(tmp_path / "r2" / "{model_version}"))
     assert shown.returncode == 0 and "9 products given the metadata terms" in shown.stderr, shown.stderr
