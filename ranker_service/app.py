@@ -430,7 +430,7 @@ class RankerApp:
                 if r.style is None:
                     _fail(reply, index, product.product_id, r.code, f"image: {r.message}")
                 else:
-                    points[index] = _point(product, r.style, r.key, info.model_version)
+                    points[index] = _point(product, r.style, r.attention_key, info.model_version)
         return [points[i] for i in sorted(points)]  # a product listed twice: the store keeps the last
 
     def _encoder_limits(self, info: ModelInfo) -> tuple[int, int]:
@@ -580,16 +580,16 @@ def _embedding(emb: embeddings_pb2.ProductEmbedding, info: ModelInfo) -> tuple[n
         raise VersionMismatch(
             f"embedding made by model {emb.model_version}; this catalog holds {info.model_version}"
         )
-    style, key = product_from_proto(emb, info.dim)
-    return unit_rows(style, "embedding.style"), unit_rows(key, "embedding.attention_key")
+    style, attention_key = product_from_proto(emb, info.dim)
+    return unit_rows(style, "embedding.style"), unit_rows(attention_key, "embedding.attention_key")
 
 
-def _point(product: ranker_pb2.Product, style, key, version: str) -> ProductPoint:
+def _point(product: ranker_pb2.Product, style, attention_key, version: str) -> ProductPoint:
     return ProductPoint(
         product_id=product.product_id,
         category=product.category,
         style=np.asarray(style, dtype=np.float32),
-        attention=np.asarray(key, dtype=np.float32),
+        attention=np.asarray(attention_key, dtype=np.float32),  # the store's name for it
         metadata=dict(product.metadata),
         model_version=version,
     )

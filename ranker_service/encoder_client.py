@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ctl.encoding import ProductResult
 from ctl.security import Tokens, aio_channel
 from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
@@ -44,16 +44,6 @@ class ModelInfo:
     max_batch_images: int
     max_image_bytes: int = 0  # 0: the encoder did not say (an older one)
     max_request_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class ProductResult:
-    """One image's outcome: vectors, or the gRPC status name and message of its failure."""
-
-    style: np.ndarray | None = None
-    key: np.ndarray | None = None
-    code: str = ""
-    message: str = ""
 
 
 def _check_servable(msg: encoder_pb2.ModelInfo, address: str) -> None:
@@ -104,9 +94,9 @@ class EncoderClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.info: ModelInfo | None = None
 
-    def _deadline(self, remaining: float | None, cap: float | None = None) -> float:
+    def _deadline(self, remaining_s: float | None, cap: float | None = None) -> float:
         cap = self.timeout if cap is None else cap
-        return cap if remaining is None else max(0.001, min(cap, remaining))
+        return cap if remaining_s is None else max(0.001, min(cap, remaining_s))
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> RankerError:
         code, details = exc.code(), exc.details()
@@ -118,10 +108,10 @@ class EncoderClient:
             return VersionMismatch(f"encoder at {self.address} {what}: {details}")
         return EncoderUnavailable(f"encoder at {self.address} {what}: {code.name}: {details}")
 
-    async def model_info(self, remaining: float | None = None) -> ModelInfo:
+    async def model_info(self, remaining_s: float | None = None) -> ModelInfo:
         try:
             msg = await self._stub.GetModelInfo(
-                encoder_pb2.GetModelInfoRequest(), timeout=self._deadline(remaining)
+                encoder_pb2.GetModelInfoRequest(), timeout=self._deadline(remaining_s)
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "did not give its model info") from exc
@@ -147,11 +137,11 @@ class EncoderClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    async def encode_scene(self, image: bytes, remaining: float | None = None) -> tuple[Scene, str]:
+    async def encode_scene(self, image: bytes, remaining_s: float | None = None) -> tuple[Scene, str]:
         try:
             reply = await self._stub.EncodeScene(
                 encoder_pb2.EncodeSceneRequest(image=image),
-                timeout=self._deadline(remaining),
+                timeout=self._deadline(remaining_s),
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "could not encode the scene") from exc
@@ -167,12 +157,12 @@ class EncoderClient:
         return scene, reply.embedding.model_version
 
     async def encode_products(
-        self, images: Sequence[bytes], remaining: float | None = None
+        self, images: Sequence[bytes], remaining_s: float | None = None
     ) -> tuple[list[ProductResult], str]:
         try:
             reply = await self._stub.EncodeProducts(
                 encoder_pb2.EncodeProductsRequest(images=list(images)),
-                timeout=self._deadline(remaining, self.products_timeout),
+                timeout=self._deadline(remaining_s, self.products_timeout),
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "could not encode products") from exc
@@ -181,14 +171,15 @@ class EncoderClient:
         for r in reply.results:
             if r.WhichOneof("result") == "embedding":
                 try:
-                    style, key = product_from_proto(r.embedding, info.dim)
-                    style, key = unit_rows(style, "style"), unit_rows(key, "attention key")
+                    style, attention_key = product_from_proto(r.embedding, info.dim)
+                    style = unit_rows(style, "style")
+                    attention_key = unit_rows(attention_key, "attention key")
                 except TensorError as exc:  # the model broke its contract for this image
                     results.append(
                         ProductResult(code="INTERNAL", message=f"the encoder answered a bad embedding: {exc}")
                     )
                     continue
-                results.append(ProductResult(style=style, key=key))
+                results.append(ProductResult(style=style, attention_key=attention_key))
             else:
                 results.append(
                     ProductResult(code=r.error.code or "INVALID_ARGUMENT", message=r.error.message)

@@ -35,14 +35,16 @@ class Ranked(NamedTuple):
     attention: F32  # [K, R]
 
 
-def pooled_query(scene: Scene, mean_key: NDArray | None) -> F32:
+def pooled_query(scene: Scene, mean_attention_key: NDArray | None) -> F32:
     """q = f_s + Σ ā_i f_i with ā the scene's attention against the category's mean key (uniform without
-    one). Dot products with q order products like S(p) when their keys are near the mean."""
+    one). Dot products with q order products like S(p) when their attention keys are near the mean."""
     regions = scene.local.shape[0]
-    if mean_key is None:
+    if mean_attention_key is None:
         weights = np.full((1, regions), 1.0 / regions, dtype=np.float32)
     else:
-        weights = attention_weights(scene.attention, np.asarray(mean_key, dtype=np.float32)[None, :])
+        weights = attention_weights(
+            scene.attention, np.asarray(mean_attention_key, dtype=np.float32)[None, :]
+        )
     return (scene.global_ + weights[0] @ scene.local).astype(np.float32)
 
 
@@ -52,7 +54,7 @@ def bound_queries(scene: Scene) -> F32:
 
 
 def rank(
-    scene: Scene, styles: NDArray, keys: NDArray, limit: int, tiebreak: Sequence[str] | None = None
+    scene: Scene, styles: NDArray, attention_keys: NDArray, limit: int, tiebreak: Sequence[str] | None = None
 ) -> Ranked:
     """Exact hybrid distances of N products [N, D] and the best `limit`. Equal distances are ordered by
     `tiebreak` (e.g. product ids: the same answer whichever order the candidates came in), else by input
@@ -70,10 +72,12 @@ def rank(
     k = min(limit, n)
     near = np.arange(n)
     if k < n:
-        screen = hybrid_distances(scene.global_, scene.local, scene.attention, styles, keys).hybrid
+        screen = hybrid_distances(scene.global_, scene.local, scene.attention, styles, attention_keys).hybrid
         near = np.flatnonzero(screen <= np.partition(screen, k - 1)[k - 1] + _SCREEN_MARGIN)
     as64 = [np.asarray(a, dtype=np.float64) for a in scene]
-    exact = hybrid_distances(*as64, *(np.asarray(a)[near].astype(np.float64) for a in (styles, keys)))
+    exact = hybrid_distances(
+        *as64, *(np.asarray(a)[near].astype(np.float64) for a in (styles, attention_keys))
+    )
     d = exact.hybrid.astype(np.float32)
     if k < len(near):
         kth = np.partition(d, k - 1)[k - 1]

@@ -109,7 +109,7 @@ class Recommendations:
 
 @dataclass
 class _MeanKey:
-    key: NDArray[np.float32] | None
+    attention_key: NDArray[np.float32] | None
     at: float  # monotonic time it was computed
     changed: bool = False  # products of the category changed since (or while) it was computed
 
@@ -133,20 +133,20 @@ class Retriever:
     _changes: dict[str, int] = field(default_factory=dict)  # per category: forget() calls so far
 
     def forget(self, categories: Iterable[str]) -> None:
-        """Products of these categories changed: their mean keys are recomputed on next use."""
+        """Products of these categories changed: their mean attention keys are recomputed on next use."""
         for c in categories:
             self._changes[c] = self._changes.get(c, 0) + 1
             if (cached := self._mean_keys.get(c)) is not None:
                 cached.changed = True
 
-    async def mean_key(self, category: str) -> NDArray[np.float32] | None:
+    async def mean_attention_key(self, category: str) -> NDArray[np.float32] | None:
         cached = self._mean_keys.get(category)
-        if cached is None or cached.key is None:  # never computed, or the category was empty then
+        if cached is None or cached.attention_key is None:  # never computed, or the category was empty then
             return await asyncio.shield(self._refresh(category))  # one computation for concurrent callers
         age = time.monotonic() - cached.at
         if age >= self.mean_key_ttl_s or (cached.changed and age >= self.changed_key_after_s):
             self._refresh(category)
-        return cached.key
+        return cached.attention_key
 
     async def warm(self) -> None:
         """Compute every category's mean key in the background (at start-up), so that first queries do
@@ -172,10 +172,12 @@ class Retriever:
     async def _compute_mean_key(self, category: str) -> NDArray[np.float32] | None:
         changes = self._changes.get(category, 0)
         points, _ = await self.store.scroll(Query(category), MEAN_KEY_SAMPLE)
-        key = np.mean([p.attention for p in points], axis=0).astype(np.float32) if points else None
+        mean = np.mean([p.attention for p in points], axis=0).astype(np.float32) if points else None
         # changed while the sample was read: keep the key, but as changed (recomputed again)
-        self._mean_keys[category] = _MeanKey(key, time.monotonic(), self._changes.get(category, 0) != changes)
-        return key
+        self._mean_keys[category] = _MeanKey(
+            mean, time.monotonic(), self._changes.get(category, 0) != changes
+        )
+        return mean
 
     async def close(self) -> None:
         """Stop the background recomputations (before the store closes)."""
@@ -197,7 +199,7 @@ class Retriever:
         if ask.mode is RetrievalMode.CERTIFY:
             return await self._certify(scene, ask, size)
         pool = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
-        q = pooled_query(scene, await self.mean_key(category))
+        q = pooled_query(scene, await self.mean_attention_key(category))
         scan = size <= self.exact_below
         await _step(ask)
         (hits,) = await self.store.search(q[None, :], ask.query, pool, exact=scan)
@@ -223,12 +225,12 @@ class Retriever:
             if offset is None:
                 break
         styles = np.stack([p.style for p in points]) if points else _empty(scene)
-        keys = np.stack([p.attention for p in points]) if points else _empty(scene)
+        attention_keys = np.stack([p.attention for p in points]) if points else _empty(scene)
         ids = [p.product_id for p in points]
-        return _result(scene, ask, ids, points, styles, keys, len(points), certified=True, rounds=1)
+        return _result(scene, ask, ids, points, styles, attention_keys, len(points), certified=True, rounds=1)
 
     async def _certify(self, scene: Scene, ask: Ask, size: int) -> Result:
-        q = pooled_query(scene, await self.mean_key(ask.query.category))
+        q = pooled_query(scene, await self.mean_attention_key(ask.query.category))
         bounds_q = bound_queries(scene)
         width = first = min(ask.pool or max(100, 20 * ask.limit), self.max_pool)
         vectors = np.concatenate([q[None, :], bounds_q])
@@ -275,7 +277,7 @@ class _Seen:
         self.order: list[str] = []  # the ids in the order they were first seen (row order)
         self.sources: list[tuple[Sequence[ProductPoint], int]] = []
         self.styles: list[NDArray[np.float32]] = []
-        self.keys: list[NDArray[np.float32]] = []
+        self.attention_keys: list[NDArray[np.float32]] = []
 
     def add(self, hits: Hits) -> None:
         new = [i for i, product_id in enumerate(hits.ids) if product_id not in self.ids]
@@ -285,17 +287,17 @@ class _Seen:
         self.order.extend(hits.ids[i] for i in new)
         self.sources.extend((hits.points, i) for i in new)
         self.styles.append(hits.styles[new])
-        self.keys.append(hits.keys[new])
+        self.attention_keys.append(hits.keys[new])
 
     def candidates(
         self, scene: Scene
     ) -> tuple[list[str], Sequence[ProductPoint], NDArray[np.float32], NDArray[np.float32]]:
-        """The products seen (ids, products), and their styles and keys stacked."""
+        """The products seen (ids, products), and their styles and attention keys stacked."""
         if not self.sources:
             return [], [], _empty(scene), _empty(scene)
-        styles, keys = np.concatenate(self.styles), np.concatenate(self.keys)
-        self.styles, self.keys = [styles], [keys]
-        return self.order, _Sourced(self.sources), styles, keys
+        styles, attention_keys = np.concatenate(self.styles), np.concatenate(self.attention_keys)
+        self.styles, self.attention_keys = [styles], [attention_keys]
+        return self.order, _Sourced(self.sources), styles, attention_keys
 
 
 class _Sourced(Sequence[ProductPoint]):
@@ -328,16 +330,16 @@ def _result(
     ids: Sequence[str],
     points: Sequence[ProductPoint],
     styles: NDArray[np.float32],
-    keys: NDArray[np.float32],
+    attention_keys: NDArray[np.float32],
     size: int,
     certified: bool,
     rounds: int,
 ) -> Result:
-    """Exact rerank of the candidates (row i of `styles`, `keys`: ids[i], points[i]); keeps the best
+    """Exact rerank of the candidates (row i of `styles`, `attention_keys`: ids[i], points[i]); keeps the best
     `ask.limit`, equal distances ordered by product id (the same answer in every mode)."""
     if not points:
-        styles = keys = _empty(scene)
-    ranked = rank(scene, styles, keys, ask.limit, tiebreak=ids)
+        styles = attention_keys = _empty(scene)
+    ranked = rank(scene, styles, attention_keys, ask.limit, tiebreak=ids)
     return Result(
         category=ask.query.category,
         products=[points[i] for i in ranked.order],

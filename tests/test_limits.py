@@ -409,12 +409,12 @@ def test_streams_together_hold_no_more_image_bytes_than_the_budget(loop, exporte
             async def upsert(app, store):
                 real = app.encoder.encode_products
 
-                async def spying(images, remaining=None):
+                async def spying(images, remaining_s=None):
                     size = sum(map(len, images))
                     state["now"] += size
                     state["most"] = max(state["most"], state["now"])
                     try:
-                        return await real(images, remaining)
+                        return await real(images, remaining_s)
                     finally:
                         state["now"] -= size
 

@@ -50,7 +50,7 @@ def test_pooled_candidates_are_exact_below_the_threshold_and_from_hnsw_above(tmp
             )
         await store.optimize()  # builds HNSW for `style`
         exact, indexed = Retriever(store, exact_below=N), Retriever(store, exact_below=N - 1)
-        mean_key = await exact.mean_key("shoes")
+        mean_key = await exact.mean_attention_key("shoes")
         misses = 0
         for scene in scenes:
             scores = styles @ pooled_query(scene, mean_key)
@@ -98,7 +98,7 @@ def test_mean_keys_are_recomputed_in_the_background_after_a_change(tmp_path: Pat
             return await scroll(*args, **kwargs)
 
         store.scroll = counted_scroll
-        keys = await asyncio.gather(*(retriever.mean_key("shoes") for _ in range(8)))
+        keys = await asyncio.gather(*(retriever.mean_attention_key("shoes") for _ in range(8)))
         assert reads == 1
         old = first_keys.mean(axis=0)
         for key in keys:
@@ -106,18 +106,18 @@ def test_mean_keys_are_recomputed_in_the_background_after_a_change(tmp_path: Pat
 
         await store.upsert(products(50, 50, later_keys))
         retriever.forget({"shoes"})
-        np.testing.assert_allclose(await retriever.mean_key("shoes"), old, atol=1e-6)  # no wait
+        np.testing.assert_allclose(await retriever.mean_attention_key("shoes"), old, atol=1e-6)  # no wait
         await asyncio.gather(*retriever._refreshing.values())
         new = np.concatenate([first_keys, later_keys]).mean(axis=0)
-        np.testing.assert_allclose(await retriever.mean_key("shoes"), new, atol=1e-6)
+        np.testing.assert_allclose(await retriever.mean_attention_key("shoes"), new, atol=1e-6)
         assert reads == 2
 
         retriever.forget({"shoes"})
-        await retriever.mean_key("shoes")  # starts a recomputation...
+        await retriever.mean_attention_key("shoes")  # starts a recomputation...
         await asyncio.sleep(0)  # ...which begins reading...
         retriever.forget({"shoes"})  # ...and the category changes during it
         await asyncio.gather(*retriever._refreshing.values())
-        await retriever.mean_key("shoes")
+        await retriever.mean_attention_key("shoes")
         await asyncio.gather(*retriever._refreshing.values())
         assert reads == 4  # the result of the overtaken computation was not taken as fresh
         await retriever.close()
@@ -126,9 +126,9 @@ def test_mean_keys_are_recomputed_in_the_background_after_a_change(tmp_path: Pat
         await warmed.warm()
         await asyncio.gather(*warmed._refreshing.values())
         assert reads == 5
-        np.testing.assert_allclose(await warmed.mean_key("shoes"), new, atol=1e-6)
+        np.testing.assert_allclose(await warmed.mean_attention_key("shoes"), new, atol=1e-6)
         warmed.forget({"shoes"})  # changed again at once: not recomputed before changed_key_after_s (2 s)
-        await warmed.mean_key("shoes")
+        await warmed.mean_attention_key("shoes")
         assert reads == 5 and not warmed._refreshing
         await store.close()
 
