@@ -297,6 +297,9 @@ def restore_target(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from style_model.config import BACKBONES
+    from style_model.distances import ATTENTIONS
+
     parser = argparse.ArgumentParser(prog="ctl", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="env CTL_LOG_LEVEL")
     from ctl.security import add_client_arguments
@@ -322,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--preset", default="auto", choices=["auto", "paper", "offline"])
-    p.add_argument("--backbone", choices=["resnet50", "resnet18", "small", "colorhist"])
+    p.add_argument("--backbone", choices=BACKBONES)
     p.add_argument("--weights", help="torchvision ImageNet checkpoint FILE, 'imagenet' (download) or 'none'")
     p.add_argument("--input-size", type=int)
     p.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None)
@@ -342,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--attention", default="paper", choices=["paper", "seed"])
+    p.add_argument("--attention", default="paper", choices=ATTENTIONS)
     p.add_argument("--grid", type=int, default=4)
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--no-augment", action="store_true")

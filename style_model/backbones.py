@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from style_model.config import BACKBONES
 from style_model.errors import ConfigError
 
 
@@ -203,8 +204,6 @@ _BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "small": small,
     "colorhist": ColourHistogram,
 }
-# backbones with nothing to learn: always used frozen, through the feature cache
-FIXED_BACKBONES = ("colorhist",)
 
 
 def build_backbone(name: str) -> nn.Module:
@@ -212,4 +211,4 @@ def build_backbone(name: str) -> nn.Module:
     try:
         return _BUILDERS[name]()
     except KeyError:
-        raise ConfigError(f"backbone={name!r}: expected one of {', '.join(_BUILDERS)}") from None
+        raise ConfigError(f"backbone={name!r}: expected one of {', '.join(BACKBONES)}") from None

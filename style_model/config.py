@@ -9,16 +9,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any
 
 from style_model.distances import ATTENTIONS
 from style_model.errors import ConfigError
 
+# The backbones, written once (the CLI's choices, the checks, style_model.backbones' builders); the fixed
+# ones have nothing to learn: always used frozen, through the feature cache.
 BACKBONES = ("resnet50", "resnet18", "small", "colorhist")
+FIXED_BACKBONES = ("colorhist",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-AttentionKind = Literal["paper", "seed"]
 
 
 @dataclasses.dataclass(frozen=True)

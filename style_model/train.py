@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctl.progress import progress_bar
-from style_model.backbones import FIXED_BACKBONES
 from style_model.bank import FeatureBank, ImageBank, compute_features
-from style_model.config import ModelConfig
+from style_model.config import FIXED_BACKBONES, ModelConfig
 from style_model.data.examples import Example
 from style_model.data.stl import Dataset, load_dataset
 from style_model.embed import image_features, score_candidates

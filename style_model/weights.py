@@ -28,9 +28,7 @@ def hub_cache_file(backbone: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_imagenet(
-    backbone: str, weights: str | None, allow_download: bool = True
-) -> tuple[Path | None, str]:
+def resolve_imagenet(backbone: str, weights: str | None) -> tuple[Path | None, str]:
     """Where ImageNet weights for `backbone` can be had: (file or None, how it was decided)."""
     if weights not in (None, "imagenet"):
         path = Path(weights)
@@ -42,7 +40,7 @@ def resolve_imagenet(
     cached = hub_cache_file(backbone)
     if cached is not None:
         return cached, f"torch hub cache {cached}"
-    if not allow_download or os.environ.get(OFFLINE_ENV) == "1":
+    if os.environ.get(OFFLINE_ENV) == "1":
         return None, "not in the torch hub cache and downloads are off"
     try:
         torch.hub.load_state_dict_from_url(IMAGENET_URLS[backbone], progress=True, check_hash=True)

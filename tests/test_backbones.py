@@ -136,3 +136,21 @@ def test_config_round_trips():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown"):
         ModelConfig.from_dict({**config.to_dict(), "colour": "red"})
+
+
+def test_the_backbone_names_are_written_once():
+    """style_model.config.BACKBONES is the CLI's choices and ModelConfig's check: every name builds, and
+    every builder is named there; the fixed ones are among them."""
+    from style_model.backbones import _BUILDERS
+    from style_model.config import BACKBONES, FIXED_BACKBONES
+    from style_model.distances import ATTENTIONS
+
+    assert tuple(_BUILDERS) == BACKBONES and set(FIXED_BACKBONES) <= set(BACKBONES)
+    from ctl_app.cli import build_parser
+
+    parser = build_parser()
+    for name in BACKBONES:
+        assert parser.parse_args(["train", "--data", "d", "--out", "o", "--backbone", name]).backbone == name
+    for name in ATTENTIONS:
+        args = parser.parse_args(["train", "--data", "d", "--out", "o", "--attention", name])
+        assert args.attention == name
