@@ -18,10 +18,10 @@ $(BIN)/ctl: pyproject.toml
 demo: $(BIN)/ctl
 	$(BIN)/ctl demo
 
-# A real Triton server on this CPU for the tests and developers (tools/triton_cpu.py): about 30 s and
+# A real Triton server on this CPU for the tests and developers (tools/triton_cpu/): about 30 s and
 # 1.2 GB the first time (PyPI's nvidia-pytriton wheel, a venv with torch and numpy<2), instant after.
 triton-cpu: $(BIN)/ctl
-	$(BIN)/python tools/triton_cpu.py setup
+	$(BIN)/python -m tools.triton_cpu setup
 
 # Debian's Chromium for the tests that open the HTML reports (Playwright drives it; no browser download).
 browser:

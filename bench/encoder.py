@@ -22,6 +22,7 @@ import numpy as np
 
 from bench.common import Timer, machine, percentiles, serve_encoder, table
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
+from style_model.contract import ENCODERS, INPUT, INPUT_DTYPE, SCENE_ENCODER, model_file
 
 BATCHES = (1, 8, 32)
 
@@ -45,8 +46,8 @@ def raw(model_repo: Path, pixels: np.ndarray, reps: int) -> list[list[object]]:
     from style_model.export import load_encoder
 
     rows = []
-    for name in ("scene_encoder", "product_encoder"):
-        module, _ = load_encoder(model_repo / name / "1" / "model.pt")
+    for name in ENCODERS:
+        module, _ = load_encoder(model_file(model_repo, name))
         for batch in BATCHES:
             x = torch.from_numpy(pixels[:batch].copy())
             with torch.inference_mode():
@@ -66,9 +67,9 @@ def triton(model_repo: Path, pixels: np.ndarray, reps: int, work: Path) -> list[
     rows = []
     try:
         client = tc.InferenceServerClient(server.grpc_url)
-        for name in ("scene_encoder", "product_encoder"):
+        for name in ENCODERS:
             for batch in BATCHES:
-                x = tc.InferInput("INPUT__0", list(pixels[:batch].shape), "UINT8")
+                x = tc.InferInput(INPUT, list(pixels[:batch].shape), INPUT_DTYPE)
                 x.set_data_from_numpy(np.ascontiguousarray(pixels[:batch]))
                 rows.append(
                     _row(name, "Triton (CPU)", batch, reps, lambda x=x, name=name: client.infer(name, [x]))
@@ -121,7 +122,7 @@ def main() -> None:
         f"{args.model_repo} ({size} px). Command: `python -m bench.encoder {' '.join(sys.argv[1:])}`\n"
     )
     rows = raw(args.model_repo, pixels, args.reps)
-    best = max(float(r[3]) for r in rows if r[0] == "scene_encoder")
+    best = max(float(r[3]) for r in rows if r[0] == SCENE_ENCODER)
     with tempfile.TemporaryDirectory() as tmp:
         if args.triton:
             rows += triton(args.model_repo, pixels, args.reps, Path(tmp))

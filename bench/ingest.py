@@ -23,6 +23,7 @@ import numpy as np
 from bench.common import Timer, machine, serve_encoder, serve_ranker, synthetic_catalog, table
 from ctl.tensors import product_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
+from style_model.contract import PRODUCT_ENCODER, model_file
 
 
 def raw_rate(model_repo: Path, files: list[Path], size: int) -> tuple[int, float, float]:
@@ -33,7 +34,7 @@ def raw_rate(model_repo: Path, files: list[Path], size: int) -> tuple[int, float
     from style_model.data.images import load_image
     from style_model.export import load_encoder
 
-    module, _ = load_encoder(model_repo / "product_encoder" / "1" / "model.pt")
+    module, _ = load_encoder(model_file(model_repo, PRODUCT_ENCODER))
     sample = files[:256]
     with Timer() as decode:
         pixels = np.stack([load_image(f, size) for f in sample])

@@ -48,6 +48,7 @@ from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service.rerank import rank
 from ranker_service.retrieval import Ask, Mode, Retriever
 from ranker_service.store import ProductPoint, Query, open_client_store, open_edge_store
+from style_model.contract import PRODUCT_ENCODER, model_file
 
 K = 10
 POOLS = (50, 100, 200, 500)  # 200 = the default for limit 10: max(100, 20 × limit)
@@ -145,7 +146,7 @@ def seed_approach(images_dir: Path | None, model_repo: Path, per_category: int) 
     from style_model.data.images import load_image
     from style_model.export import load_encoder
 
-    encoder, _ = load_encoder(model_repo / "product_encoder" / "1" / "model.pt")
+    encoder, _ = load_encoder(model_file(model_repo, PRODUCT_ENCODER))
     size = json.loads((model_repo / "model_info.json").read_text())["config"]["input_size"]
     files = sorted(images_dir.glob("*.jpg"))[:1000]
     pixels = np.stack([load_image(f, size) for f in files])

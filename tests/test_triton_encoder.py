@@ -1,4 +1,4 @@
-"""The encoder service on a real Triton server (CPU; tools/triton_cpu.py): same embeddings as the
+"""The encoder service on a real Triton server (CPU; tools/triton_cpu): same embeddings as the
 in-process backend, concurrent calls merged by Triton's dynamic batcher, UNAVAILABLE and NOT_SERVING while
 Triton is down and recovery when it is back, and the whole Recommend path through Triton still exact.
 
@@ -26,9 +26,19 @@ from encoder_service.backends.triton import TritonBackend
 from encoder_service.errors import ModelChanged
 from ranker_service.config import RankerConfig
 from ranker_service.server import Ranker
+from style_model.contract import (
+    INPUT,
+    PRODUCT_ENCODER,
+    SCENE_ENCODER,
+    encoders,
+)
 from style_model.distances import hybrid_distances
 from tests.servers import Encoder, encoder_config, wait_until
-from tools import triton_cpu
+from tools.triton_cpu.errors import NotSetUpError
+from tools.triton_cpu.home import default_home
+from tools.triton_cpu.install import setup
+from tools.triton_cpu.server import start
+from tools.triton_cpu.twin import write_twin
 
 NOT_SERVING_STATUSES = (2, -1)  # NOT_SERVING, or no answer
 
@@ -36,19 +46,19 @@ NOT_SERVING_STATUSES = (2, -1)  # NOT_SERVING, or no answer
 @pytest.fixture(scope="module")
 def home():
     try:
-        return triton_cpu.setup(triton_cpu.default_home(), install=False)
-    except triton_cpu.NotSetUpError as exc:
+        return setup(default_home(), install=False)
+    except NotSetUpError as exc:
         pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
 def twin(exported_repo, tmp_path_factory):
-    return triton_cpu.write_twin(exported_repo, tmp_path_factory.mktemp("twin"))
+    return write_twin(exported_repo, tmp_path_factory.mktemp("twin"))
 
 
 @pytest.fixture(scope="module")
 def triton(home, twin, tmp_path_factory):
-    server = triton_cpu.start(home, twin, log_path=tmp_path_factory.mktemp("triton") / "triton.log")
+    server = start(home, twin, log_path=tmp_path_factory.mktemp("triton") / "triton.log")
     try:
         yield server.wait_ready(120)
     finally:
@@ -126,14 +136,14 @@ def _stats(url: str, model: str) -> tuple[int, int]:
 
 
 def test_concurrent_calls_are_merged_by_tritons_dynamic_batcher(remote, triton, images):
-    requests0, executions0 = _stats(triton.grpc_url, "scene_encoder")
+    requests0, executions0 = _stats(triton.grpc_url, SCENE_ENCODER)
     passes0 = remote.app.scenes.forward_passes
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda im: _scene(remote.stub, im), images[:16]))
     # Triton counts a request after answering it: wait until it has counted every pass the encoder sent
     passes = remote.app.scenes.forward_passes - passes0
-    wait_until(lambda: _stats(triton.grpc_url, "scene_encoder")[0] - requests0 >= passes, timeout=60)
-    requests, executions = _stats(triton.grpc_url, "scene_encoder")
+    wait_until(lambda: _stats(triton.grpc_url, SCENE_ENCODER)[0] - requests0 >= passes, timeout=60)
+    requests, executions = _stats(triton.grpc_url, SCENE_ENCODER)
     sent, ran = requests - requests0, executions - executions0
     print(f"Triton: {sent} requests from the encoder ran as {ran} batches")
     assert sent >= 8  # the encoder sent batches of at most 2 images
@@ -143,7 +153,7 @@ def test_concurrent_calls_are_merged_by_tritons_dynamic_batcher(remote, triton, 
 def test_triton_down_gives_unavailable_and_not_serving_then_recovers(
     home, twin, loop, exported_repo, images, tmp_path
 ):
-    server = triton_cpu.start(home, twin, log_path=tmp_path / "triton.log").wait_ready(120)
+    server = start(home, twin, log_path=tmp_path / "triton.log").wait_ready(120)
     port = int(server.grpc_url.rsplit(":", 1)[1])
     config = encoder_config(exported_repo, backend="triton", triton_url=server.grpc_url, triton_timeout_s=1)
     encoder = Encoder(loop, config, health_poll_s=0.3).wait_serving()
@@ -155,9 +165,7 @@ def test_triton_down_gives_unavailable_and_not_serving_then_recovers(
         # UNAVAILABLE from the backend, not the call's deadline passing
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
         wait_until(lambda: encoder.status() in NOT_SERVING_STATUSES, timeout=10)
-        server = triton_cpu.start(home, twin, grpc_port=port, log_path=tmp_path / "triton2.log").wait_ready(
-            120
-        )
+        server = start(home, twin, grpc_port=port, log_path=tmp_path / "triton2.log").wait_ready(120)
         wait_until(lambda: encoder.status() == 1, timeout=20)  # SERVING again, same encoder process
         assert _scene(encoder.stub, images[0]).model_version
     finally:
@@ -202,7 +210,7 @@ def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_ol
     catalog. Now: every batch is confirmed against the config read after it (an encoder whose probe has not
     run yet refuses its first call), the probe cycle turns health NOT_SERVING, every call (GetModelInfo too)
     is FAILED_PRECONDITION naming both versions; back on the old model, it serves again by itself."""
-    server = triton_cpu.start(home, twin, log_path=tmp_path / "a.log").wait_ready(120)
+    server = start(home, twin, log_path=tmp_path / "a.log").wait_ready(120)
     port = int(server.grpc_url.rsplit(":", 1)[1])
     config = encoder_config(exported_repo, backend="triton", triton_url=server.grpc_url, triton_timeout_s=3)
     probed = Encoder(loop, config, health_poll_s=0.3).wait_serving()
@@ -232,7 +240,7 @@ def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_ol
         new = f"{old}-next"
         server.stop()
         other = _twin_of_version(twin, tmp_path / "next", new)
-        server = triton_cpu.start(home, other, grpc_port=port, log_path=tmp_path / "b.log").wait_ready(120)
+        server = start(home, other, grpc_port=port, log_path=tmp_path / "b.log").wait_ready(120)
 
         error = _refused_once_reachable(lambda: _scene(unprobed.stub, images[0]))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
@@ -254,7 +262,7 @@ def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_ol
             assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
 
         server.stop()  # Triton back on the model the encoder started with
-        server = triton_cpu.start(home, twin, grpc_port=port, log_path=tmp_path / "c.log").wait_ready(120)
+        server = start(home, twin, grpc_port=port, log_path=tmp_path / "c.log").wait_ready(120)
         wait_until(lambda: probed.status() == 1, timeout=20)
         assert _scene(probed.stub, images[0]).model_version == old
     finally:
@@ -265,15 +273,17 @@ def test_triton_restarted_with_another_model_is_refused_not_labelled_with_the_ol
         server.stop()
 
 
+FAKE = encoders(input_size=8, regions=4, embedding_dim=4)  # what the fake Triton serves
+
+
 def _fake_config(model: str, version: str) -> model_config_pb2.ModelConfig:
-    outputs = {"scene_encoder": ["[4]", "[4, 4]", "[4, 4]"], "product_encoder": ["[4]", "[4]"]}[model]
+    spec = FAKE[model]
     text = f'''
         name: "{model}" max_batch_size: 8
-        input {{ name: "INPUT__0" data_type: TYPE_UINT8 dims: [8, 8, 3] }}
+        input {{ name: "{INPUT}" data_type: TYPE_UINT8 dims: [8, 8, 3] }}
         parameters {{ key: "model_version" value {{ string_value: "{version}" }} }}
     ''' + "".join(
-        f'output {{ name: "OUTPUT__{i}" data_type: TYPE_FP32 dims: {dims} }}'
-        for i, dims in enumerate(outputs)
+        f'output {{ name: "{t.name}" data_type: TYPE_FP32 dims: {list(t.dims)} }}' for t in spec.outputs
     )
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
@@ -300,9 +310,7 @@ class FakeTriton:
         await asyncio.sleep(0)
         self.calls.append(f"infer {model}")
         batch = inputs[0]._get_tensor().shape[0]
-        shapes = {"OUTPUT__0": (4,), "OUTPUT__1": (4, 4), "OUTPUT__2": (4, 4)}
-        if model == "product_encoder":
-            shapes["OUTPUT__1"] = (4,)
+        shapes = {t.name: t.dims for t in FAKE[model].outputs}
 
         class Result:
             def as_numpy(self, name):
@@ -334,23 +342,23 @@ def test_each_batch_is_confirmed_by_a_config_read_sent_after_its_answer():
         images = np.zeros((2, 8, 8, 3), np.uint8)
 
         await asyncio.gather(*(backend.encode_products(images) for _ in range(4)))
-        assert fake.calls == ["infer product_encoder"] * 4 + ["config product_encoder"]
+        assert fake.calls == [f"infer {PRODUCT_ENCODER}"] * 4 + [f"config {PRODUCT_ENCODER}"]
 
         fake.calls.clear()
         fake.config_gate.clear()
         first = asyncio.ensure_future(backend.encode_scenes(images[:1]))
-        while fake.calls != ["infer scene_encoder", "config scene_encoder"]:
+        while fake.calls != [f"infer {SCENE_ENCODER}", f"config {SCENE_ENCODER}"]:
             await asyncio.sleep(0)  # the first batch's read is sent and held
         second = asyncio.ensure_future(backend.encode_scenes(images[:1]))
         while len(fake.calls) < 4:
             await asyncio.sleep(0)
-        assert fake.calls[2:] == ["infer scene_encoder", "config scene_encoder"]  # its own read
+        assert fake.calls[2:] == [f"infer {SCENE_ENCODER}", f"config {SCENE_ENCODER}"]  # its own read
         fake.config_gate.set()
         await asyncio.gather(first, second)
 
         fake.calls.clear()
         answered = asyncio.ensure_future(backend.encode_scenes(images[:1]))
-        while fake.calls != ["infer scene_encoder"]:
+        while fake.calls != [f"infer {SCENE_ENCODER}"]:
             await asyncio.sleep(0)
         fake.version = "v2"  # Triton reloaded between the answer and the read
         with pytest.raises(ModelChanged, match=r"'v2'.*'v1'.*restart the encoder"):
@@ -408,7 +416,9 @@ def test_recommend_through_triton_is_exact(loop, remote, local, synth_dir, tmp_p
                 encoder_pb2.EncodeProductsRequest(images=[data[s] for s, _ in products]), timeout=60
             ).results
             styles = np.stack([product_from_proto(r.embedding, info.embedding_dim)[0] for r in embedded])
-            keys = np.stack([product_from_proto(r.embedding, info.embedding_dim)[1] for r in embedded])
+            attention_keys = np.stack(
+                [product_from_proto(r.embedding, info.embedding_dim)[1] for r in embedded]
+            )
             pairs = [json.loads(line) for line in (synth_dir / "fashion.json").read_text().splitlines()]
             for scene_sig in sorted({p["scene"] for p in pairs})[:3]:
                 image = (synth_dir / "images" / f"{scene_sig}.jpg").read_bytes()
@@ -422,7 +432,7 @@ def test_recommend_through_triton_is_exact(loop, remote, local, synth_dir, tmp_p
                 )
                 for result in got.results:
                     idx = [i for i, (_, c) in enumerate(products) if c == result.category]
-                    d = hybrid_distances(*scene, styles[idx], keys[idx]).hybrid
+                    d = hybrid_distances(*scene, styles[idx], attention_keys[idx]).hybrid
                     order = np.argsort(d, kind="stable")[:5]
                     assert [p.product_id for p in result.products] == [products[idx[i]][0] for i in order]
                     np.testing.assert_allclose([p.distance for p in result.products], d[order], atol=1e-5)
