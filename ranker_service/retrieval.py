@@ -61,6 +61,7 @@ class Ask:
     mode: RetrievalMode = RetrievalMode.POOLED
     pool: int = 0  # 0: max(100, 20 × limit)
     deadline: float | None = None  # time.monotonic() after which the caller has given up
+    max_distance: float = 0.0  # products farther than this (exact hybrid distance) are left out; 0: none
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,11 @@ class Retriever:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def recommend(self, scene: Scene, ask: Ask) -> Result:
+        """The best `ask.limit` products of the category by exact hybrid distance, found as `ask.mode`
+        says, less those farther than `ask.max_distance` (cut once the answer is found and certified)."""
+        return _within(await self._ranked(scene, ask), ask.max_distance)
+
+    async def _ranked(self, scene: Scene, ask: Ask) -> Result:
         category = ask.query.category
         await _step(ask)
         size = await self.store.count(category)
@@ -314,6 +320,18 @@ class _Sourced(Sequence[ProductPoint]):
             return [self[j] for j in range(*i.indices(len(self)))]
         points, j = self._sources[i]
         return points[j]
+
+
+def _within(result: Result, max_distance: float) -> Result:
+    """`result` without its products farther than `max_distance` (0: all kept). The products are sorted by
+    distance, so what is kept is a prefix: exactly the uncut answer, filtered (compared in float32, the
+    precision of the distances returned)."""
+    if not max_distance:
+        return result
+    kept = int(np.searchsorted(result.ranked.distance, np.float32(max_distance), side="right"))
+    result.products = result.products[:kept]
+    result.ranked = Ranked(*(a[:kept] for a in result.ranked))
+    return result
 
 
 def _filtered(ask: Ask) -> bool:

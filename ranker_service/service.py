@@ -8,6 +8,7 @@ retrieval.py) plus its line in `scene_query`. Domain errors become statuses thro
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -77,6 +78,10 @@ def scene_query(req: ranker_pb2.RecommendRequest, config: RankerConfig, info: Mo
     if req.pool_size and req.pool_size < limit:
         raise InvalidRequest(f"pool_size: must be at least limit ({limit}), got {req.pool_size}")
     mode = mode_from_proto(req.mode)
+    if math.isnan(req.max_distance) or req.max_distance < 0:
+        raise InvalidRequest(
+            f"max_distance: must be 0 (no cut) or a positive hybrid distance, got {req.max_distance}"
+        )
     conditions = _conditions(req.filters, config)
     if len(req.exclude_product_ids) > config.max_exclude:
         raise InvalidRequest(
@@ -84,7 +89,14 @@ def scene_query(req: ranker_pb2.RecommendRequest, config: RankerConfig, info: Mo
         )
     exclude = tuple(dict.fromkeys(text(p, "exclude_product_ids[]") for p in req.exclude_product_ids))
     asks = tuple(
-        Ask(Query(c, conditions, exclude), limit=limit, mode=mode, pool=req.pool_size) for c in req.categories
+        Ask(
+            Query(c, conditions, exclude),
+            limit=limit,
+            mode=mode,
+            pool=req.pool_size,
+            max_distance=req.max_distance,
+        )
+        for c in req.categories
     )
     return SceneQuery(_scene(req, info), asks)
 

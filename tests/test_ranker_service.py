@@ -309,6 +309,36 @@ def test_exclusions_and_metadata_filters(stub, scenes, catalog, brute_force):
     assert all(p.metadata["parity"] == "odd" for p in reply.results[0].products)
 
 
+@pytest.mark.parametrize("mode", [POOLED, CERTIFY, EXHAUSTIVE])
+def test_max_distance_leaves_out_exactly_the_products_farther_than_it(stub, scenes, catalog, mode):
+    """max_distance cuts the answer found without it: every distance returned is at most max_distance, and
+    the list is the uncut list filtered (the cut is inclusive, at float32, the precision returned)."""
+    cats = categories_of(catalog)[:3]
+    for s in range(3):
+        ask = ranker_pb2.RecommendRequest(scene_image=scenes[s], categories=cats, limit=10, mode=mode)
+        uncut = stub.Recommend(ask, timeout=30)
+        for result in uncut.results:
+            distances = [p.distance for p in result.products]
+            for threshold in (distances[0], distances[4], (distances[6] + distances[7]) / 2, 4.0):
+                cut_ask = ranker_pb2.RecommendRequest()
+                cut_ask.CopyFrom(ask)
+                cut_ask.categories[:] = [result.category]
+                cut_ask.max_distance = threshold
+                (cut,) = stub.Recommend(cut_ask, timeout=30).results
+                limit = cut_ask.max_distance  # as sent: a float32
+                assert all(p.distance <= limit for p in cut.products), (threshold, cut.products)
+                kept = [(p.product_id, p.distance) for p in result.products if p.distance <= limit]
+                assert [(p.product_id, p.distance) for p in cut.products] == kept, (s, result.category)
+                assert kept, threshold  # the thresholds keep at least the best product
+                assert (cut.certified, cut.category_size) == (result.certified, result.category_size)
+    for bad in (-0.5, float("nan")):
+        refused = ranker_pb2.RecommendRequest(scene_image=scenes[0], categories=cats[:1], max_distance=bad)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Recommend(refused, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "max_distance" in err.value.details(), err.value.details()
+
+
 def test_reingesting_changes_nothing(stub, catalog, scenes):
     request = ranker_pb2.RecommendRequest(
         scene_image=scenes[2], categories=categories_of(catalog), mode=CERTIFY

@@ -30,7 +30,7 @@ class MetadataCondition(_message.Message):
     def __init__(self, key: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ..., none_of: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("scene_image", "scene_embedding", "categories", "limit", "exclude_product_ids", "filters", "explain", "mode", "pool_size")
+    __slots__ = ("scene_image", "scene_embedding", "categories", "limit", "exclude_product_ids", "filters", "explain", "mode", "pool_size", "max_distance")
     SCENE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SCENE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class RecommendRequest(_message.Message):
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     scene_image: bytes
     scene_embedding: _embeddings_pb2.SceneEmbedding
     categories: _containers.RepeatedScalarFieldContainer[str]
@@ -49,7 +50,8 @@ class RecommendRequest(_message.Message):
     explain: bool
     mode: RetrievalMode
     pool_size: int
-    def __init__(self, scene_image: _Optional[bytes] = ..., scene_embedding: _Optional[_Union[_embeddings_pb2.SceneEmbedding, _Mapping]] = ..., categories: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., exclude_product_ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[MetadataCondition, _Mapping]]] = ..., explain: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., pool_size: _Optional[int] = ...) -> None: ...
+    max_distance: float
+    def __init__(self, scene_image: _Optional[bytes] = ..., scene_embedding: _Optional[_Union[_embeddings_pb2.SceneEmbedding, _Mapping]] = ..., categories: _Optional[_Iterable[str]] = ..., limit: _Optional[int] = ..., exclude_product_ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[MetadataCondition, _Mapping]]] = ..., explain: _Optional[bool] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., pool_size: _Optional[int] = ..., max_distance: _Optional[float] = ...) -> None: ...
 
 class Recommendation(_message.Message):
     __slots__ = ("product_id", "category", "distance", "metadata", "global_distance", "local_distance", "attention")
