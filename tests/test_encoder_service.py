@@ -44,7 +44,7 @@ from tests.servers import Encoder
 from tests.servers import encoder_config as _config
 from tests.servers import wait_until as _wait_until
 
-SIZE, REGIONS, DIM = 64, 4, 32  # the exported_repo fixture's model
+SIZE, REGIONS, EMBEDDING_DIM = 64, 4, 32  # the exported_repo fixture's model
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -418,7 +418,7 @@ def test_model_info(encoder, exported_repo):
     info = encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10)
     summary = json.loads((exported_repo / "model_info.json").read_text())
     assert info.model_version == summary["model_version"]
-    assert (info.input_size, info.grid, info.regions, info.embedding_dim) == (SIZE, 2, REGIONS, DIM)
+    assert (info.input_size, info.grid, info.regions, info.embedding_dim) == (SIZE, 2, REGIONS, EMBEDDING_DIM)
     assert info.backend == "torchscript"
     assert (info.max_batch_images, info.max_image_bytes, info.max_image_pixels) == (32, 200_000, 40_000_000)
     assert json.loads(info.model_config_json) == summary["config"]
@@ -427,8 +427,11 @@ def test_model_info(encoder, exported_repo):
 def test_encode_scene_equals_the_torchscript_module(encoder, modules):
     data = _photo(1, (90, 60), "JPEG")
     embedding = _scene(encoder.stub, data).embedding
-    scene = scene_from_proto(embedding, REGIONS, DIM)  # checks shapes [D], [R, D], [R, D]
-    assert scene.global_.shape == (DIM,) and scene.local.shape == scene.attention.shape == (REGIONS, DIM)
+    scene = scene_from_proto(embedding, REGIONS, EMBEDDING_DIM)  # checks shapes [D], [R, D], [R, D]
+    assert scene.global_.shape == (EMBEDDING_DIM,) and scene.local.shape == scene.attention.shape == (
+        REGIONS,
+        EMBEDDING_DIM,
+    )
     for served, direct in zip(scene, _direct(modules["scene"], data)):
         np.testing.assert_allclose(served, direct, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(served, axis=-1), 1.0, atol=1e-5)
@@ -442,15 +445,19 @@ def test_encode_products_equals_single_calls(encoder, modules):
     assert len(batch.results) == len(images)
     for result, data in zip(batch.results, images):
         single = _products(encoder.stub, [data]).results[0]
-        style, key = product_from_proto(result.embedding, DIM)
-        np.testing.assert_allclose(style, product_from_proto(single.embedding, DIM)[0], atol=1e-5)
-        np.testing.assert_allclose(key, product_from_proto(single.embedding, DIM)[1], atol=1e-5)
+        style, attention_key = product_from_proto(result.embedding, EMBEDDING_DIM)
+        np.testing.assert_allclose(style, product_from_proto(single.embedding, EMBEDDING_DIM)[0], atol=1e-5)
+        np.testing.assert_allclose(
+            attention_key, product_from_proto(single.embedding, EMBEDDING_DIM)[1], atol=1e-5
+        )
         assert result.embedding.model_version == modules["version"]
     direct_style, direct_key = _direct(modules["product"], images[0])
     np.testing.assert_allclose(
-        product_from_proto(batch.results[0].embedding, DIM)[0], direct_style, atol=1e-5
+        product_from_proto(batch.results[0].embedding, EMBEDDING_DIM)[0], direct_style, atol=1e-5
     )
-    np.testing.assert_allclose(product_from_proto(batch.results[0].embedding, DIM)[1], direct_key, atol=1e-5)
+    np.testing.assert_allclose(
+        product_from_proto(batch.results[0].embedding, EMBEDDING_DIM)[1], direct_key, atol=1e-5
+    )
 
 
 def test_a_bad_image_fails_only_its_own_result(encoder, modules):
@@ -461,7 +468,7 @@ def test_a_bad_image_fails_only_its_own_result(encoder, modules):
     ] * 2
     assert reply.results[2].error.code == "INVALID_ARGUMENT"
     assert "cannot decode image" in reply.results[2].error.message
-    style, _ = product_from_proto(reply.results[3].embedding, DIM)
+    style, _ = product_from_proto(reply.results[3].embedding, EMBEDDING_DIM)
     np.testing.assert_allclose(style, _direct(modules["product"], images[3])[0], atol=1e-5)
 
 

@@ -97,14 +97,14 @@ def test_every_hostile_image_gets_its_defined_outcome(encoder):
         result = results[name]
         assert result.WhichOneof("result") == "error", name
         assert result.error.code == code and words in result.error.message, (name, result.error)
-    dim = encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10).embedding_dim
+    embedding_dim = encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10).embedding_dim
     for name in references:
         got, want = results[name], results[f"reference:{name}"]
         assert got.WhichOneof("result") == "embedding", (name, got.error)
-        style, key = product_from_proto(got.embedding, dim)
-        ref_style, ref_key = product_from_proto(want.embedding, dim)
+        style, attention_key = product_from_proto(got.embedding, embedding_dim)
+        ref_style, ref_attention_key = product_from_proto(want.embedding, embedding_dim)
         np.testing.assert_allclose(style, ref_style, atol=1e-4, err_msg=name)
-        np.testing.assert_allclose(key, ref_key, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(attention_key, ref_attention_key, atol=1e-4, err_msg=name)
     # one scene call per refused image: the status of the whole call, and the server keeps serving
     for name in REFUSED:
         with pytest.raises(Exception) as refused:
