@@ -76,32 +76,14 @@ def cmd_examples(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from style_model.train import TrainConfig
+    """The TrainConfig of `ctl train`'s flags: every field that has a flag (`--no-augment` is `augment`
+    turned off); the others keep TrainConfig's defaults."""
+    import dataclasses
 
-    return TrainConfig(
-        preset=args.preset,
-        backbone=args.backbone,
-        weights=args.weights,
-        input_size=args.input_size,
-        train_backbone=args.train_backbone,
-        steps=args.steps,
-        epochs=args.epochs,
-        max_minutes=args.max_minutes,
-        patience=args.patience,
-        restarts=args.restarts,
-        eval_every=args.eval_every,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        attention=args.attention,
-        grid=args.grid,
-        embed_dim=args.embed_dim,
-        augment=not args.no_augment,
-        min_crop=args.min_crop,
-        seed=args.seed,
-        domain=args.domain,
-        max_examples=args.max_examples,
-        cache_dir=args.cache_dir,
-    )
+    from style_model.config import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**given, augment=not args.no_augment)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -297,7 +279,7 @@ def restore_target(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from style_model.config import BACKBONES
+    from style_model.config import BACKBONES, PRESET_CHOICES, TrainConfig
     from style_model.distances import ATTENTIONS
 
     parser = argparse.ArgumentParser(prog="ctl", description=__doc__.split("\n")[0])
@@ -324,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the style embedding (resumable)")
     _add_data_args(p)
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--preset", default="auto", choices=["auto", "paper", "offline"])
+    train = TrainConfig()  # the flags' defaults
+    p.add_argument("--preset", default=train.preset, choices=PRESET_CHOICES)
     p.add_argument("--backbone", choices=BACKBONES)
     p.add_argument("--weights", help="torchvision ImageNet checkpoint FILE, 'imagenet' (download) or 'none'")
     p.add_argument("--input-size", type=int)
@@ -335,22 +318,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="train this many epochs instead of a step budget")
     p.add_argument("--max-minutes", type=float, help="wall-time budget; the best model so far is kept")
     p.add_argument(
-        "--patience", type=int, default=3, help="validations without gain before an early stop (default 3)"
+        "--patience",
+        type=int,
+        default=train.patience,
+        help="validations without gain before an early stop (default %(default)s)",
     )
     p.add_argument(
-        "--restarts", type=int, default=1, help="restarts with another seed after a collapse (default 1)"
+        "--restarts",
+        type=int,
+        default=train.restarts,
+        help="restarts with another seed after a collapse (default %(default)s)",
     )
     p.add_argument(
         "--eval-every", type=int, help="steps between validations (default: a tenth of the budget)"
     )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--attention", default="paper", choices=ATTENTIONS)
-    p.add_argument("--grid", type=int, default=4)
-    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--attention", default=train.attention, choices=ATTENTIONS)
+    p.add_argument("--grid", type=int, default=train.grid)
+    p.add_argument("--embed-dim", type=int, default=train.embed_dim)
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--min-crop", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-crop", type=float, default=train.min_crop)
+    p.add_argument("--seed", type=int, default=train.seed)
     p.add_argument("--max-examples", type=int, help="cap on training examples (quick runs)")
     p.add_argument("--cache-dir", help="feature cache for frozen backbones (default RUN/feature-cache)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN")

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ctl.progress import progress_bar
 from style_model.bank import FeatureBank, ImageBank, compute_features
-from style_model.config import FIXED_BACKBONES, ModelConfig
+from style_model.config import FIXED_BACKBONES, PRESETS, ModelConfig, TrainConfig
 from style_model.data.examples import Example
 from style_model.data.stl import Dataset, load_dataset
 from style_model.embed import image_features, score_candidates
@@ -45,56 +45,6 @@ from style_model.usable import CandidateSet, load_usable
 from style_model.weights import IMAGENET_URLS, load_backbone_weights, resolve_imagenet
 
 log = logging.getLogger(__name__)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # epochs with a floor of min_steps optimizer steps: see plan_budget
-    "paper": dict(
-        backbone="resnet50",
-        input_size=224,
-        train_backbone=False,
-        epochs=30,
-        min_steps=2000,
-        batch_size=128,
-        lr=1e-3,
-    ),
-    "offline": dict(
-        backbone="small", input_size=96, train_backbone=True, epochs=8, min_steps=2000, batch_size=64, lr=2e-3
-    ),
-}
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a run; None means "the preset's value"."""
-
-    preset: str = "auto"
-    backbone: str | None = None
-    weights: str | None = None  # a torchvision checkpoint file, "imagenet", "none", or None (the preset's)
-    input_size: int | None = None
-    train_backbone: bool | None = None
-    steps: int | None = None  # optimizer steps; None: --epochs, else the preset's (see plan_budget)
-    epochs: int | None = None
-    max_minutes: float | None = None  # wall-time budget: stop (and keep the best model) when it runs out
-    patience: int = 3  # validations without gain, once half the budget is done, before stopping early
-    eval_every: int | None = None  # steps between validations; None: a tenth of the budget, or each epoch
-    restarts: int = 1  # restarts with another seed when still on the collapsed plateau at half the budget
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    margin: float = 0.2
-    grid: int = 4
-    embed_dim: int = 128
-    attention: str = "paper"
-    augment: bool = True
-    min_crop: float = 0.2
-    seed: int = 0
-    workers: int = 2
-    domain: str | None = None
-    max_examples: int | None = None  # cap on training examples (quick runs, tests)
-    cache_dir: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass

@@ -295,3 +295,25 @@ def test_export_refuses_a_model_trained_with_the_seed_attention(synth_dir, tmp_p
     with pytest.raises(RunError, match=r"attention='seed'.*--attention paper"):
         export(run, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_ctl_train_flags_default_to_train_config_and_reach_it():
+    """`ctl train`'s flags take TrainConfig's defaults (written once, in style_model.config) and each one
+    given reaches its field."""
+    from ctl_app.cli import _train_config, build_parser
+
+    base = ["train", "--data", "d", "--out", "o"]
+    assert _train_config(build_parser().parse_args(base)) == TrainConfig()
+    given = [
+        *("--preset", "offline", "--backbone", "resnet18", "--weights", "none", "--input-size", "64"),
+        *("--no-train-backbone", "--steps", "7", "--epochs", "2", "--max-minutes", "1.5", "--patience", "0"),
+        *("--restarts", "0", "--eval-every", "3", "--batch-size", "8", "--lr", "0.01", "--attention", "seed"),
+        *("--grid", "2", "--embed-dim", "16", "--no-augment", "--min-crop", "0.3", "--seed", "5"),
+        *("--domain", "home", "--max-examples", "9", "--cache-dir", "c"),
+    ]
+    assert _train_config(build_parser().parse_args([*base, *given])) == TrainConfig(
+        preset="offline", backbone="resnet18", weights="none", input_size=64, train_backbone=False, steps=7,
+        epochs=2, max_minutes=1.5, patience=0, restarts=0, eval_every=3, batch_size=8, lr=0.01,
+        attention="seed", grid=2, embed_dim=16, augment=False, min_crop=0.3, seed=5, domain="home",
+        max_examples=9, cache_dir="c",
+    )  # fmt: skip
