@@ -32,6 +32,7 @@ from ranker_service import server as ranker_server
 from ranker_service.config import RankerConfig
 from ranker_service.server import Ranker
 from ranker_service.store import open_client_store
+from style_model.contract import ENCODERS, MODEL_FILE, VERSION_DIR, model_file
 from tests.servers import (
     REPO,
     Encoder,
@@ -241,7 +242,7 @@ def _repo_of_version(exported_repo: Path, out: Path, version: str) -> Path:
 
     shutil.copytree(exported_repo, out)
     old = json.loads((out / "model_info.json").read_text())["model_version"]
-    for path in out.glob("*/1/model.pt"):
+    for path in out.glob(f"*/{VERSION_DIR}/{MODEL_FILE}"):
         extra = dict.fromkeys(EXTRA_FILES, "")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         torch.jit.save(module, str(path), _extra_files={**extra, "model_version": version})
@@ -308,8 +309,8 @@ def test_an_encoder_restarted_with_another_model_keeps_the_ranker_not_serving(
             before = _recommend(address, scene, timeout=30)
             assert before.model_version == old
 
-            for name in ("scene_encoder", "product_encoder"):  # a new export copied over the running one
-                shutil.copy2(tmp_path / "next" / name / "1" / "model.pt", served / name / "1" / "model.pt")
+            for name in ENCODERS:  # a new export copied over the running one
+                shutil.copy2(model_file(tmp_path / "next", name), model_file(served, name))
             info = encoder.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5)
             assert info.model_version == old
             assert _stays(address, SERVING, 1.0)
@@ -331,8 +332,8 @@ def test_an_encoder_restarted_with_another_model_keeps_the_ranker_not_serving(
                 assert old in refused.value.details() and new in refused.value.details()
 
             encoder.close()  # the catalog's model back
-            for name in ("scene_encoder", "product_encoder"):
-                shutil.copy2(exported_repo / name / "1" / "model.pt", served / name / "1" / "model.pt")
+            for name in ENCODERS:
+                shutil.copy2(model_file(exported_repo, name), model_file(served, name))
             encoder = Encoder(loop, encoder_config(served, port=port)).wait_serving()
             wait_until(lambda: health(address) == SERVING, timeout=10)
             assert _recommend(address, scene, timeout=30) == before

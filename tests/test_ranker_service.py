@@ -33,6 +33,7 @@ from ranker_service.config import RankerConfig
 from ranker_service.errors import StoreError, StoreLocked, UnsupportedModel
 from ranker_service.server import Ranker
 from ranker_service.store import open_edge_store
+from style_model.contract import ENCODERS, model_file
 from style_model.distances import hybrid_distances
 from tests.servers import LoopThread, Process, health, wait_serving, wait_until
 
@@ -903,8 +904,8 @@ def test_the_ranker_refuses_a_model_trained_with_another_attention(loop, exporte
 
     repo = tmp_path / "repo"
     shutil.copytree(exported_repo, repo)
-    for name in ("scene_encoder", "product_encoder"):
-        path = repo / name / "1" / "model.pt"
+    for name in ENCODERS:
+        path = model_file(repo, name)
         extra = {"model_version": "", "model_config": ""}
         module = torch.jit.load(str(path), _extra_files=extra)
         config = json.loads(extra["model_config"])
