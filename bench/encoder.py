@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 
 from bench.common import Timer, machine, percentiles, serve_encoder, table
+from ctl.encoder_contract import ENCODERS, INPUT, INPUT_DTYPE, MODEL_INFO_FILE, SCENE_ENCODER, model_file
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
-from style_model.contract import ENCODERS, INPUT, INPUT_DTYPE, SCENE_ENCODER, model_file
 
 BATCHES = (1, 8, 32)
 
@@ -56,7 +56,7 @@ def raw(model_repo: Path, pixels: np.ndarray, reps: int) -> list[list[object]]:
 
 
 def triton(model_repo: Path, pixels: np.ndarray, reps: int, work: Path) -> list[list[object]]:
-    """The same files on the real Triton server (tools/triton_cpu.py: the Python-backend twin on CPU)."""
+    """The same files on the real Triton server (tools/triton_cpu: the Python-backend twin on CPU)."""
     import tritonclient.grpc as tc
 
     from tools import triton_cpu
@@ -111,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     from style_model.data.images import load_image
 
-    size = json.loads((args.model_repo / "model_info.json").read_text())["config"]["input_size"]
+    size = json.loads((args.model_repo / MODEL_INFO_FILE).read_text())["config"]["input_size"]
     files = sorted(args.images.glob("*.jpg"))[:64]
     if len(files) < 32:
         sys.exit(f"{args.images}: fewer than 32 images (run `make demo`, or give --images)")

@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.common import machine, synthetic_catalog, synthetic_scenes, table
 from bench.recommend import fill, model_of
 from bench.soak import Service
+from ctl.encoder_contract import MODEL_INFO_FILE
 from ctl.tensors import product_to_proto, scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service.store import ProductPoint, open_edge_store
@@ -331,7 +332,7 @@ def main() -> None:
         help="folder for the temporary store and logs (removed at the end; default: /tmp)",
     )
     args = parser.parse_args()
-    if not (args.model_repo / "model_info.json").exists():
+    if not (args.model_repo / MODEL_INFO_FILE).exists():
         sys.exit(f"{args.model_repo}: no exported model (run `make demo`, or give --model-repo)")
     version, dim, regions = model_of(args.model_repo)
     print(

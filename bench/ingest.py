@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 
 from bench.common import Timer, machine, serve_encoder, serve_ranker, synthetic_catalog, table
+from ctl.encoder_contract import MODEL_INFO_FILE, PRODUCT_ENCODER, model_file
 from ctl.tensors import product_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
-from style_model.contract import PRODUCT_ENCODER, model_file
 
 
 def raw_rate(model_repo: Path, files: list[Path], size: int) -> tuple[int, float, float]:
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=2000)
     parser.add_argument("--embeddings", type=int, default=20000)
     args = parser.parse_args()
-    info = json.loads((args.model_repo / "model_info.json").read_text())
+    info = json.loads((args.model_repo / MODEL_INFO_FILE).read_text())
     version, size, dim = info["model_version"], info["config"]["input_size"], info["config"]["embed_dim"]
     categories = json.loads((args.data / "fashion-cat.json").read_text())
     rows = [

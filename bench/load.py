@@ -33,6 +33,7 @@ from bench.common import (
     table,
 )
 from bench.recommend import fill, model_of
+from ctl.encoder_contract import MODEL_INFO_FILE
 from ctl.tensors import scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service.store import open_edge_store
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--work", type=Path, help="where the store goes (default: a temporary folder)")
     args = parser.parse_args()
-    if not (args.model_repo / "model_info.json").exists():
+    if not (args.model_repo / MODEL_INFO_FILE).exists():
         sys.exit(f"{args.model_repo}: no exported model (run `make demo`, or give --model-repo)")
     version, dim, regions = model_of(args.model_repo)
     print(

@@ -43,12 +43,12 @@ from bench.common import (
     synthetic_scenes,
     table,
 )
+from ctl.encoder_contract import MODEL_INFO_FILE, PRODUCT_ENCODER, model_file
 from ctl.tensors import Scene, scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service.rerank import rank
-from ranker_service.retrieval import Ask, Mode, Retriever
+from ranker_service.retrieval import Ask, RetrievalMode, Retriever
 from ranker_service.store import ProductPoint, Query, open_client_store, open_edge_store
-from style_model.contract import PRODUCT_ENCODER, model_file
 
 K = 10
 POOLS = (50, 100, 200, 500)  # 200 = the default for limit 10: max(100, 20 × limit)
@@ -89,12 +89,12 @@ async def strategies(
     ]
     indexes = [("", Retriever(store))] + ([(" via HNSW", Retriever(store, exact_below=0))] if hnsw else [])
     plans = [
-        (f"(a) pooled query{via}, pool {p}", retriever, Mode.POOLED, p)
+        (f"(a) pooled query{via}, pool {p}", retriever, RetrievalMode.POOLED, p)
         for via, retriever in indexes
         for p in POOLS
     ]
     if modes:
-        plans.append(("(a') certify", indexes[0][1], Mode.CERTIFY, 0))
+        plans.append(("(a') certify", indexes[0][1], RetrievalMode.CERTIFY, 0))
     for name, retriever, mode, pool in plans:
         recalls, times, scored = [], [], []
         for scene, category, (want, _) in zip(scenes, asked, truth):
@@ -147,7 +147,7 @@ def seed_approach(images_dir: Path | None, model_repo: Path, per_category: int) 
     from style_model.export import load_encoder
 
     encoder, _ = load_encoder(model_file(model_repo, PRODUCT_ENCODER))
-    size = json.loads((model_repo / "model_info.json").read_text())["config"]["input_size"]
+    size = json.loads((model_repo / MODEL_INFO_FILE).read_text())["config"]["input_size"]
     files = sorted(images_dir.glob("*.jpg"))[:1000]
     pixels = np.stack([load_image(f, size) for f in files])
     times = []
@@ -191,7 +191,7 @@ async def load(
 
 
 def model_of(model_repo: Path) -> tuple[str, int, int]:
-    info = json.loads((model_repo / "model_info.json").read_text())
+    info = json.loads((model_repo / MODEL_INFO_FILE).read_text())
     cfg = info["config"]
     return info["model_version"], cfg["embed_dim"], cfg["grid"] ** 2
 
@@ -322,7 +322,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where stores go (default: a temporary folder)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if not (args.model_repo / "model_info.json").exists():
+    if not (args.model_repo / MODEL_INFO_FILE).exists():
         sys.exit(f"{args.model_repo}: no exported model (run `make demo`, or give --model-repo)")
     print(
         f"# bench/recommend.py — {time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}. Command: "

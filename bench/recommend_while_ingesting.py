@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine, percentiles, synthetic_catalog, synthetic_scenes, table
-from ranker_service.retrieval import Ask, Mode, Retriever
+from ranker_service.retrieval import Ask, RetrievalMode, Retriever
 from ranker_service.store import ProductPoint, Query, open_edge_store
 
 DIM, REGIONS, VERSION, LOAD_BATCH = 128, 16, "bench", 5000
@@ -50,7 +50,7 @@ async def run(products: int, rounds: int, batch: int, work: Path) -> None:
         for start in range(0, products, LOAD_BATCH):
             await store.upsert(points(catalog, np.arange(start, min(start + LOAD_BATCH, products))))
         await retriever.warm()  # as a starting ranker does
-        ask = Ask(Query(catalog.names[0]), limit=10, mode=Mode.POOLED)
+        ask = Ask(Query(catalog.names[0]), limit=10, mode=RetrievalMode.POOLED)
         latencies = []
         began = time.perf_counter()
         for r in range(rounds):

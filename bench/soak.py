@@ -4,7 +4,7 @@
 
 A real encoder (in-process TorchScript backend) and ranker (embedded store holding `--products` products
 of precomputed embeddings) run as subprocesses on loopback; they are `ctl serve-encoder`/`serve-ranker`
-(same config, same `build`/`serve`), launched through `python -m bench.soak serve ...` only so that their
+(same config, the same `Service.run`), launched through `python -m bench.soak serve ...` only so that their
 /metrics also say how many asyncio tasks they hold. Then, for `--seconds` in all:
 
 1. soak (60% of the time): `--clients` clients call EncodeScene (encoder) and Recommend with a scene image
@@ -45,6 +45,7 @@ import numpy as np
 from bench.common import machine, percentiles, rss_mib, synthetic_catalog, table, wait_serving
 from bench.load import build_store
 from bench.recommend import model_of
+from ctl.encoder_contract import MODEL_INFO_FILE
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 
 ORDINARY_S = 30.0  # an ordinary call's deadline
@@ -78,28 +79,21 @@ def _add_task_gauge(registry) -> None:
 
 
 async def _serve_encoder(config) -> None:
-    from encoder_service.server import build, serve
+    """`ctl serve-encoder`'s life (ctl.lifecycle), with the task gauge added to its metrics."""
+    from encoder_service.server import Encoder
 
-    server, app = await build(config)
-    _add_task_gauge(server.metrics.registry)
-    await serve(server, app)
+    encoder = Encoder(config)
+    _add_task_gauge(encoder.metrics.registry)
+    await encoder.run()
 
 
 async def _serve_ranker(config) -> None:
-    """`ranker_service.server.run`, with the task gauge added to its metrics."""
-    from ctl.serving import serve_forever
+    """`ctl serve-ranker`'s life (ctl.lifecycle), with the task gauge added to its metrics."""
     from ranker_service.server import Ranker
 
     ranker = Ranker(config)
     _add_task_gauge(ranker.metrics.registry)
-    port = ranker.metrics.serve_http(config.host.strip("[]"), config.metrics_port)
-    log.info("metrics on http://%s:%d/metrics", config.host, port)
-    try:
-        await serve_forever(
-            ranker.server, grace=config.grace_s, on_start=ranker.bring_up, on_stop=ranker.close
-        )
-    finally:
-        await asyncio.to_thread(ranker.metrics.stop_http)
+    await ranker.run()
 
 
 def serve_main(argv: list[str]) -> None:
@@ -575,7 +569,7 @@ def main() -> None:
     parser.add_argument("--task-slack", type=int, default=10, help="tasks over the start that are a leak")
     parser.add_argument("--work", type=Path, help="where the store and logs go (default: a temporary folder)")
     args = parser.parse_args()
-    if not (args.model_repo / "model_info.json").exists():
+    if not (args.model_repo / MODEL_INFO_FILE).exists():
         sys.exit(f"{args.model_repo}: no exported model (run `make demo`, or give --model-repo)")
     version, dim, _ = model_of(args.model_repo)
     print(

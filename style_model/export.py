@@ -2,7 +2,7 @@
 
 The encoders take uint8 RGB images [B, S, S, 3] (HWC; decoding, crop and letterbox happen in the
 encoder service) and normalise inside the graph, so Triton and the in-process backend run the same
-file. Names, tensors and the repository layout are the contract of `style_model.contract`.
+file. Names, tensors and the repository layout are the contract of `ctl.encoder_contract`.
 The model version is a hash of the weights and config; it is written into both files (TorchScript
 extra file `model_version`), the configs' `parameters`, and `model_info.json`.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from style_model import contract
+from ctl import encoder_contract as contract
 from style_model.bank import weights_fingerprint
 from style_model.config import ModelConfig
 from style_model.distances import SERVED_ATTENTION
@@ -71,7 +71,7 @@ def _specs(config: ModelConfig) -> dict[str, contract.EncoderSpec]:
 
 
 def export(run: Path | str, out: Path | str) -> dict:
-    """Write the repository of `style_model.contract`: per encoder its config.pbtxt and 1/model.pt, and
+    """Write the repository of `ctl.encoder_contract`: per encoder its config.pbtxt and 1/model.pt, and
     OUT/model_info.json."""
     model, info = load_run(run)
     cfg = model.config

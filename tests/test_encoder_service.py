@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from PIL import Image
 
 import encoder_service.decode as decode_module
+from ctl.encoder_contract import PRODUCT_ENCODER, SCENE_ENCODER, model_file
 from ctl.tensors import product_from_proto, scene_from_proto
 from ctl.v1 import encoder_pb2
 from encoder_service.batcher import MicroBatcher
@@ -37,7 +38,6 @@ from encoder_service.config import EncoderConfig, from_args
 from encoder_service.decode import decode_image
 from encoder_service.errors import BackendUnavailable, ConfigError, ImageError, ImageTooLarge, Overloaded
 from encoder_service.service import SERVICE_NAME
-from style_model.contract import PRODUCT_ENCODER, SCENE_ENCODER, model_file
 from style_model.data.images import PAD_COLOUR, load_image
 from style_model.export import load_encoder
 from tests.servers import Encoder

@@ -27,12 +27,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from ctl.encoder_contract import ENCODERS, MODEL_FILE, VERSION_DIR, model_file
 from ctl.v1 import encoder_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service import server as ranker_server
 from ranker_service.config import RankerConfig
 from ranker_service.server import Ranker
 from ranker_service.store import open_client_store
-from style_model.contract import ENCODERS, MODEL_FILE, VERSION_DIR, model_file
 from tests.servers import (
     REPO,
     Encoder,

@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from ctl.encoder_contract import ENCODERS, model_file
 from ctl.tensors import (
     Scene,
     product_from_proto,
@@ -33,7 +34,6 @@ from ranker_service.config import RankerConfig
 from ranker_service.errors import StoreError, StoreLocked, UnsupportedModel
 from ranker_service.server import Ranker
 from ranker_service.store import open_edge_store
-from style_model.contract import ENCODERS, model_file
 from style_model.distances import hybrid_distances
 from tests.servers import LoopThread, Process, health, wait_serving, wait_until
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctl import encoder_contract as contract
 from style_model.errors import ConfigError, RunError
 from style_model.train import TrainConfig, load_run, resolve, train
 from tests.conftest import TINY
@@ -191,8 +192,8 @@ def test_export_matches_eager_model(tiny_run, tmp_path):
     info = export(tiny_run, tmp_path / "repo")
     model, _ = load_run(tiny_run)
     images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
-    scene, meta = load_encoder(tmp_path / "repo" / "scene_encoder" / "1" / "model.pt")
-    product, meta_p = load_encoder(tmp_path / "repo" / "product_encoder" / "1" / "model.pt")
+    scene, meta = load_encoder(contract.model_file(tmp_path / "repo", contract.SCENE_ENCODER))
+    product, meta_p = load_encoder(contract.model_file(tmp_path / "repo", contract.PRODUCT_ENCODER))
     assert meta["model_version"] == meta_p["model_version"] == info["model_version"]
     assert meta["config"]["input_size"] == 64
     with torch.inference_mode():
@@ -203,7 +204,7 @@ def test_export_matches_eager_model(tiny_run, tmp_path):
         for got, want in zip(product(images[:1]), eager_product):  # batch size other than the trace's
             torch.testing.assert_close(got, want[:1], atol=1e-5, rtol=0)
     assert preprocess  # the service decodes with this same function before calling the encoders
-    config = (tmp_path / "repo" / "scene_encoder" / "config.pbtxt").read_text()
+    config = contract.config_file(tmp_path / "repo", contract.SCENE_ENCODER).read_text()
     assert 'platform: "pytorch_libtorch"' in config and "KIND_GPU" in config and "dynamic_batching" in config
     assert "dims: [ 4, 32 ]" in config and "TYPE_UINT8" in config and info["model_version"] in config
     again = export(tiny_run, tmp_path / "repo2")
@@ -247,9 +248,9 @@ def test_demo_runs_the_whole_chain(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "preset: offline" in printed and "colour histograms + heads" in printed
-    info = json.loads((out / "triton_repo" / "model_info.json").read_text())
+    info = json.loads((out / "triton_repo" / contract.MODEL_INFO_FILE).read_text())
     assert info["preset"] == "offline" and info["config"]["backbone"] == "small"
-    assert (out / "triton_repo" / "scene_encoder" / "1" / "model.pt").exists()
+    assert contract.model_file(out / "triton_repo", contract.SCENE_ENCODER).exists()
     assert json.loads((out / "run" / "eval-test.json").read_text())["examples"] > 0
     # served, ingested through ctl ingest's job, recommended for held-out scenes, reported
     catalog = [json.loads(line) for line in (out / "catalog.jsonl").read_text().splitlines()]

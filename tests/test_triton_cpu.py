@@ -18,7 +18,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from style_model import contract
+from ctl import encoder_contract as contract
 from tools.triton_cpu.errors import NotSetUpError, TritonCpuError
 from tools.triton_cpu.home import TRITONSERVER_VERSION, TritonHome, default_home
 from tools.triton_cpu.install import setup

@@ -20,18 +20,18 @@ import tritonclient.grpc as triton_grpc
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from ctl.encoder_contract import (
+    INPUT,
+    PRODUCT_ENCODER,
+    SCENE_ENCODER,
+    encoders,
+)
 from ctl.tensors import product_from_proto, scene_from_proto
 from ctl.v1 import encoder_pb2, ranker_pb2, ranker_pb2_grpc
 from encoder_service.backends.triton import TritonBackend
 from encoder_service.errors import ModelChanged
 from ranker_service.config import RankerConfig
 from ranker_service.server import Ranker
-from style_model.contract import (
-    INPUT,
-    PRODUCT_ENCODER,
-    SCENE_ENCODER,
-    encoders,
-)
 from style_model.distances import hybrid_distances
 from tests.servers import Encoder, encoder_config, wait_until
 from tools.triton_cpu.errors import NotSetUpError

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ctl.encoder_contract import ENCODERS, config_file, model_file
 from style_model.config import ModelConfig
-from style_model.contract import ENCODERS, config_file, model_file
 from style_model.export import model_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ MAX_FILE_FORMAT = 6  # libtorch 2.x reads formats up to 10; TorchScript writers 
 
 
 def test_committed_configs_are_the_contracts():
-    """Triton reads the committed files; they are what `style_model.contract` renders for the paper preset."""
+    """Triton reads the committed files; they are what `ctl.encoder_contract` renders for the paper preset."""
     configs = model_configs(PAPER, PLACEHOLDER_VERSION)
     assert sorted(configs) == sorted(ENCODERS)
     for name, text in configs.items():

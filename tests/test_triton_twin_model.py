@@ -14,7 +14,7 @@ import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from style_model import contract
+from ctl import encoder_contract as contract
 from tools.triton_cpu.twin import write_twin
 from tools.triton_cpu.twin_model import TritonPythonModel
 

@@ -1,7 +1,7 @@
 """The one small async interface every model backend implements (in-process TorchScript, Triton).
 
 Backends take uint8 images [B, S, S, 3] already decoded and letterboxed, and return float32 arrays with
-the batch first, in request order (the tensor contract: `style_model.contract`). They never block the
+the batch first, in request order (the tensor contract: `ctl.encoder_contract`). They never block the
 event loop. What a backend serves is a `ctl.encoding.ModelInfo` (its limits left at 0: the service's).
 """
 
@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from ctl import encoder_contract as contract
 from ctl.encoding import ModelInfo
 from encoder_service.errors import BackendUnavailable
-from style_model import contract
 
 SceneOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
 ProductOutputs = tuple[np.ndarray, np.ndarray]

@@ -1,6 +1,6 @@
 """The in-process backend: the exported TorchScript encoders, run on the CPU in a worker thread.
 
-It loads the same files Triton would (`style_model.contract.model_file`), so both backends give the same
+It loads the same files Triton would (`ctl.encoder_contract.model_file`), so both backends give the same
 embeddings. Forward passes run under `torch.inference_mode` in `asyncio.to_thread`:
 the event loop keeps answering while the model computes.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctl.encoder_contract import MAX_BATCH_SIZE, PRODUCT_ENCODER, SCENE_ENCODER, model_file
 from ctl.encoding import ModelInfo
 from encoder_service.backends.base import (
     EncoderBackend,
@@ -26,7 +27,6 @@ from encoder_service.backends.base import (
     in_chunks,
 )
 from encoder_service.errors import BackendUnavailable
-from style_model.contract import MAX_BATCH_SIZE, PRODUCT_ENCODER, SCENE_ENCODER, model_file
 from style_model.export import load_encoder
 
 log = logging.getLogger(__name__)

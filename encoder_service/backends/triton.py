@@ -1,6 +1,6 @@
 """The Triton backend: the same exported encoders, served by a Triton Inference Server (GPU) over gRPC.
 
-The contract is the model config `ctl export` writes (`style_model.contract`, DESIGN.md §2): the two
+The contract is the model config `ctl export` writes (`ctl.encoder_contract`, DESIGN.md §2): the two
 encoders' tensors, batch first, and the model version in the config's `parameters`. Input size, regions
 and embedding size are read from that config, so the service needs no local copy of the model. One
 `tritonclient.grpc.aio` client per backend (one backend per process), reused, with `client_timeout` on
@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ctl import encoder_contract as contract
 from ctl.encoding import ModelInfo
 from encoder_service.backends.base import (
     EncoderBackend,
@@ -43,7 +44,6 @@ from encoder_service.backends.base import (
     in_chunks,
 )
 from encoder_service.errors import BackendUnavailable, ModelChanged
-from style_model import contract
 
 log = logging.getLogger(__name__)
 

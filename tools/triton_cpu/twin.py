@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from style_model import contract
+from ctl import encoder_contract as contract
 from tools.triton_cpu.errors import TritonCpuError
 
 log = logging.getLogger(__name__)
