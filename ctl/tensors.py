@@ -132,22 +132,26 @@ def scene_to_proto(scene: Scene, model_version: str) -> embeddings_pb2.SceneEmbe
     )
 
 
-def scene_from_proto(msg: embeddings_pb2.SceneEmbedding, regions: int, dim: int) -> Scene:
+def scene_from_proto(msg: embeddings_pb2.SceneEmbedding, regions: int, embedding_dim: int) -> Scene:
+    d = embedding_dim
     return Scene(
-        from_tensor(getattr(msg, "global"), "scene_embedding.global", (dim,)),
-        from_tensor(msg.local, "scene_embedding.local", (regions, dim)),
-        from_tensor(msg.attention, "scene_embedding.attention", (regions, dim)),
+        from_tensor(getattr(msg, "global"), "scene_embedding.global", (d,)),
+        from_tensor(msg.local, "scene_embedding.local", (regions, d)),
+        from_tensor(msg.attention, "scene_embedding.attention", (regions, d)),
     )
 
 
-def product_to_proto(style: NDArray, key: NDArray, model_version: str) -> embeddings_pb2.ProductEmbedding:
+def product_to_proto(
+    style: NDArray, attention_key: NDArray, model_version: str
+) -> embeddings_pb2.ProductEmbedding:
     return embeddings_pb2.ProductEmbedding(
-        style=to_tensor(style), attention_key=to_tensor(key), model_version=model_version
+        style=to_tensor(style), attention_key=to_tensor(attention_key), model_version=model_version
     )
 
 
-def product_from_proto(msg: embeddings_pb2.ProductEmbedding, dim: int) -> tuple[F32, F32]:
+def product_from_proto(msg: embeddings_pb2.ProductEmbedding, embedding_dim: int) -> tuple[F32, F32]:
+    """(style embedding, attention key), each [embedding_dim]."""
     return (
-        from_tensor(msg.style, "embedding.style", (dim,)),
-        from_tensor(msg.attention_key, "embedding.attention_key", (dim,)),
+        from_tensor(msg.style, "embedding.style", (embedding_dim,)),
+        from_tensor(msg.attention_key, "embedding.attention_key", (embedding_dim,)),
     )

@@ -174,8 +174,8 @@ class RankerConfig:
     exact_below: int = field(
         default=200_000,
         metadata=setting(
-            "pooled mode queries categories of at most this many products exactly (a scan in the store, "
-            "~20 ms per 100k); larger ones through the store's HNSW index",
+            "pooled mode queries categories of at most this many products exactly (a scan in the store; "
+            "its cost: docs/BENCHMARKS.md); larger ones through the store's HNSW index",
             check=at_least(0),
         ),
     )

@@ -126,7 +126,7 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
 
 class SmallCNN(nn.Module):
     """A compact VGG-style CNN (about 1.2M parameters): fast enough on a CPU to train end to end
-    (about 500 images/s forward+backward at 96 px on 2 cores, channels_last).
+    (its speed: docs/BENCHMARKS.md).
 
     Same strides as a ResNet (stage-4 map at 1/16, pooled vector from 1/32).
     """
