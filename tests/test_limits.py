@@ -347,7 +347,7 @@ def test_legal_images_that_together_exceed_one_encoder_call_are_all_ingested(loo
 def test_the_byte_budget_grants_in_order_lets_an_oversized_batch_go_alone_and_survives_cancels() -> None:
     """The budget behind #6 (UpsertProducts held 4.8 GB for 32 legal 20 MB images): bytes held at once
     never exceed it, except one batch larger than all of it, which waits until nothing else is held."""
-    from ranker_service.app import ByteBudget
+    from ranker_service.byte_budget import ByteBudget
 
     async def scenario() -> list:
         budget = ByteBudget(100)
