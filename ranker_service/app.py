@@ -1,9 +1,10 @@
 """What the ranker does, without gRPC: Recommend on domain types (retrieval.SceneQuery in,
-retrieval.Recommendations out), the catalog calls, and UpsertProducts.
+retrieval.Recommendations out), the catalog calls, and UpsertProducts (records.ProductRecord in, read one
+at a time; records.Upserted out).
 
 RankerApp holds the state (the model, the store, the retriever, the ingestion budgets); the servicer
 (service.py) converts the API's messages to and from these types and maps errors to statuses. One bad record
-of an UpsertProducts stream fails alone and is listed in the reply.
+of an UpsertProducts stream fails alone and is listed in the outcome.
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctl.serving import Metrics
-from ctl.tensors import Scene, TensorError, product_from_proto, unit_rows
-from ctl.v1 import embeddings_pb2, ranker_pb2
-from ranker_service.bounds import CALL_ENVELOPE, MAX_METADATA_KEY_BYTES, fitting, text
+from ctl.tensors import Scene
+from ranker_service.bounds import CALL_ENVELOPE
 from ranker_service.byte_budget import ByteBudget
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
 from ranker_service.errors import (
     EncoderUnavailable,
-    InvalidRequest,
     NotReady,
     StoreError,
     StreamTooLong,
     TooManyStreams,
     VersionMismatch,
 )
+from ranker_service.records import ProductRecord, RefusedRecord, StreamRecord, Upserted
 from ranker_service.retrieval import Recommendations, RetrievalMode, Retriever, SceneQuery
 from ranker_service.store import Listing, ProductPoint, ProductStore
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 _IMAGE_ENVELOPE = 16  # per image: the field's tag and length
 LINGER_S = 0.2  # a stream that pauses this long has the batch it read so far sent
-_ECHO_CHARS = 256  # of a refused record's id, echoed in its failure
 
 
 @dataclass
@@ -165,13 +164,12 @@ class RankerApp:
 
     # --- UpsertProducts --------------------------------------------------------------------------------
 
-    async def upsert(
-        self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining_s: float | None
-    ) -> ranker_pb2.UpsertProductsResponse:
+    async def upsert(self, records: AsyncIterator[StreamRecord], remaining_s: float | None) -> Upserted:
         """At most `max_upsert_streams` streams at once; one more is refused at once (RESOURCE_EXHAUSTED,
         which ctl ingest retries with backoff) rather than queued: gRPC takes in a waiting stream's first
         records all the same, so each open stream costs memory, several times its largest image
-        (measured: ~65 MB with 15 MiB images)."""
+        (measured: ~65 MB with 15 MiB images). `records` is read one record at a time, as they are
+        needed."""
         if self._upsert_streams >= self.config.max_upsert_streams:
             raise TooManyStreams(
                 f"{self._upsert_streams} UpsertProducts streams are open, the most this ranker takes "
@@ -179,13 +177,11 @@ class RankerApp:
             )
         self._upsert_streams += 1
         try:
-            return await self._upsert(requests, remaining_s)
+            return await self._upsert(records, remaining_s)
         finally:
             self._upsert_streams -= 1
 
-    async def _upsert(
-        self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining_s: float | None
-    ) -> ranker_pb2.UpsertProductsResponse:
+    async def _upsert(self, records: AsyncIterator[StreamRecord], remaining_s: float | None) -> Upserted:
         """Batches of `upsert_batch` records are encoded and written concurrently, at most
         `upsert_concurrency` at a time (the stream is not read further meanwhile), but a product sent twice
         is written in the order sent: a batch waits, before its write, for the earlier batches that hold one
@@ -193,21 +189,21 @@ class RankerApp:
         time; `upserted` counts distinct products stored. (No deadlock: a batch only waits for earlier
         ones, which hold their slots already.)"""
         ready = self.ready
-        reply = ranker_pb2.UpsertProductsResponse(model_version=ready.info.model_version)
+        outcome = Upserted(ready.info.model_version)
         slots = asyncio.Semaphore(self.config.upsert_concurrency)
         tasks: list[asyncio.Task] = []
-        batch: list[tuple[int, ranker_pb2.Product]] = []
+        batch: list[tuple[int, ProductRecord]] = []
         batch_bytes = 0
         max_image, _ = self._encoder_limits(ready.info)
         writer: dict[str, asyncio.Task] = {}  # the latest batch holding each product id
         stored: set[str] = set()
 
         async def flush(
-            items: list[tuple[int, ranker_pb2.Product]], earlier: set[asyncio.Task], held: list[int]
+            items: list[tuple[int, ProductRecord]], earlier: set[asyncio.Task], held: list[int]
         ) -> None:
             categories: Counter[str] = Counter()  # what _prepare admits, held until stored
             try:
-                points = await self._prepare(items, reply, ready, remaining_s, categories)
+                points = await self._prepare(items, outcome, ready, remaining_s, categories)
                 self.image_bytes.release(held.pop())  # the images are encoded: only vectors are left
                 if earlier:
                     await asyncio.wait(earlier)
@@ -216,7 +212,7 @@ class RankerApp:
                 self._in_flight.subtract(categories)
                 self._in_flight += Counter()  # drops the categories no batch holds now
             stored.update(p.product_id for p in points)
-            reply.upserted = len(stored)
+            outcome.upserted = len(stored)
 
         def finished(held: list[int], task: asyncio.Task) -> None:
             # a done callback, not a `finally`: a task cancelled before it ran never runs its coroutine,
@@ -224,7 +220,7 @@ class RankerApp:
             self.image_bytes.release(sum(held))
             slots.release()
 
-        async def start(items: list[tuple[int, ranker_pb2.Product]], size: int) -> None:
+        async def start(items: list[tuple[int, ProductRecord]], size: int) -> None:
             """Send a batch holding `size` bytes of the budget (given back if it cannot start)."""
             try:
                 await slots.acquire()  # back-pressure: stop reading while `upsert_concurrency` batches run
@@ -232,7 +228,7 @@ class RankerApp:
                 self.image_bytes.release(size)
                 raise
             held = [size]
-            ids = {p.product_id for _, p in items}
+            ids = {r.product_id for _, r in items}
             earlier = {writer[i] for i in ids if i in writer and not writer[i].done()}
             task = asyncio.create_task(flush(items, earlier, held))
             task.add_done_callback(functools.partial(finished, held))
@@ -261,12 +257,12 @@ class RankerApp:
 
         reading: asyncio.Future | None = None
 
-        async def next_request() -> ranker_pb2.UpsertProductsRequest | None:
+        async def next_record() -> StreamRecord | None:
             """The stream's next record (None at its end). While a batch read so far holds part of the
             budget, a caller that pauses (a slow link, or one that keeps its stream open and idle) has it
             sent after LINGER_S: bytes held by an idle stream would stop every other stream's uploads."""
             nonlocal reading
-            reading = asyncio.ensure_future(anext(records))
+            reading = asyncio.ensure_future(anext(incoming))
             if batch:
                 await asyncio.wait({reading}, timeout=LINGER_S)
                 if not reading.done():
@@ -278,23 +274,25 @@ class RankerApp:
             finally:
                 reading = None
 
-        records = aiter(requests)
+        incoming = aiter(records)
         try:
             too_long = False
-            while (request := await next_request()) is not None:
-                if reply.received == self.config.max_stream_records:
+            while (record := await next_record()) is not None:
+                if outcome.received == self.config.max_stream_records:
                     too_long = True  # what came before is finished below; the rest is not read
                     break
-                index = reply.received
-                reply.received += 1
-                problem = _record_problem(request.product, self.config, max_image)
-                if problem:
-                    _fail(reply, index, request.product.product_id, "INVALID_ARGUMENT", problem)
+                index = outcome.received
+                outcome.received += 1
+                if isinstance(record, RefusedRecord):
+                    outcome.fail(index, record.product_id, record.code, record.message)
                     continue
-                size = request.product.ByteSize()
-                granted = await admit(size)
-                batch.append((index, request.product))
-                batch_bytes += size
+                problem = _image_problem(record, max_image)
+                if problem:
+                    outcome.fail(index, record.product_id, "INVALID_ARGUMENT", problem)
+                    continue
+                granted = await admit(record.size)
+                batch.append((index, record))
+                batch_bytes += record.size
                 batch_held += granted
                 if len(batch) >= self.config.upsert_batch or batch_bytes >= self.config.upsert_batch_bytes:
                     await send_batch()
@@ -308,8 +306,8 @@ class RankerApp:
                 limit = self.config.max_stream_records
                 raise StreamTooLong(
                     f"a stream may carry at most {limit} products: the first {limit} were processed "
-                    f"({reply.upserted} stored, {len(reply.failures)} failed{_failure_list(reply)}) and "
-                    "the rest was not read; send the remaining products in another stream (ctl ingest "
+                    f"({outcome.upserted} stored, {len(outcome.failures)} failed{outcome.failure_list()}) "
+                    "and the rest was not read; send the remaining products in another stream (ctl ingest "
                     "sends --batch per stream)"
                 )
         except StreamTooLong:
@@ -324,51 +322,43 @@ class RankerApp:
             await asyncio.gather(*tasks, return_exceptions=True)
             if isinstance(exc, EncoderUnavailable | StoreError):
                 raise type(exc)(
-                    f"{exc} — {reply.upserted} of {reply.received} products were stored before this; "
+                    f"{exc} — {outcome.upserted} of {outcome.received} products were stored before this; "
                     "send the stream again (upserts are idempotent)"
                 ) from exc
             raise
-        reply.failures.sort(key=lambda f: f.index)
-        self.records.labels("failed").inc(len(reply.failures))
+        outcome.failures.sort(key=lambda f: f.index)
+        self.records.labels("failed").inc(len(outcome.failures))
         log.info(
-            "upsert: %d received, %d stored, %d failed", reply.received, reply.upserted, len(reply.failures)
+            "upsert: %d received, %d stored, %d failed",
+            outcome.received,
+            outcome.upserted,
+            len(outcome.failures),
         )
-        return fitting(
-            reply,
-            self.config,
-            f"the {len(reply.failures):,} failures of this stream",
-            "send fewer records per stream",
-        )
+        return outcome
 
     async def _prepare(
         self,
-        items: list[tuple[int, ranker_pb2.Product]],
-        reply,
+        items: list[tuple[int, ProductRecord]],
+        outcome: Upserted,
         ready: _Ready,
         remaining_s: float | None,
         admitted: Counter[str],
     ) -> list[ProductPoint]:
-        """The points of a batch, in record order: precomputed embeddings checked, images encoded; records
-        that cannot be stored are listed in `reply.failures`."""
+        """The points of a batch, in record order: embeddings as given (the servicer checked them), images
+        encoded; records that cannot be stored are listed in `outcome.failures`."""
         info = ready.info
         points: dict[int, ProductPoint] = {}
-        items = await self._admit_categories(items, reply, ready)
-        admitted.update({p.category for _, p in items})
+        items = await self._admit_categories(items, outcome, ready)
+        admitted.update({r.category for _, r in items})
         self._in_flight.update(admitted)  # given back by the caller once stored
-        images = [(i, p) for i, p in items if p.WhichOneof("content") == "image"]
-        for index, product in items:
-            if product.WhichOneof("content") != "embedding":
-                continue
-            try:
-                points[index] = _point(product, *_embedding(product.embedding, info), info.model_version)
-            except (InvalidRequest, TensorError) as exc:
-                _fail(reply, index, product.product_id, "INVALID_ARGUMENT", str(exc))
-            except VersionMismatch as exc:
-                _fail(reply, index, product.product_id, "FAILED_PRECONDITION", str(exc))
+        images = [(i, r) for i, r in items if r.image is not None]
+        for index, record in items:
+            if record.embedding is not None:
+                points[index] = _point(record, *record.embedding, info.model_version)
         if images:
             chunks = self._encoder_calls(images, info)
             replies = await asyncio.gather(
-                *(self.encoder.encode_products([p.image for _, p in chunk], remaining_s) for chunk in chunks)
+                *(self.encoder.encode_products([r.image for _, r in chunk], remaining_s) for chunk in chunks)
             )
             images = [item for chunk in chunks for item in chunk]
             results = [r for chunk, _ in replies for r in chunk]
@@ -377,11 +367,11 @@ class RankerApp:
                     raise VersionMismatch(
                         f"the encoder now serves model {version} but the catalog holds {info.model_version}"
                     )
-            for (index, product), r in zip(images, results):
+            for (index, record), r in zip(images, results):
                 if r.style is None:
-                    _fail(reply, index, product.product_id, r.code, f"image: {r.message}")
+                    outcome.fail(index, record.product_id, r.code, f"image: {r.message}")
                 else:
-                    points[index] = _point(product, r.style, r.attention_key, info.model_version)
+                    points[index] = _point(record, r.style, r.attention_key, info.model_version)
         return [points[i] for i in sorted(points)]  # a product listed twice: the store keeps the last
 
     def _encoder_limits(self, info: ModelInfo) -> tuple[int, int]:
@@ -396,14 +386,14 @@ class RankerApp:
         return min(info.max_image_bytes or per_call, per_call - _IMAGE_ENVELOPE), per_call
 
     def _encoder_calls(
-        self, images: list[tuple[int, ranker_pb2.Product]], info: ModelInfo
-    ) -> list[list[tuple[int, ranker_pb2.Product]]]:
+        self, images: list[tuple[int, ProductRecord]], info: ModelInfo
+    ) -> list[list[tuple[int, ProductRecord]]]:
         """The images split into EncodeProducts calls, in order: at most ModelInfo.max_batch_images per
         call and at most the bytes one call may carry (eight 9.7 MB PNGs are legal images, but not one
         64 MiB call)."""
         _, per_call = self._encoder_limits(info)
         step = max(1, info.max_batch_images)
-        chunks: list[list[tuple[int, ranker_pb2.Product]]] = []
+        chunks: list[list[tuple[int, ProductRecord]]] = []
         size = 0
         for item in images:
             cost = len(item[1].image) + _IMAGE_ENVELOPE
@@ -415,12 +405,12 @@ class RankerApp:
         return chunks
 
     async def _admit_categories(
-        self, items: list[tuple[int, ranker_pb2.Product]], reply, ready: _Ready
-    ) -> list[tuple[int, ranker_pb2.Product]]:
+        self, items: list[tuple[int, ProductRecord]], outcome: Upserted, ready: _Ready
+    ) -> list[tuple[int, ProductRecord]]:
         """The records whose category exists or still fits in the catalog (max_catalog_categories: every
         category is listed in one GetCatalogStats reply); the others fail alone (RESOURCE_EXHAUSTED)."""
         cap = self.config.max_catalog_categories
-        new = {p.category for _, p in items} - self._categories
+        new = {r.category for _, r in items} - self._categories
         if not new:
             return items
         if len(self._categories) + len(new) > cap:  # deletes may have emptied some: ask the store
@@ -428,21 +418,20 @@ class RankerApp:
             # twice)
             self._categories = set(await ready.store.counts_by_category()) | set(self._in_flight)
         kept = []
-        for index, product in items:
-            if product.category not in self._categories:
+        for index, record in items:
+            if record.category not in self._categories:
                 if len(self._categories) >= cap:
-                    _fail(
-                        reply,
+                    outcome.fail(
                         index,
-                        product.product_id,
+                        record.product_id,
                         "RESOURCE_EXHAUSTED",
-                        f"category {product.category[:64]!r} would be new, and the catalog holds "
+                        f"category {record.category[:64]!r} would be new, and the catalog holds "
                         f"{len(self._categories):,} categories already, the most it may "
                         "(CTL_RANKER_MAX_CATALOG_CATEGORIES)",
                     )
                     continue
-                self._categories.add(product.category)
-            kept.append((index, product))
+                self._categories.add(record.category)
+            kept.append((index, record))
         return kept
 
     async def _store(self, points: list[ProductPoint], ready: _Ready) -> None:
@@ -480,88 +469,23 @@ class RankerApp:
         return self.ready.info
 
 
-def _record_problem(product: ranker_pb2.Product, config: RankerConfig, max_image_bytes: int) -> str:
-    """Why a record cannot be stored, before any encoding ("" if it can). Metadata is bounded because
-    every Recommend reply of the category carries it; an image larger than the encoder takes in one call
-    fails here, alone, instead of failing (and being retried in) the whole stream."""
-    try:
-        text(product.product_id, "product_id")
-        text(product.category, "category")
-        _metadata_problem(product.metadata, config)
-    except InvalidRequest as exc:
-        return str(exc)
-    content = product.WhichOneof("content")
-    if content is None:
-        return "give the product's image or its embedding"
-    if content == "image":
-        if not product.image:
-            return "image is empty"
-        size = len(product.image)  # (each read of the field copies it)
-        if size > max_image_bytes:
-            return (
-                f"image is {size:,} bytes; the encoder takes at most {max_image_bytes:,} "
-                "(ModelInfo.max_image_bytes): make it smaller"
-            )
+def _image_problem(record: ProductRecord, max_image_bytes: int) -> str:
+    """Why a record's image cannot be encoded ("" if it can): an image larger than the encoder takes in one
+    call fails here, alone, instead of failing (and being retried in) the whole stream."""
+    if record.image is not None and len(record.image) > max_image_bytes:
+        return (
+            f"image is {len(record.image):,} bytes; the encoder takes at most {max_image_bytes:,} "
+            "(ModelInfo.max_image_bytes): make it smaller"
+        )
     return ""
 
 
-def _metadata_problem(metadata, config: RankerConfig) -> None:
-    if len(metadata) > config.max_metadata_keys:
-        raise InvalidRequest(f"metadata: at most {config.max_metadata_keys} keys, got {len(metadata)}")
-    total = 0
-    for key, value in metadata.items():
-        text(key, "metadata key", MAX_METADATA_KEY_BYTES)
-        size = len(value.encode())
-        if size > config.max_metadata_value_bytes:
-            raise InvalidRequest(
-                f"metadata[{key[:64]!r}]: the value is {size:,} bytes, at most "
-                f"{config.max_metadata_value_bytes:,}"
-            )
-        total += size + len(key.encode())
-    if total > config.max_metadata_bytes:
-        raise InvalidRequest(
-            f"metadata: {total:,} bytes of keys and values, at most {config.max_metadata_bytes:,}"
-        )
-
-
-def _embedding(emb: embeddings_pb2.ProductEmbedding, info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
-    if not emb.model_version:
-        raise InvalidRequest("embedding.model_version is empty: say which model made it")
-    if emb.model_version != info.model_version:
-        raise VersionMismatch(
-            f"embedding made by model {emb.model_version}; this catalog holds {info.model_version}"
-        )
-    style, attention_key = product_from_proto(emb, info.dim)
-    return unit_rows(style, "embedding.style"), unit_rows(attention_key, "embedding.attention_key")
-
-
-def _point(product: ranker_pb2.Product, style, attention_key, version: str) -> ProductPoint:
+def _point(record: ProductRecord, style, attention_key, version: str) -> ProductPoint:
     return ProductPoint(
-        product_id=product.product_id,
-        category=product.category,
+        product_id=record.product_id,
+        category=record.category,
         style=np.asarray(style, dtype=np.float32),
         attention=np.asarray(attention_key, dtype=np.float32),  # the store's name for it
-        metadata=dict(product.metadata),
+        metadata=record.metadata,
         model_version=version,
-    )
-
-
-def _failure_list(reply, most: int = 10) -> str:
-    """The first failures of a reply, for an error that cannot carry the reply itself."""
-    if not reply.failures:
-        return ""
-    failures = sorted(reply.failures, key=lambda f: f.index)
-    shown = "; ".join(
-        f"#{f.index} {f.product_id[:64]!r}: {f.error.code} {f.error.message[:160]}" for f in failures[:most]
-    )
-    more = f"; and {len(failures) - most} more" if len(failures) > most else ""
-    return f": {shown}{more}"
-
-
-def _fail(reply, index: int, product_id: str, code: str, message: str) -> None:
-    """Lists a failed record: its id shortened (a refused record's id may be megabytes long, and the
-    reply is kept until the stream ends) and the message within 1,000 characters."""
-    shown = product_id if len(product_id) <= _ECHO_CHARS else product_id[:_ECHO_CHARS] + "…"
-    reply.failures.add(
-        index=index, product_id=shown, error=embeddings_pb2.RecordError(code=code, message=message[:1000])
     )

@@ -1,9 +1,11 @@
-"""What one request or reply of the ranker may hold: ids, metadata values, reply bytes. Shared by the servicer
-(Recommend, GetProducts, DeleteProducts) and the app (UpsertProducts records), so each bound is written once.
+"""What one request or reply of the ranker may hold: ids, metadata, reply bytes, checked by the servicer as it
+reads the API's messages (their errors name the fields), so each bound is written once; CALL_ENVELOPE also
+sizes the app's encoder calls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -32,6 +34,28 @@ def metadata_value(value: str, name: str, config: RankerConfig) -> str:
     if len(value.encode()) > config.max_metadata_value_bytes:
         raise InvalidRequest(f"{name} is longer than {config.max_metadata_value_bytes} bytes")
     return value
+
+
+def record_metadata(metadata: Mapping[str, str], config: RankerConfig) -> dict[str, str]:
+    """A product's metadata, if within its bounds (InvalidRequest otherwise): every Recommend reply of the
+    category carries it."""
+    if len(metadata) > config.max_metadata_keys:
+        raise InvalidRequest(f"metadata: at most {config.max_metadata_keys} keys, got {len(metadata)}")
+    total = 0
+    for key, value in metadata.items():
+        text(key, "metadata key", MAX_METADATA_KEY_BYTES)
+        size = len(value.encode())
+        if size > config.max_metadata_value_bytes:
+            raise InvalidRequest(
+                f"metadata[{key[:64]!r}]: the value is {size:,} bytes, at most "
+                f"{config.max_metadata_value_bytes:,}"
+            )
+        total += size + len(key.encode())
+    if total > config.max_metadata_bytes:
+        raise InvalidRequest(
+            f"metadata: {total:,} bytes of keys and values, at most {config.max_metadata_bytes:,}"
+        )
+    return dict(metadata)
 
 
 def fitting(reply: Reply, config: RankerConfig, what: str, advice: str) -> Reply:

@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from ctl.serving import error_mapper
-from ctl.tensors import Scene, scene_from_proto, unit_scene
-from ctl.v1 import ranker_pb2, ranker_pb2_grpc
+from ctl.tensors import F32, Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
+from ctl.v1 import embeddings_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service.app import CatalogStats, Deleted, Lookup, RankerApp
-from ranker_service.bounds import MAX_METADATA_KEY_BYTES, fitting, metadata_value, text
+from ranker_service.bounds import MAX_METADATA_KEY_BYTES, fitting, metadata_value, record_metadata, text
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import ModelInfo
 from ranker_service.errors import ERROR_CODES, InvalidRequest, VersionMismatch
+from ranker_service.records import ProductRecord, RefusedRecord, StreamRecord, Upserted
 from ranker_service.retrieval import (
     DEFAULT_LIMIT,
     Ask,
@@ -184,6 +185,74 @@ def _category_proto(r: Result, explain: bool) -> ranker_pb2.CategoryRecommendati
     )
 
 
+# --- UpsertProducts ---------------------------------------------------------------------------------------
+
+
+async def stream_records(
+    requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], app: RankerApp
+) -> AsyncIterator[StreamRecord]:
+    """The stream's records as the app reads them: each request is read and mapped only when the app asks
+    for the next record, so the stream's back-pressure and the app's byte budget hold."""
+    info = app.model_info  # at the app's first read, after its own checks (open streams, readiness)
+    async for request in requests:
+        yield stream_record(request.product, app.config, info)
+
+
+def stream_record(product: ranker_pb2.Product, config: RankerConfig, info: ModelInfo) -> StreamRecord:
+    """The product as a domain record, or refused (it then fails alone, at its place in the stream): ids and
+    metadata bounded, an image or a precomputed embedding of the served model, made unit length."""
+    try:
+        return _product_record(product, config, info)
+    except (InvalidRequest, TensorError) as exc:
+        return RefusedRecord(product.product_id, "INVALID_ARGUMENT", str(exc))
+    except VersionMismatch as exc:
+        return RefusedRecord(product.product_id, "FAILED_PRECONDITION", str(exc))
+
+
+def _product_record(product: ranker_pb2.Product, config: RankerConfig, info: ModelInfo) -> ProductRecord:
+    product_id = text(product.product_id, "product_id")
+    category = text(product.category, "category")
+    metadata = record_metadata(product.metadata, config)
+    content = product.WhichOneof("content")
+    if content is None:
+        raise InvalidRequest("give the product's image or its embedding")
+    size = product.ByteSize()
+    if content == "image":
+        image = product.image  # (each read of the field copies it)
+        if not image:
+            raise InvalidRequest("image is empty")
+        return ProductRecord(product_id, category, metadata, size, image=image)
+    embedding = _embedding(product.embedding, info)
+    return ProductRecord(product_id, category, metadata, size, embedding=embedding)
+
+
+def _embedding(emb: embeddings_pb2.ProductEmbedding, info: ModelInfo) -> tuple[F32, F32]:
+    if not emb.model_version:
+        raise InvalidRequest("embedding.model_version is empty: say which model made it")
+    if emb.model_version != info.model_version:
+        raise VersionMismatch(
+            f"embedding made by model {emb.model_version}; this catalog holds {info.model_version}"
+        )
+    style, attention_key = product_from_proto(emb, info.dim)
+    return unit_rows(style, "embedding.style"), unit_rows(attention_key, "embedding.attention_key")
+
+
+def upsert_response(outcome: Upserted) -> ranker_pb2.UpsertProductsResponse:
+    return ranker_pb2.UpsertProductsResponse(
+        received=outcome.received,
+        upserted=outcome.upserted,
+        failures=[
+            ranker_pb2.RecordFailure(
+                index=f.index,
+                product_id=f.product_id,
+                error=embeddings_pb2.RecordError(code=f.code, message=f.message),
+            )
+            for f in outcome.failures
+        ],
+        model_version=outcome.model_version,
+    )
+
+
 # --- DeleteProducts, GetProducts, GetCatalogStats --------------------------------------------------------
 
 
@@ -239,7 +308,14 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     async def upsert(
         self, requests: AsyncIterator[ranker_pb2.UpsertProductsRequest], remaining_s: float | None
     ) -> ranker_pb2.UpsertProductsResponse:
-        return await self.app.upsert(requests, remaining_s)
+        app = self.app
+        outcome = await app.upsert(stream_records(requests, app), remaining_s)
+        return fitting(
+            upsert_response(outcome),
+            app.config,
+            f"the {len(outcome.failures):,} failures of this stream",
+            "send fewer records per stream",
+        )
 
     async def delete(self, request: ranker_pb2.DeleteProductsRequest) -> ranker_pb2.DeleteProductsResponse:
         self.app.model_info  # noqa: B018  (not ready: UNAVAILABLE before the request is looked at)

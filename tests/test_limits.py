@@ -99,7 +99,7 @@ async def _fill(app: RankerApp, categories: Sequence[str], per_category: int, se
         requests += [
             _product(f"{c}-{i}", c, styles[i], keys[i], {"brand": f"b{i % 5}"}) for i in range(per_category)
         ]
-    reply = await app.upsert(_stream(requests), None)
+    reply = await RankerServicer(app).upsert(_stream(requests), None)
     assert not reply.failures, reply.failures[:3]
 
 
@@ -203,7 +203,7 @@ def test_certify_on_identical_products_stops_at_the_work_cap_uncertified() -> No
     req.limit = 10
 
     async def scenario(app, store):
-        reply = await app.upsert(_stream(requests), None)
+        reply = await RankerServicer(app).upsert(_stream(requests), None)
         assert reply.upserted == 400
         return await RankerServicer(app).recommend(req, None)
 
@@ -237,7 +237,7 @@ def test_metadata_beyond_its_bounds_fails_that_record_alone(metadata: dict, expe
     ]
 
     async def scenario(app, store):
-        return await app.upsert(_stream(requests), None), await store.count()
+        return await RankerServicer(app).upsert(_stream(requests), None), await store.count()
 
     reply, stored = asyncio.run(_with_app(RankerConfig(), scenario))
     assert reply.upserted == 2 and stored == 2
@@ -255,12 +255,13 @@ def test_a_new_category_beyond_the_catalog_cap_fails_alone_and_deletes_make_room
     first = [_product(f"p{i}", f"c{i}", v[i], v[i]) for i in range(5)]  # c0..c4, the cap is 3
 
     async def scenario(app, store):
-        reply = await app.upsert(_stream(first), None)
-        more = await app.upsert(_stream([_product("p5", "c0", v[5], v[5])]), None)  # a known category
+        reply = await RankerServicer(app).upsert(_stream(first), None)
+        known = [_product("p5", "c0", v[5], v[5])]  # a known category
+        more = await RankerServicer(app).upsert(_stream(known), None)
         await RankerServicer(app).delete(
             ranker_pb2.DeleteProductsRequest(product_ids=["p1"])
         )  # c1 is empty now
-        after = await app.upsert(_stream([_product("p6", "c9", v[6], v[6])]), None)
+        after = await RankerServicer(app).upsert(_stream([_product("p6", "c9", v[6], v[6])]), None)
         return reply, more, after, await app.stats()
 
     reply, more, after, stats = asyncio.run(_with_app(RankerConfig(max_catalog_categories=3), scenario))
@@ -285,7 +286,7 @@ def test_a_too_long_stream_names_its_failed_records() -> None:
 
     async def scenario(app, store):
         with pytest.raises(Exception) as error:
-            await app.upsert(_stream(requests), None)
+            await RankerServicer(app).upsert(_stream(requests), None)
         return error.value
 
     error = asyncio.run(_with_app(RankerConfig(max_stream_records=4), scenario))
@@ -329,7 +330,7 @@ def test_legal_images_that_together_exceed_one_encoder_call_are_all_ingested(loo
             await client.close()
 
             async def upsert(app, store):
-                return await app.upsert(_stream(requests), None), await store.count()
+                return await RankerServicer(app).upsert(_stream(requests), None), await store.count()
 
             return info, await _with_app(RankerConfig(upsert_batch=32), upsert, address, real_encoder=True)
 
@@ -419,7 +420,9 @@ def test_streams_together_hold_no_more_image_bytes_than_the_budget(loop, exporte
                         state["now"] -= size
 
                 app.encoder.encode_products = spying
-                replies = await asyncio.gather(*(app.upsert(_stream(stream(s)), None) for s in range(3)))
+                replies = await asyncio.gather(
+                    *(RankerServicer(app).upsert(_stream(stream(s)), None) for s in range(3))
+                )
                 return replies, await store.count()
 
             config = RankerConfig(upsert_batch=1, upsert_concurrency=4, upsert_bytes_in_flight=700 * KiB)
@@ -446,9 +449,11 @@ def test_a_stream_that_breaks_off_gives_back_every_byte_it_held() -> None:
     async def scenario(app, store):
         for _ in range(3):
             with pytest.raises(ConnectionResetError):
-                await app.upsert(broken(), None)
+                await RankerServicer(app).upsert(broken(), None)
             assert app.image_bytes.used == 0
-        reply = await app.upsert(_stream([_product(f"q{i}", "shoes", v[i], v[i]) for i in range(4)]), None)
+        reply = await RankerServicer(app).upsert(
+            _stream([_product(f"q{i}", "shoes", v[i], v[i]) for i in range(4)]), None
+        )
         return reply, app.image_bytes.used
 
     reply, used = asyncio.run(_with_app(RankerConfig(upsert_batch=1), scenario))
@@ -464,7 +469,7 @@ def test_get_products_whose_reply_would_not_fit_is_refused_as_such() -> None:
     requests = [_product(f"p{i}", "shoes", v[i], v[i], {"story": "x" * 4000}) for i in range(100)]
 
     async def scenario(app, store):
-        assert (await app.upsert(_stream(requests), None)).upserted == 100
+        assert (await RankerServicer(app).upsert(_stream(requests), None)).upserted == 100
         few = await RankerServicer(app).get_products(ranker_pb2.GetProductsRequest(product_ids=["p1", "p2"]))
         with pytest.raises(InvalidRequest, match="ask for fewer ids per call") as error:
             await RankerServicer(app).get_products(
@@ -492,7 +497,7 @@ def test_a_stream_stops_reading_while_the_byte_budget_is_taken() -> None:
 
     async def scenario(app, store):
         taken = await app.image_bytes.acquire(app.image_bytes.limit)  # other streams hold all of it
-        upload = asyncio.create_task(app.upsert(counted(), None))
+        upload = asyncio.create_task(RankerServicer(app).upsert(counted(), None))
         for _ in range(20):
             await asyncio.sleep(0)
         read_while_taken = reads["n"]
@@ -540,7 +545,7 @@ def test_encoder_calls_follow_the_limits_of_an_encoder_restarted_with_smaller_on
             app = state["app"]
             info = loop.call(app.encoder.model_info())  # what the health probe does every few seconds
             assert info.max_request_bytes == MiB
-            reply = loop.call(app.upsert(_stream(requests), None), timeout=120)
+            reply = loop.call(RankerServicer(app).upsert(_stream(requests), None), timeout=120)
             assert reply.upserted == 4 and not reply.failures
         finally:
             loop.loop.call_soon_threadsafe(state["done"].set_result, None)
@@ -568,11 +573,14 @@ def test_an_idle_open_stream_does_not_hold_the_byte_budget_from_others() -> None
         resume = asyncio.Event()
         record = _product("x", "shoes", v[0], v[0]).product.ByteSize()
         app.image_bytes.limit = 4 * record  # two idle streams of two records take all of it
-        idle = [asyncio.create_task(app.upsert(idle_after(p, 2), None)) for p in ("a", "b")]
+        idle = [asyncio.create_task(RankerServicer(app).upsert(idle_after(p, 2), None)) for p in ("a", "b")]
         for _ in range(20):
             await asyncio.sleep(0)
         other = await asyncio.wait_for(
-            app.upsert(_stream([_product(f"c{i}", "shoes", v[i], v[i]) for i in range(6)]), None), 20
+            RankerServicer(app).upsert(
+                _stream([_product(f"c{i}", "shoes", v[i], v[i]) for i in range(6)]), None
+            ),
+            20,
         )
         resume.set()
         replies = await asyncio.gather(*idle)
@@ -597,14 +605,17 @@ def test_a_stream_beyond_max_upsert_streams_is_refused_at_once() -> None:
 
     async def scenario(app, store):
         release = asyncio.Event()
-        first = [asyncio.create_task(app.upsert(open_stream(f"s{k}-", release), None)) for k in range(2)]
+        first = [
+            asyncio.create_task(RankerServicer(app).upsert(open_stream(f"s{k}-", release), None))
+            for k in range(2)
+        ]
         for _ in range(20):
             await asyncio.sleep(0)
         with pytest.raises(TooManyStreams, match="CTL_RANKER_MAX_UPSERT_STREAMS") as error:
-            await app.upsert(_stream([_product("late", "shoes", v[1], v[1])]), None)
+            await RankerServicer(app).upsert(_stream([_product("late", "shoes", v[1], v[1])]), None)
         release.set()
         replies = await asyncio.gather(*first)
-        after = await app.upsert(_stream([_product("later", "shoes", v[2], v[2])]), None)
+        after = await RankerServicer(app).upsert(_stream([_product("later", "shoes", v[2], v[2])]), None)
         return error.value, replies, after
 
     error, replies, after = asyncio.run(_with_app(RankerConfig(max_upsert_streams=2), scenario))
@@ -620,7 +631,7 @@ def test_a_refused_records_id_is_echoed_shortened() -> None:
     requests = [_product("x" * 1_000_000, "shoes", v[0], v[0]), _product("ok", "shoes", v[1], v[1])]
 
     async def scenario(app, store):
-        return await app.upsert(_stream(requests), None)
+        return await RankerServicer(app).upsert(_stream(requests), None)
 
     reply = asyncio.run(_with_app(RankerConfig(), scenario))
     assert reply.upserted == 1 and len(reply.failures) == 1
@@ -638,7 +649,9 @@ def test_concurrent_batches_cannot_admit_more_categories_than_the_cap() -> None:
     v = _unit(rng.standard_normal((4, DIM)))
 
     async def scenario(app, store):
-        await app.upsert(_stream([_product(f"p{i}", f"c{i}", v[i], v[i]) for i in range(2)]), None)
+        await RankerServicer(app).upsert(
+            _stream([_product(f"p{i}", f"c{i}", v[i], v[i]) for i in range(2)]), None
+        )
         real = store.upsert
 
         async def slow(points):
@@ -647,7 +660,10 @@ def test_concurrent_batches_cannot_admit_more_categories_than_the_cap() -> None:
 
         store.upsert = slow
         replies = await asyncio.gather(
-            *(app.upsert(_stream([_product(f"q{i}", f"new{i}", v[i], v[i])]), None) for i in (2, 3))
+            *(
+                RankerServicer(app).upsert(_stream([_product(f"q{i}", f"new{i}", v[i], v[i])]), None)
+                for i in (2, 3)
+            )
         )
         return replies, await store.counts_by_category()
 

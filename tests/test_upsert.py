@@ -20,6 +20,7 @@ from ctl.v1 import ranker_pb2
 from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.service import RankerServicer
 from ranker_service.store import open_edge_store
 
 VERSION, DIM = "m-1", 16
@@ -66,7 +67,7 @@ def test_a_stream_has_at_most_upsert_concurrency_batches_in_flight(concurrency: 
             app = RankerApp(config, EncoderClient("127.0.0.1:9", 1.0, 1 << 20), Metrics("test"))
             await app.attach(ModelInfo(VERSION, 64, 1, 4, DIM, "test", 32), store)
             try:
-                reply = await app.upsert(requests(), None)
+                reply = await RankerServicer(app).upsert(requests(), None)
                 assert await store.count() == reply.upserted
                 return reply
             finally:
