@@ -19,29 +19,82 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
-from collections.abc import Awaitable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
-from ctl.serving import Server
+import grpc
+
+from ctl.security import Tokens, server_credentials, token_auth, warn_unauthenticated
+from ctl.serving import Metrics, Server, build_server, host_port
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class ServerSettings(Protocol):
+    """The settings both services' configs have (EncoderConfig, RankerConfig): where they listen, their
+    limits, TLS, tokens on the open services, and the drain's grace."""
+
+    host: str
+    port: int
+    health_port: int  # -1: off
+    metrics_port: int  # -1: off
+    max_message_bytes: int
+    max_concurrent_calls: int
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    protect_health: bool
+    grace_s: float
+
+
+def build_service_server(
+    config: ServerSettings,
+    *,
+    service_name: str,
+    add_servicer: Callable[[grpc.aio.Server], None],
+    metrics: Metrics,
+    scopes: Mapping[str, Tokens],
+    method_scopes: Mapping[str, str] | None = None,
+) -> Server:
+    """A service's bound gRPC server, built the same way for every service: its servicer, health and
+    reflection, metrics, the concurrency limit, token scopes (`method_scopes`: method name -> scope; a
+    service with one scope needs none) and TLS from `config`. A server without tokens says so once it
+    listens (`warn_unauthenticated`)."""
+    auth = token_auth(scopes, method_scopes or {}, protect_open=config.protect_health)
+    server = build_server(
+        service_names=(service_name,),
+        add_servicers=add_servicer,
+        address=host_port(config.host, config.port),
+        metrics=metrics,
+        max_message_bytes=config.max_message_bytes,
+        max_concurrent_calls=config.max_concurrent_calls,
+        auth=auth,
+        credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
+        health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
+    )
+    if auth is None:
+        server.notices.append(
+            functools.partial(warn_unauthenticated, scopes, service=service_name, host=config.host)
+        )
+    return server
+
+
 class Service(abc.ABC):
     """A built (not started) server and what it owns; see the module's docstring."""
 
-    def __init__(self, server: Server, *, grace_s: float, host: str, metrics_port: int):
-        """`grace_s`: what in-flight calls get when stopped; `host`, `metrics_port` (-1: off): where `run`
-        serves /metrics."""
+    def __init__(self, server: Server, config: ServerSettings):
+        """`config.grace_s`: what in-flight calls get when stopped; `config.host`, `config.metrics_port`
+        (-1: off): where `run` serves /metrics."""
         self.server = server
         self.metrics = server.metrics
-        self.grace_s = grace_s
-        self._metrics_host = host
-        self._metrics_port = metrics_port
+        self.grace_s = config.grace_s
+        self._metrics_host = config.host
+        self._metrics_port = config.metrics_port
         self._tasks: list[asyncio.Task] = []
 
     @property

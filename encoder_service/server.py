@@ -11,12 +11,11 @@ model than the one the encoder started with, turns the service NOT_SERVING).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 
-from ctl.lifecycle import Service
-from ctl.security import Tokens, server_credentials, token_auth, warn_unauthenticated
-from ctl.serving import Metrics, Server, build_server, host_port
+from ctl.lifecycle import Service, build_service_server
+from ctl.security import Tokens
+from ctl.serving import Metrics, Server
 from ctl.settings import named
 from ctl.v1 import encoder_pb2_grpc
 from encoder_service.app import EncoderApp
@@ -67,26 +66,16 @@ class Encoder(Service):
         self.health_poll_s = health_poll_s
         metrics = Metrics(SERVICE_NAME)
         self.app = EncoderApp(config, make_backend(config), metrics)
-        scopes = {"encode": Tokens(config.tokens, named(ENV_PREFIX, "tokens"))}
-        auth = token_auth(scopes, {}, protect_open=config.protect_health)
-        server = build_server(
-            service_names=(SERVICE_NAME,),
-            add_servicers=lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(
+        server = build_service_server(
+            config,
+            service_name=SERVICE_NAME,
+            add_servicer=lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(
                 EncoderServicer(self.app), s
             ),
-            address=config.address,
             metrics=metrics,
-            max_message_bytes=config.max_message_bytes,
-            max_concurrent_calls=config.max_concurrent_calls,
-            auth=auth,
-            credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
-            health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
+            scopes={"encode": Tokens(config.tokens, named(ENV_PREFIX, "tokens"))},
         )
-        if auth is None:
-            server.notices.append(
-                functools.partial(warn_unauthenticated, scopes, service=SERVICE_NAME, host=config.host)
-            )
-        super().__init__(server, grace_s=config.grace_s, host=config.host, metrics_port=config.metrics_port)
+        super().__init__(server, config)
 
     async def bring_up(self) -> None:
         """The model loaded and warmed up: SERVING, and the backend watcher starts. Raises

@@ -13,7 +13,6 @@ model while it runs: restart it to serve the new one, with its catalog.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import ssl
 import time
@@ -21,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from ctl.lifecycle import Service
+from ctl.lifecycle import Service, build_service_server
 from ctl.retry import backoff
 from ctl.security import (
     READ,
@@ -31,11 +30,8 @@ from ctl.security import (
     channel_credentials,
     is_loopback,
     parse_token,
-    server_credentials,
-    token_auth,
-    warn_unauthenticated,
 )
-from ctl.serving import Metrics, build_server, host_port
+from ctl.serving import Metrics
 from ctl.settings import named
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import ENV_PREFIX, RankerConfig
@@ -157,37 +153,24 @@ class Ranker(Service):
             token=Tokens(config.encoder_token, named(ENV_PREFIX, "encoder_token"), single=True),
         )
         self.app = RankerApp(config, self.encoder, self.metrics)
-        scopes = {
-            READ: Tokens(config.read_tokens, named(ENV_PREFIX, "read_tokens")),
-            WRITE: Tokens(config.write_tokens, named(ENV_PREFIX, "write_tokens")),
-        }
-        auth = token_auth(
-            scopes,
-            METHOD_SCOPES,
-            protect_open=config.protect_health,
-        )
-        server = build_server(
-            service_names=(SERVICE_NAME,),
-            add_servicers=lambda s: ranker_pb2_grpc.add_RankerServiceServicer_to_server(
+        server = build_service_server(
+            config,
+            service_name=SERVICE_NAME,
+            add_servicer=lambda s: ranker_pb2_grpc.add_RankerServiceServicer_to_server(
                 RankerServicer(self.app), s
             ),
-            address=host_port(config.host, config.port),
             metrics=self.metrics,
-            max_message_bytes=config.max_message_bytes,
-            max_concurrent_calls=config.max_concurrent_calls,
-            auth=auth,
-            credentials=server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca),
-            health_address=host_port(config.host, config.health_port) if config.health_port >= 0 else None,
+            scopes={
+                READ: Tokens(config.read_tokens, named(ENV_PREFIX, "read_tokens")),
+                WRITE: Tokens(config.write_tokens, named(ENV_PREFIX, "write_tokens")),
+            },
+            method_scopes=METHOD_SCOPES,
         )
-        if auth is None:
-            server.notices.append(
-                functools.partial(warn_unauthenticated, scopes, service=SERVICE_NAME, host=config.host)
-            )
         # a bad key file or CA file: exit 2 now, not once the encoder answered
         self._qdrant = qdrant_credentials(config) if config.qdrant_url else (None, None)
         self.store: ProductStore | None = None
         self._probe_log = ProbeErrorLog()
-        super().__init__(server, grace_s=config.grace_s, host=config.host, metrics_port=config.metrics_port)
+        super().__init__(server, config)
 
     async def _until_up(
         self, what: str, attempt: Callable[[], Awaitable[T]], transient: type[Exception]
