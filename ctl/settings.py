@@ -4,7 +4,13 @@ A config is a frozen dataclass. Each field carries its help in `field(metadata=s
 flag (`max_batch` -> `--max-batch`) and a variable (`CTL_ENCODER_` + `MAX_BATCH`). `add_arguments` adds the
 flags with default None, so that nothing is read from the environment while `ctl`'s parser is built (a
 malformed variable of one service must not break every other command) and `from_args` can tell a flag given
-from one absent: a flag wins over the variable, which wins over the field's default.
+from one absent: a flag wins over the variable, which wins over the field's default. A field without
+`setting()` (a command's positional argument) is not a setting: no flag, no variable; the caller passes it.
+
+A field may be optional (`int | None = None`: unset means "decided elsewhere", a preset, say): its flag and
+variable read the inner type, and None passes its checks. A bool field takes a value (`--protect-health yes`)
+unless it is a `switch`: then it is a pair of flags, `--augment` / `--no-augment`. Either way its variable
+reads true/false, yes/no, on/off, 1/0. A `tuple[str, ...]` reads a comma-separated list.
 
 A field may also carry a `check` (value -> what was expected, or None): `from_args` applies it naming the
 flag or the variable the value came from, and the config's `__post_init__` applies it through `check_fields`
@@ -25,6 +31,7 @@ import dataclasses
 import math
 import os
 import re
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,9 +41,15 @@ from ctl.serving import parse_bool
 Check = Callable[[Any], str | None]
 
 
-def setting(help: str, *, check: Check | None = None, **extra: Any) -> dict[str, Any]:
-    """The metadata of one config field: its help, an optional check, and argparse extras (`choices`)."""
-    return {"help": help, **({"check": check} if check else {}), **extra}
+def setting(help: str, *, check: Check | None = None, switch: bool = False, **extra: Any) -> dict[str, Any]:
+    """The metadata of one config field: its help, an optional check, whether a bool is a `switch`
+    (`--x` / `--no-x` instead of `--x true`), and argparse extras (`choices`)."""
+    metadata: dict[str, Any] = {"help": help, **extra}
+    if check:
+        metadata["check"] = check
+    if switch:
+        metadata["switch"] = True
+    return metadata
 
 
 # -------------------------------------------------------- checks: None if fine, else what is expected
@@ -52,9 +65,13 @@ def more_than(low: float) -> Check:
     return lambda v: None if math.isfinite(v) and v > low else f"expected a number above {low}"
 
 
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def in_range(low: float, high: float) -> Check:
     """A finite number from `low` to `high`, both included."""
-    expected = f"expected {low:g}..{high:g}"
+    expected = f"expected {_number(low)}..{_number(high)}"
     return lambda v: None if math.isfinite(v) and low <= v <= high else expected
 
 
@@ -104,6 +121,11 @@ def parse_float(text: str) -> float:
     return float(text)
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """A comma-separated list (`a, b,,c` -> ('a', 'b', 'c')): blanks around names and empty names dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 # ---------------------------------------------------------------- flags and variables
 
 
@@ -120,21 +142,50 @@ def named(prefix: str, name: str) -> str:
     return f"{flag(name)} / {env_var(prefix, name)}"
 
 
-_PARSERS: dict[Any, Callable[[str], Any]] = {bool: parse_bool, int: parse_int, float: parse_float}
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    bool: parse_bool,
+    int: parse_int,
+    float: parse_float,
+    tuple[str, ...]: parse_names,
+}
 _EXPECTED = {parse_bool: "true or false", parse_int: "int", parse_float: "float"}
+
+
+def _settings(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls` that are settings (they have a help); the others the caller passes itself."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _inner(hint: Any) -> tuple[Any, bool]:
+    """A field's type without None, and whether None is allowed (`int | None` -> (int, True))."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+        if len(kinds) == 1 and len(typing.get_args(hint)) == 2:
+            return kinds[0], True
+    return hint, False
 
 
 def _parsers(cls: type) -> dict[str, Callable[[str], Any]]:
     """Each field's parser: a strict one for bool (bool("false") is True), int and float; else its type."""
-    return {name: _PARSERS.get(kind, kind) for name, kind in typing.get_type_hints(cls).items()}
+    hints = typing.get_type_hints(cls)
+    kinds = {f.name: _inner(hints[f.name])[0] for f in _settings(cls)}
+    return {name: _PARSERS.get(kind, kind) for name, kind in kinds.items()}
+
+
+def _optional(cls: type) -> set[str]:
+    """The fields that may be None."""
+    return {name for name, hint in typing.get_type_hints(cls).items() if _inner(hint)[1]}
 
 
 def _expected(kind: Callable[[str], Any]) -> str:
     return _EXPECTED.get(kind) or getattr(kind, "__name__", str(kind))
 
 
-def _problem(f: dataclasses.Field, value: Any) -> str | None:
-    """What is wrong with `value` for field `f` (its choices, its check, a float that is not finite)."""
+def _problem(f: dataclasses.Field, value: Any, optional: bool) -> str | None:
+    """What is wrong with `value` for field `f` (its choices, its check, a float that is not finite); None
+    is fine for an optional field, and for no other."""
+    if value is None:
+        return None if optional else "expected a value"
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         return f"expected one of {', '.join(map(str, choices))}"
@@ -148,24 +199,36 @@ def _problem(f: dataclasses.Field, value: Any) -> str | None:
 def add_arguments(
     parser: argparse.ArgumentParser, cls: type, prefix: str, *, secrets: tuple[str, ...] = ("key", "token")
 ) -> None:
-    """One flag per field of `cls`, default None; the help names the variable and the field's default,
-    except for fields whose name contains one of `secrets` (never printed)."""
+    """One flag per setting of `cls` (two for a switch), default None; the help names the variable and the
+    field's default (unless it is None or empty: the help says what that means), except for fields whose
+    name contains one of `secrets` (never printed)."""
     kinds = _parsers(cls)
-    for f in dataclasses.fields(cls):
-        shown = "" if any(word in f.name for word in secrets) else f"; default {f.default}"
-        help_text = f"{f.metadata['help']} (env {env_var(prefix, f.name)}{shown})"
+    for f in _settings(cls):
+        secret = any(word in f.name for word in secrets)
+        shown = "" if secret or f.default in (None, "", ()) else f"; default {f.default}"
+        help_text = f"{f.metadata['help']} (env {env_var(prefix, f.name)}{shown})".replace("%", "%%")
+        if f.metadata.get("switch"):
+            parser.add_argument(
+                flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
         parser.add_argument(
             flag(f.name),
             dest=f.name,
             type=kinds[f.name],
             choices=f.metadata.get("choices"),
             default=None,
-            help=help_text.replace("%", "%%"),
+            help=help_text,
         )
 
 
 def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """A variable's text for a message: quoted, cut after `limit` characters (a message stays one line)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "…"
 
 
 def from_args(
@@ -174,38 +237,40 @@ def from_args(
     environ: Mapping[str, str] | None,
     prefix: str,
     error: type[Exception],
+    **fixed: Any,
 ) -> Any:
     """`cls` from parsed flags, then `prefix`* variables (`environ`, default os.environ), then the field
-    defaults. Raises `error` naming the flag (`--port=70000`) or the variable (`CTL_RANKER_PORT='abc'`)
-    that is malformed or fails its field's check."""
+    defaults; `fixed` holds the fields that are not settings. Raises `error` naming the flag (`--port=70000`)
+    or the variable (`CTL_RANKER_PORT='abc'`) that is malformed or fails its field's check."""
     environ = os.environ if environ is None else environ
-    kinds = _parsers(cls)
+    kinds, optional = _parsers(cls), _optional(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in _settings(cls):
         given = getattr(args, f.name, None)
         var = env_var(prefix, f.name)
         if given is not None:
             value, source = given, f"{flag(f.name)}={_shown(given)}"
         elif var in environ:
             text = environ[var]
-            source = f"{var}={text!r}"
+            source = f"{var}={_quoted(text)}"
             try:
                 value = kinds[f.name](text)
             except (ValueError, argparse.ArgumentTypeError):
                 raise error(f"{source}: expected {_expected(kinds[f.name])}") from None
         else:
             continue
-        problem = _problem(f, value)
+        problem = _problem(f, value, f.name in optional)
         if problem:
             raise error(f"{source}: {problem}")
         values[f.name] = value
-    return cls(**values)
+    return cls(**values, **fixed)
 
 
 def check_fields(config: Any, error: type[Exception]) -> None:
     """Applies every field's check to `config` (from its `__post_init__`); `error` names the field."""
+    optional = _optional(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        problem = _problem(f, value)
+        problem = _problem(f, value, f.name in optional)
         if problem:
             raise error(f"{f.name}={value!r}: {problem}")
