@@ -347,22 +347,29 @@ def test_the_encoder_reads_its_variables_the_same_way():
 # ---------------------------------------------------------------- ctl ingest and ctl's own settings
 
 
+def _ingest_refused(argv: list[str], caplog, capsys) -> str:
+    """`ctl ingest ...` run in this process: it must exit 2 with one error line (no traceback); that line."""
+    assert ctl_main(["ingest", "catalog.jsonl", *argv]) == 2
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "Traceback" not in capsys.readouterr().err
+    return record.getMessage()
+
+
 @pytest.mark.parametrize(("name", "text"), [("BATCH", "abc"), ("STREAMS", "4.5"), ("RETRIES", "many")])
-def test_ingest_names_a_malformed_variable_and_exits_2(monkeypatch, capsys, name, text):
+def test_ingest_names_a_malformed_variable_and_exits_2(monkeypatch, caplog, capsys, name, text):
     monkeypatch.setenv(f"CTL_INGEST_{name}", text)
-    with pytest.raises(SystemExit) as stopped:
-        build_parser().parse_args(["ingest", "catalog.jsonl"])
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert f"CTL_INGEST_{name}" in err and repr(text) in err and "Traceback" not in err
+    build_parser().parse_args(["ingest", "catalog.jsonl"])  # read when the command runs, not while parsing
+    assert _ingest_refused([], caplog, capsys) == f"CTL_INGEST_{name}={text!r}: expected int"
 
 
 def test_ingest_reads_its_variables_and_flags_still_win(monkeypatch):
+    from ctl_app.ingest.cli import config_from_args
+
     monkeypatch.setenv("CTL_INGEST_BATCH", "16")
     monkeypatch.setenv("CTL_INGEST_STREAMS", "3")
     monkeypatch.setenv("CTL_INGEST_RANKER", "ranker:1")
-    args = build_parser().parse_args(["ingest", "catalog.jsonl", "--streams", "5"])
-    assert (args.batch, args.streams, args.retries, args.ranker) == (16, 5, 5, "ranker:1")
+    config = config_from_args(build_parser().parse_args(["ingest", "catalog.jsonl", "--streams", "5"]))
+    assert (config.batch, config.streams, config.retries, config.ranker) == (16, 5, 5, "ranker:1")
 
 
 def test_a_bad_log_level_stops_any_command_with_one_line(monkeypatch, tmp_path, capsys):
@@ -518,34 +525,26 @@ def test_a_flag_is_as_strict_as_its_variable(capsys):
 
 
 @pytest.mark.parametrize("name", ["BATCH", "STREAMS", "RETRIES"])
-def test_ingest_counts_are_strict_integers(monkeypatch, capsys, name):
+def test_ingest_counts_are_strict_integers(monkeypatch, caplog, capsys, name):
     monkeypatch.setenv(f"CTL_INGEST_{name}", "1_0")
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["ingest", "catalog.jsonl"])
-    assert f"CTL_INGEST_{name}='1_0'" in capsys.readouterr().err
+    assert f"CTL_INGEST_{name}='1_0'" in _ingest_refused([], caplog, capsys)
 
 
 # ---------------------------------------------------------------- ingest: a count out of range is named
 
 
 @pytest.mark.parametrize(("name", "text"), [("BATCH", "0"), ("STREAMS", "0"), ("RETRIES", "-1")])
-def test_ingest_names_the_variable_of_a_count_out_of_range(monkeypatch, capsys, name, text):
+def test_ingest_names_the_variable_of_a_count_out_of_range(monkeypatch, caplog, capsys, name, text):
     monkeypatch.setenv(f"CTL_INGEST_{name}", text)
-    with pytest.raises(SystemExit) as stopped:
-        build_parser().parse_args(["ingest", "catalog.jsonl"])
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert f"CTL_INGEST_{name}='{text}': expected" in err, err
+    message = _ingest_refused([], caplog, capsys)
+    assert f"CTL_INGEST_{name}='{text}': expected" in message, message
 
 
 @pytest.mark.parametrize(("flag", "text"), [("--batch", "0"), ("--streams", "0"), ("--retries", "-1")])
-def test_ingest_names_the_flag_of_a_count_out_of_range(monkeypatch, capsys, flag, text):
+def test_ingest_names_the_flag_of_a_count_out_of_range(monkeypatch, caplog, capsys, flag, text):
     monkeypatch.setenv("CTL_INGEST_BATCH", "8")  # a fine variable: the flag's value is the one named
-    with pytest.raises(SystemExit) as stopped:
-        build_parser().parse_args(["ingest", "catalog.jsonl", f"{flag}={text}"])
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {flag}: expected" in err and repr(text) in err and "CTL_INGEST" not in err, err
+    message = _ingest_refused([f"{flag}={text}"], caplog, capsys)
+    assert f"{flag}={text}: expected" in message and "CTL_INGEST" not in message, message
 
 
 def test_ctl_ingest_with_batch_0_exits_2_naming_the_variable(tmp_path):

@@ -1,4 +1,12 @@
-"""`ctl ingest`: flags (each with a CTL_INGEST_* environment variable) and the command's lifecycle."""
+"""`ctl ingest`: its settings (flags and CTL_INGEST_* variables, ctl.settings) and the command's lifecycle.
+
+The job's settings are IngestConfig's fields (ctl_app/ingest/job.py); IngestCommand adds where the job
+sends (`--ranker`, or `--embedded` with `--model-repo`). Every field has a flag (`--max-bytes-in-flight`)
+and a variable (`CTL_INGEST_MAX_BYTES_IN_FLIGHT`); a flag wins over the variable, which wins over the
+default. The variables are read when `ctl ingest` runs, not while `ctl`'s parser is built, so a malformed
+one never breaks another command; a bad value stops the job with exit status 2 and one line naming the
+flag or the variable. `--store-path` is the exception: its variable is the ranker's (CTL_RANKER_STORE_PATH).
+"""
 
 from __future__ import annotations
 
@@ -6,66 +14,42 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from ctl import defaults
+from ctl import defaults, settings
 from ctl.security import add_client_arguments, aio_channel, client_security
-from ctl.serving import parse_bool
-from ctl.settings import GRPC_MAX_MESSAGE_BYTES, parse_int
+from ctl.settings import not_empty, setting
 from ctl.terminal import printable
-from ctl_app.ingest.catalog import FORMATS, MAX_IMAGE_BYTES, CatalogError
-from ctl_app.ingest.job import BATCH_BYTES, MAX_BYTES_IN_FLIGHT, IngestConfig, Summary, format_summary, ingest
+from ctl_app.ingest.catalog import CatalogError
+from ctl_app.ingest.job import ConfigError, IngestConfig, Summary, format_summary, ingest
 
 log = logging.getLogger(__name__)
+ENV_PREFIX = "CTL_INGEST_"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 OLD_STORE_PATH_ENV = "CTL_INGEST_STORE_PATH"  # deprecated: CTL_RANKER_STORE_PATH
 
 
-class _FromEnvironment(str):
-    """The text of a CTL_INGEST_* variable used as a flag's default, marked so that a count's type can tell
-    it from the flag's own text and name the one that is wrong."""
+@dataclass(frozen=True)
+class IngestCommand(IngestConfig):
+    """`ctl ingest`'s settings: the job's, and where it sends."""
 
-
-def _env(name: str, default: str | None = None) -> str | None:
-    """The text of CTL_INGEST_<name>, as a flag's default: argparse converts a text default with the flag's
-    type only when `ctl ingest` itself is parsed, so a malformed variable never breaks another command."""
-    text = os.environ.get(f"CTL_INGEST_{name}")
-    return default if text is None else _FromEnvironment(text)
-
-
-def _count(name: str, low: int, high: int):
-    """The type of the count flag `--name` (default: CTL_INGEST_<NAME>'s text): an int of at least `low`
-    (digits only, ctl/settings.py), or an error naming the variable when the text came from it, as the
-    services' settings do (`CTL_INGEST_BATCH='0': expected 1 or more`); argparse names the flag."""
-    variable = f"CTL_INGEST_{name.upper()}"
-
-    def parse(text: str) -> int:
-        try:
-            value = parse_int(text[:20]) if len(text) <= 20 else high + 1
-            problem = None if low <= value <= high else f"expected {low}..{high}"
-        except argparse.ArgumentTypeError:
-            problem = "expected a whole number"
-        if problem is None:
-            return value
-        shown = repr(str(text)) if len(text) <= 40 else repr(str(text)[:40]) + "…"
-        if isinstance(text, _FromEnvironment):  # argparse's message names the flag, not the variable
-            raise argparse.ArgumentTypeError(f"{variable}={shown}: {problem}")
-        raise argparse.ArgumentTypeError(f"{problem}, got {shown}")
-
-    return parse
-
-
-def _switch(name: str) -> bool:
-    """CTL_INGEST_<name> as a switch: true/false, yes/no, on/off, 1/0 (unset: false). Read when the job
-    runs; a ValueError naming the variable otherwise (exit 2)."""
-    variable = f"CTL_INGEST_{name}"
-    text = os.environ.get(variable, "")
-    try:
-        return parse_bool(text)
-    except argparse.ArgumentTypeError:
-        raise ValueError(f"{variable}={text[:40]!r}: expected true or false") from None
+    ranker: str = field(
+        default=defaults.RANKER_ADDRESS, metadata=setting("the ranker, host:port", check=not_empty)
+    )
+    embedded: bool = field(
+        default=False,
+        metadata=setting(
+            "no ranker to reach: run the encoder and the ranker in this process (needs --model-repo)",
+            switch=True,
+        ),
+    )
+    model_repo: Path | None = field(
+        default=None, metadata=setting("with --embedded: exported encoders (`ctl export --out`)")
+    )
 
 
 def embedded_store_path(given: str | None) -> str:
@@ -94,91 +78,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "error report. Exit status 0: all ingested; 1: some failed or the job stopped; 2: bad arguments.",
     )
     p.add_argument("catalog", type=Path, help="catalog file: .jsonl or .csv")
-    p.add_argument(
-        "--images",
-        type=Path,
-        help="folder the image paths are relative to, and that they must lie in once links are followed "
-        "(default: the catalog's)",
-    )
-    p.add_argument(
-        "--allow-images-outside",
-        action="store_true",
-        help="read image files outside --images too (absolute paths, ../, links): only for a catalog you "
-        "trust as much as this job's file access (env CTL_INGEST_ALLOW_IMAGES_OUTSIDE; default false)",
-    )
-    p.add_argument("--format", choices=FORMATS, help="catalog format (default: from the suffix)")
-    p.add_argument("--metadata-columns", default="", help="comma-separated extra columns kept as metadata")
-    p.add_argument(
-        "--ranker",
-        default=_env("RANKER", defaults.RANKER_ADDRESS),
-        help="the ranker, host:port (env CTL_INGEST_RANKER; default %(default)s)",
-    )
-    p.add_argument(
-        "--embedded",
-        action="store_true",
-        help="no ranker to reach: run the encoder and the ranker in this process (needs --model-repo)",
-    )
-    p.add_argument(
-        "--model-repo", type=Path, default=_env("MODEL_REPO"), help="with --embedded: exported encoders"
-    )
+    settings.add_arguments(p, IngestCommand, ENV_PREFIX)
     p.add_argument(
         "--store-path",
         help="with --embedded: the store directory ({model_version} is replaced; env "
         f"{defaults.STORE_PATH_ENV}, the ranker's; default {defaults.STORE_PATH})",
     )
-    for name, default, low, high, text in (
-        ("batch", "64", 1, 100_000, "records per stream"),
-        ("batch_bytes", str(BATCH_BYTES), 1, 1 << 40, "image bytes per stream (a larger image goes alone)"),
-        ("streams", "4", 1, 256, "streams in flight"),
-        (
-            "max_bytes_in_flight",
-            str(MAX_BYTES_IN_FLIGHT),
-            1,
-            1 << 40,
-            "image bytes the job holds at once, read ahead, queued and in flight, besides the one image "
-            "being read: the reader waits for streams to end (a larger image goes alone)",
-        ),
-        ("retries", "5", 0, 100, "retries of a failed stream"),
-        (
-            "max_image_bytes",
-            str(MAX_IMAGE_BYTES),
-            1,
-            GRPC_MAX_MESSAGE_BYTES,
-            "largest image file sent, in bytes; larger ones fail unread (the encoder's --max-image-bytes)",
-        ),
-    ):
-        variable = f"CTL_INGEST_{name.upper()}"
-        p.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=_count(name, low, high),
-            default=_env(name.upper(), default),
-            help=f"{text} (env {variable}; default {default})",
-        )
-    p.add_argument("--journal", type=Path, help="journal file (default: CATALOG.journal)")
-    p.add_argument("--errors", type=Path, help="error report (default: CATALOG.errors.jsonl)")
-    p.add_argument("--fresh", action="store_true", help="ignore the journal: send every record again")
     add_client_arguments(p)
     p.set_defaults(func=main)
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> IngestConfig:
-    return IngestConfig(
-        catalog=args.catalog,
-        images=args.images,
-        format=args.format,
-        metadata_columns=tuple(c.strip() for c in args.metadata_columns.split(",") if c.strip()),
-        batch=args.batch,
-        batch_bytes=args.batch_bytes,
-        streams=args.streams,
-        max_bytes_in_flight=args.max_bytes_in_flight,
-        retries=args.retries,
-        journal=args.journal,
-        errors=args.errors,
-        fresh=args.fresh,
-        allow_images_outside=args.allow_images_outside or _switch("ALLOW_IMAGES_OUTSIDE"),
-        max_image_bytes=args.max_image_bytes,
-    )
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> IngestCommand:
+    """The settings from parsed flags, then CTL_INGEST_* variables (`environ`, default os.environ), then
+    the defaults. Raises ConfigError naming the flag or the variable that is wrong."""
+    return settings.from_args(IngestCommand, args, environ, ENV_PREFIX, ConfigError, catalog=args.catalog)
 
 
 async def run_against(
@@ -203,18 +117,23 @@ async def run_embedded(config: IngestConfig, model_repo: Path, store_path: str) 
 def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-        if args.embedded and not args.model_repo:
-            raise ValueError("--embedded needs --model-repo (the folder `ctl export` wrote)")
-        if args.embedded:
-            summary = asyncio.run(run_embedded(config, args.model_repo, embedded_store_path(args.store_path)))
+        if config.embedded and not config.model_repo:
+            raise ConfigError("--embedded needs --model-repo (the folder `ctl export` wrote)")
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        if config.embedded:
+            store_path = embedded_store_path(args.store_path)
+            summary = asyncio.run(run_embedded(config, config.model_repo, store_path))
         else:
             credentials, token = client_security(args)
-            summary = asyncio.run(run_against(config, args.ranker, credentials, token))
+            summary = asyncio.run(run_against(config, config.ranker, credentials, token))
     except (CatalogError, ValueError) as exc:  # SecurityConfigError is a ValueError
         log.error("%s", exc)
         return 2
     except grpc.aio.AioRpcError as exc:
-        log.error("the ranker at %s: %s: %s", args.ranker, exc.code().name, printable(exc.details()))
+        log.error("the ranker at %s: %s: %s", config.ranker, exc.code().name, printable(exc.details()))
         return 1
     print(format_summary(config, summary))
     return 0 if summary.ok else 1

@@ -42,11 +42,20 @@ from typing import TypeVar
 
 import grpc
 
+from ctl import settings
 from ctl.progress import progress_bar
 from ctl.retry import backoff
+from ctl.settings import GRPC_MAX_MESSAGE_BYTES, in_range, more_than, setting
 from ctl.terminal import printable
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
-from ctl_app.ingest.catalog import MAX_IMAGE_BYTES, CatalogRecord, ImageFileError, read_catalog, read_image
+from ctl_app.ingest.catalog import (
+    FORMATS,
+    MAX_IMAGE_BYTES,
+    CatalogRecord,
+    ImageFileError,
+    read_catalog,
+    read_image,
+)
 from ctl_app.ingest.journal import Journal, Outcome
 
 log = logging.getLogger(__name__)
@@ -92,32 +101,79 @@ BATCH_BYTES = 32 * MiB  # image bytes per UpsertProducts stream at most (one lar
 MAX_BYTES_IN_FLIGHT = 256 * MiB  # image bytes the job holds at once: read ahead, queued, in flight
 
 
+class ConfigError(ValueError):
+    """A setting of an ingestion job that makes no sense (`ctl ingest` exits 2 naming it)."""
+
+
 @dataclass(frozen=True)
 class IngestConfig:
-    """One ingestion job."""
+    """One ingestion job. Its settings are `ctl ingest`'s flags and CTL_INGEST_* variables (ctl.settings,
+    ctl_app/ingest/cli.py); every value is checked here too, naming the field."""
 
-    catalog: Path
-    images: Path | None = None  # folder the image paths are relative to (default: the catalog's)
-    format: str | None = None  # jsonl | csv (default: from the suffix)
-    metadata_columns: tuple[str, ...] = ()
-    batch: int = 64  # records per UpsertProducts stream
-    batch_bytes: int = BATCH_BYTES  # image bytes per stream (a larger image goes alone)
-    streams: int = 4  # streams in flight
-    max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT  # image bytes held at once (one larger image goes alone)
-    journal: Path | None = None  # default: CATALOG.journal
-    errors: Path | None = None  # default: CATALOG.errors.jsonl
-    fresh: bool = False  # forget the journal
-    retries: int = 5  # per stream, on UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / ABORTED
-    stream_timeout_s: float = 600.0
-    allow_images_outside: bool = False  # read image files outside `images_dir` (links, ../, absolute paths)
-    max_image_bytes: int = MAX_IMAGE_BYTES  # larger image files fail here, unread (the encoder's limit)
+    catalog: Path  # not a setting: `ctl ingest`'s positional argument
+    images: Path | None = field(
+        default=None,
+        metadata=setting(
+            "folder the image paths are relative to, and that they must lie in once links are followed "
+            "(default: the catalog's)"
+        ),
+    )
+    format: str | None = field(
+        default=None, metadata=setting("catalog format (default: from the suffix)", choices=FORMATS)
+    )
+    metadata_columns: tuple[str, ...] = field(
+        default=(), metadata=setting("comma-separated extra columns kept as metadata")
+    )
+    batch: int = field(default=64, metadata=setting("records per stream", check=in_range(1, 100_000)))
+    batch_bytes: int = field(
+        default=BATCH_BYTES,
+        metadata=setting("image bytes per stream (a larger image goes alone)", check=in_range(1, 1 << 40)),
+    )
+    streams: int = field(default=4, metadata=setting("streams in flight", check=in_range(1, 256)))
+    max_bytes_in_flight: int = field(
+        default=MAX_BYTES_IN_FLIGHT,
+        metadata=setting(
+            "image bytes the job holds at once, read ahead, queued and in flight, besides the one image "
+            "being read: the reader waits for streams to end (a larger image goes alone)",
+            check=in_range(1, 1 << 40),
+        ),
+    )
+    journal: Path | None = field(default=None, metadata=setting("journal file (default: CATALOG.journal)"))
+    errors: Path | None = field(
+        default=None, metadata=setting("error report (default: CATALOG.errors.jsonl)")
+    )
+    fresh: bool = field(
+        default=False, metadata=setting("ignore the journal: send every record again", switch=True)
+    )
+    retries: int = field(
+        default=5,
+        metadata=setting(
+            "retries of a failed stream (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED)",
+            check=in_range(0, 100),
+        ),
+    )
+    stream_timeout_s: float = field(
+        default=600.0,
+        metadata=setting("deadline of each UpsertProducts stream, in seconds", check=more_than(0)),
+    )
+    allow_images_outside: bool = field(
+        default=False,
+        metadata=setting(
+            "read image files outside --images too (absolute paths, ../, links): only for a catalog you "
+            "trust as much as this job's file access",
+            switch=True,
+        ),
+    )
+    max_image_bytes: int = field(
+        default=MAX_IMAGE_BYTES,
+        metadata=setting(
+            "largest image file sent, in bytes; larger ones fail unread (the encoder's --max-image-bytes)",
+            check=in_range(1, GRPC_MAX_MESSAGE_BYTES),
+        ),
+    )
 
-    def __post_init__(self):
-        for name in ("batch", "batch_bytes", "streams", "max_bytes_in_flight", "max_image_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected at least 1")
-        if self.retries < 0:
-            raise ValueError(f"retries={self.retries}: expected 0 or more")
+    def __post_init__(self) -> None:
+        settings.check_fields(self, ConfigError)
 
     @property
     def journal_path(self) -> Path:
