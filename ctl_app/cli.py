@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from ctl import defaults
@@ -75,15 +76,15 @@ def cmd_examples(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace):
-    """The TrainConfig of `ctl train`'s flags: every field that has a flag (`--no-augment` is `augment`
-    turned off); the others keep TrainConfig's defaults."""
-    import dataclasses
+def _train_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None):
+    """The TrainConfig of `ctl train`: its flags, then CTL_TRAIN_* variables (`environ`, default
+    os.environ), then TrainConfig's defaults (None: the preset's). Read when the command runs; a bad value
+    is a ConfigError naming the flag or the variable (exit 2)."""
+    from ctl import settings
+    from style_model.config import TRAIN_ENV_PREFIX, TrainConfig
+    from style_model.errors import ConfigError
 
-    from style_model.config import TrainConfig
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    return TrainConfig(**given, augment=not args.no_augment)
+    return settings.from_args(TrainConfig, args, environ, TRAIN_ENV_PREFIX, ConfigError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -258,7 +259,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, *, domain: bool = True) -> None:
     p.add_argument(
         "--data",
         type=Path,
@@ -266,7 +267,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         required=_env("DATA") is None,
         help="dataset folder in STL layout (env CTL_DATA)",
     )
-    p.add_argument("--domain", default=None, help="domain, when the folder has several (fashion, home)")
+    if domain:
+        p.add_argument("--domain", default=None, help="domain, when the folder has several (fashion, home)")
 
 
 def restore_target(args: argparse.Namespace) -> str:
@@ -279,8 +281,8 @@ def restore_target(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from style_model.config import BACKBONES, PRESET_CHOICES, TrainConfig
-    from style_model.distances import ATTENTIONS
+    from ctl import settings
+    from style_model.config import TRAIN_ENV_PREFIX, TrainConfig
 
     parser = argparse.ArgumentParser(prog="ctl", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="env CTL_LOG_LEVEL")
@@ -303,46 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needed", type=Path, help="write the signatures of the images the examples need")
     p.set_defaults(func=cmd_examples)
 
-    p = sub.add_parser("train", help="train the style embedding (resumable)")
-    _add_data_args(p)
+    p = sub.add_parser(
+        "train",
+        help="train the style embedding (resumable)",
+        description="Trains (or resumes) a run. Every setting is a flag and a CTL_TRAIN_* variable; a flag "
+        "wins over the variable, which wins over the default. The settings left unset take the preset's "
+        "values.",
+    )
+    _add_data_args(p, domain=False)  # --domain is TrainConfig's
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    train = TrainConfig()  # the flags' defaults
-    p.add_argument("--preset", default=train.preset, choices=PRESET_CHOICES)
-    p.add_argument("--backbone", choices=BACKBONES)
-    p.add_argument("--weights", help="torchvision ImageNet checkpoint FILE, 'imagenet' (download) or 'none'")
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--train-backbone", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--steps", type=int, help="optimizer steps (default: the preset's epochs, at least 2000 steps)"
-    )
-    p.add_argument("--epochs", type=int, help="train this many epochs instead of a step budget")
-    p.add_argument("--max-minutes", type=float, help="wall-time budget; the best model so far is kept")
-    p.add_argument(
-        "--patience",
-        type=int,
-        default=train.patience,
-        help="validations without gain before an early stop (default %(default)s)",
-    )
-    p.add_argument(
-        "--restarts",
-        type=int,
-        default=train.restarts,
-        help="restarts with another seed after a collapse (default %(default)s)",
-    )
-    p.add_argument(
-        "--eval-every", type=int, help="steps between validations (default: a tenth of the budget)"
-    )
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--attention", default=train.attention, choices=ATTENTIONS)
-    p.add_argument("--grid", type=int, default=train.grid)
-    p.add_argument("--embed-dim", type=int, default=train.embed_dim)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--min-crop", type=float, default=train.min_crop)
-    p.add_argument("--seed", type=int, default=train.seed)
-    p.add_argument("--max-examples", type=int, help="cap on training examples (quick runs)")
-    p.add_argument("--cache-dir", help="feature cache for frozen backbones (default RUN/feature-cache)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming RUN")
+    settings.add_arguments(p, TrainConfig, TRAIN_ENV_PREFIX)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="FITB and HR@K of a run against the baselines")
@@ -388,12 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("triton_repo"))
     p.set_defaults(func=cmd_export)
 
+    from ranker_service.retrieval import RetrievalMode
+
     p = sub.add_parser("recommend", help="ask a running ranker; print a table, optionally write HTML")
     p.add_argument("--scene", type=Path, required=True, help="scene photo")
     p.add_argument("--category", action="append", required=True, help="category (repeat for several)")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--explain", action="store_true", help="also print the global and local distances")
-    p.add_argument("--mode", default="pooled", choices=["pooled", "exhaustive", "certify"])
+    p.add_argument(
+        "--mode",
+        default=RetrievalMode.POOLED.value,
+        choices=[m.value for m in RetrievalMode],
+        help="pooled: a pool of nearest candidates, reranked exactly; exhaustive: the whole category; "
+        "certify: widened until the answer is provably the exact top LIMIT (default %(default)s)",
+    )
     p.add_argument(
         "--ranker", default=_env("RANKER", defaults.RANKER_ADDRESS), help="host:port (env CTL_RANKER)"
     )

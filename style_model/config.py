@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any
 
+from ctl import settings
+from ctl.settings import at_least, in_range, more_than, setting
 from style_model.distances import ATTENTIONS
 from style_model.errors import ConfigError
 
@@ -98,36 +100,116 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_CHOICES = ("auto", *PRESETS)  # auto: paper when ImageNet weights can be had, else offline
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a run; None means "the preset's value". Here, not in style_model.train (torch),
-    so that `ctl train`'s flags take their defaults from it in an image without torch."""
+TRAIN_ENV_PREFIX = "CTL_TRAIN_"  # `ctl train`'s variables: CTL_TRAIN_STEPS, CTL_TRAIN_LR...
+_PRESETS_DECIDE = "default: the preset's"
 
-    preset: str = "auto"
-    backbone: str | None = None
-    weights: str | None = None  # a torchvision checkpoint file, "imagenet", "none", or None (the preset's)
-    input_size: int | None = None
-    train_backbone: bool | None = None
-    steps: int | None = None  # optimizer steps; None: --epochs, else the preset's (see plan_budget)
-    epochs: int | None = None
-    max_minutes: float | None = None  # wall-time budget: stop (and keep the best model) when it runs out
-    patience: int = 3  # validations without gain, once half the budget is done, before stopping early
-    eval_every: int | None = None  # steps between validations; None: a tenth of the budget, or each epoch
-    restarts: int = 1  # restarts with another seed when still on the collapsed plateau at half the budget
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    margin: float = 0.2
-    grid: int = 4
-    embed_dim: int = 128
-    attention: str = "paper"
-    augment: bool = True
-    min_crop: float = 0.2
-    seed: int = 0
-    workers: int = 2
-    domain: str | None = None
-    max_examples: int | None = None  # cap on training examples (quick runs, tests)
-    cache_dir: str | None = None
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run; None means "the preset's value" (style_model.train.resolve fills it). Here,
+    not in style_model.train (torch), so that `ctl train` builds its flags and CTL_TRAIN_* variables from it
+    (ctl.settings) in an image without torch. Every value is checked here, naming the field; the model's
+    own rules (input_size, grid and embed_dim together) are ModelConfig's, applied when the preset is."""
+
+    preset: str = dataclasses.field(
+        default="auto",
+        metadata=setting(
+            "auto: paper when ImageNet weights can be had, else offline", choices=PRESET_CHOICES
+        ),
+    )
+    backbone: str | None = dataclasses.field(
+        default=None, metadata=setting(f"the image backbone ({_PRESETS_DECIDE})", choices=BACKBONES)
+    )
+    weights: str | None = dataclasses.field(
+        default=None,
+        metadata=setting(
+            f"torchvision ImageNet checkpoint FILE, 'imagenet' (download) or 'none' ({_PRESETS_DECIDE})"
+        ),
+    )
+    input_size: int | None = dataclasses.field(
+        default=None, metadata=setting(f"image side in pixels, a multiple of 16 ({_PRESETS_DECIDE})")
+    )
+    train_backbone: bool | None = dataclasses.field(
+        default=None, metadata=setting(f"train the backbone too ({_PRESETS_DECIDE})", switch=True)
+    )
+    steps: int | None = dataclasses.field(
+        default=None,
+        metadata=setting(
+            "optimizer steps (default: the preset's epochs, at least 2000 steps)", check=at_least(1)
+        ),
+    )
+    epochs: int | None = dataclasses.field(
+        default=None, metadata=setting("train this many epochs instead of a step budget", check=at_least(1))
+    )
+    max_minutes: float | None = dataclasses.field(
+        default=None,
+        metadata=setting("wall-time budget; the best model so far is kept", check=at_least(0)),
+    )
+    patience: int = dataclasses.field(
+        default=3,
+        metadata=setting(
+            "validations without gain, once half the budget is done, before an early stop",
+            check=at_least(0),
+        ),
+    )
+    eval_every: int | None = dataclasses.field(
+        default=None,
+        metadata=setting(
+            "steps between validations (default: a tenth of the budget, or each epoch with --epochs)",
+            check=at_least(1),
+        ),
+    )
+    restarts: int = dataclasses.field(
+        default=1,
+        metadata=setting(
+            "restarts with another seed when still on the collapsed plateau at half the budget",
+            check=at_least(0),
+        ),
+    )
+    batch_size: int | None = dataclasses.field(
+        default=None, metadata=setting(f"examples per step ({_PRESETS_DECIDE})", check=at_least(1))
+    )
+    lr: float | None = dataclasses.field(
+        default=None, metadata=setting(f"peak learning rate ({_PRESETS_DECIDE})", check=more_than(0))
+    )
+    weight_decay: float = dataclasses.field(
+        default=1e-4, metadata=setting("AdamW weight decay", check=at_least(0))
+    )
+    margin: float = dataclasses.field(
+        default=0.2, metadata=setting("margin of the triplet loss", check=more_than(0))
+    )
+    grid: int = dataclasses.field(default=4, metadata=setting("regions per side of the scene (R = grid²)"))
+    embed_dim: int = dataclasses.field(default=128, metadata=setting("embedding dimension"))
+    attention: str = dataclasses.field(
+        default="paper",
+        metadata=setting("paper (closer regions weigh more) or seed (the tutorial's)", choices=ATTENTIONS),
+    )
+    augment: bool = dataclasses.field(
+        default=True,
+        metadata=setting("augment the images (shifts, scales, light) when the backbone trains", switch=True),
+    )
+    min_crop: float = dataclasses.field(
+        default=0.2,
+        metadata=setting(
+            "smallest share of the scene a crop keeps; smaller ones are skipped", check=in_range(0, 1)
+        ),
+    )
+    seed: int = dataclasses.field(default=0, metadata=setting("random seed"))
+    workers: int = dataclasses.field(
+        default=2, metadata=setting("threads decoding images", check=at_least(1))
+    )
+    domain: str | None = dataclasses.field(
+        default=None, metadata=setting("domain, when the folder has several (fashion, home)")
+    )
+    max_examples: int | None = dataclasses.field(
+        default=None, metadata=setting("cap on training examples (quick runs, tests)", check=at_least(1))
+    )
+    cache_dir: str | None = dataclasses.field(
+        default=None, metadata=setting("feature cache for frozen backbones (default: RUN/feature-cache)")
+    )
+
+    def __post_init__(self) -> None:
+        settings.check_fields(self, ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -60,23 +60,9 @@ class Resolved:
     lr: float
 
 
-def _check(cfg: TrainConfig) -> None:
-    """Budget and batch settings that are not positive are refused by name, before any work."""
-    for name in ("steps", "epochs", "batch_size", "eval_every", "lr", "max_examples"):
-        value = getattr(cfg, name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{name}={value}: expected a positive number (or leave it unset)")
-    for name in ("patience", "restarts", "max_minutes"):
-        value = getattr(cfg, name)
-        if value is not None and not value >= 0:
-            raise ConfigError(f"{name}={value}: expected 0 or more")
-
-
 def resolve(cfg: TrainConfig) -> Resolved:
-    """Apply the preset; `auto` means `paper` if ImageNet weights can be had, else `offline`."""
-    _check(cfg)
-    if cfg.preset not in ("auto", *PRESETS):
-        raise ConfigError(f"preset={cfg.preset!r}: expected auto, {', '.join(PRESETS)}")
+    """Apply the preset to the fields left unset (None); `auto` means `paper` if ImageNet weights can be
+    had, else `offline`. `cfg`'s values were checked when it was built (TrainConfig)."""
     preset, reason, weights_file = cfg.preset, f"preset {cfg.preset!r} asked for", None
     wants_imagenet = cfg.weights not in ("none",)
     if cfg.preset == "auto":

@@ -318,3 +318,63 @@ def test_ctl_train_flags_default_to_train_config_and_reach_it():
         attention="seed", grid=2, embed_dim=16, augment=False, min_crop=0.3, seed=5, domain="home",
         max_examples=9, cache_dir="c",
     )  # fmt: skip
+
+
+def test_ctl_train_reads_its_variables_when_it_runs_and_flags_win(monkeypatch):
+    """CTL_TRAIN_* variables are read by `ctl train` when it runs (a malformed one never breaks parsing, so
+    never another command); a flag wins over its variable."""
+    from ctl_app.cli import _train_config, build_parser
+
+    base = ["train", "--data", "d", "--out", "o"]
+    monkeypatch.setenv("CTL_TRAIN_STEPS", "many")
+    args = build_parser().parse_args([*base, "--steps", "4"])
+    monkeypatch.setenv("CTL_TRAIN_STEPS", "9")
+    monkeypatch.setenv("CTL_TRAIN_LR", "0.05")
+    monkeypatch.setenv("CTL_TRAIN_AUGMENT", "false")
+    monkeypatch.setenv("CTL_TRAIN_TRAIN_BACKBONE", "yes")
+    config = _train_config(args)
+    assert (config.steps, config.lr, config.augment, config.train_backbone) == (4, 0.05, False, True)
+    assert _train_config(build_parser().parse_args([*base, "--augment"])).augment is True
+
+
+def test_a_preset_fills_only_the_settings_not_given(monkeypatch):
+    from ctl_app.cli import _train_config, build_parser
+    from style_model.config import PRESETS
+
+    monkeypatch.setenv("CTL_OFFLINE", "1")
+    base = ["train", "--data", "d", "--out", "o", "--preset", "offline"]
+    offline = PRESETS["offline"]
+    resolved = resolve(_train_config(build_parser().parse_args(base), {}))
+    assert (resolved.batch_size, resolved.lr, resolved.train_backbone) == (
+        offline["batch_size"], offline["lr"], offline["train_backbone"],
+    )  # fmt: skip
+    given = build_parser().parse_args([*base, "--batch-size", "8", "--no-train-backbone"])
+    resolved = resolve(_train_config(given, {"CTL_TRAIN_LR": "0.01"}))
+    assert (resolved.batch_size, resolved.lr, resolved.train_backbone) == (8, 0.01, False)
+    assert resolved.model.input_size == offline["input_size"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ([], {"CTL_TRAIN_STEPS": "0"}, "CTL_TRAIN_STEPS='0': expected 1 or more"),
+        ([], {"CTL_TRAIN_STEPS": "1_0"}, "CTL_TRAIN_STEPS='1_0': expected int"),
+        ([], {"CTL_TRAIN_LR": "nan"}, "CTL_TRAIN_LR='nan': expected a number above 0"),
+        ([], {"CTL_TRAIN_PRESET": "best"}, "CTL_TRAIN_PRESET='best': expected one of auto, paper, offline"),
+        ([], {"CTL_TRAIN_AUGMENT": "maybe"}, "CTL_TRAIN_AUGMENT='maybe': expected true or false"),
+        (["--lr", "0"], {}, "--lr=0.0: expected a number above 0"),
+        (["--min-crop", "1.5"], {}, "--min-crop=1.5: expected 0..1"),
+        (["--patience", "-1"], {"CTL_TRAIN_PATIENCE": "2"}, "--patience=-1: expected 0 or more"),
+    ],
+)
+def test_ctl_train_refuses_a_bad_setting_with_exit_2_naming_it(
+    monkeypatch, caplog, tmp_path, argv, env, message
+):
+    from ctl_app.cli import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *argv]) == 2
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == message
+    assert not (tmp_path / "run").exists()  # refused before any work
