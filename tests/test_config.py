@@ -372,6 +372,16 @@ def test_ingest_reads_its_variables_and_flags_still_win(monkeypatch):
     assert (config.batch, config.streams, config.retries, config.ranker) == (16, 5, 5, "ranker:1")
 
 
+def test_ingest_checks_its_token_against_the_ranker_its_variable_names(monkeypatch, caplog, capsys):
+    """CTL_INGEST_RANKER is read when the command runs: the token's transport check sees that address."""
+    monkeypatch.setenv("CTL_INGEST_RANKER", "10.255.255.1:1")
+    monkeypatch.setenv("CTL_TOKEN", "secret-token-value")
+    for name in ("CTL_ALLOW_INSECURE_TOKEN", "CTL_TLS_CA", "CTL_TLS_CERT", "CTL_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    message = _ingest_refused([], caplog, capsys)
+    assert "--token would travel in plaintext to 10.255.255.1:1" in message, message
+
+
 def test_a_bad_log_level_stops_any_command_with_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CTL_LOG_LEVEL", "chatty")
     assert ctl_main(["snapshot", str(tmp_path / "none"), str(tmp_path / "x.tar.gz")]) == 2

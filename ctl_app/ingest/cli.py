@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
             store_path = embedded_store_path(args.store_path)
             summary = asyncio.run(run_embedded(config, config.model_repo, store_path))
         else:
-            credentials, token = client_security(args)
+            credentials, token = client_security(args, config.ranker)
             summary = asyncio.run(run_against(config, config.ranker, credentials, token))
     except (CatalogError, ValueError) as exc:  # SecurityConfigError is a ValueError
         log.error("%s", exc)
