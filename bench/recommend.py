@@ -122,7 +122,7 @@ async def strategies(
                 (hits,) = await store.search(
                     scene.global_[None, :], query, 200, exact=size <= retriever.exact_below
                 )
-                ranked = rank(scene, hits.styles, hits.keys, K)
+                ranked = rank(scene, hits.styles, hits.attention_keys, K)
             times.append(t.seconds)
             recalls.append(len({hits.points[i].product_id for i in ranked.order} & set(want)) / K)
         rows.append(

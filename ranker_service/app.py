@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctl.encoding import ModelInfo
 from ctl.serving import Metrics
 from ctl.tensors import Scene
 from ranker_service.bounds import CALL_ENVELOPE
 from ranker_service.byte_budget import ByteBudget
 from ranker_service.config import RankerConfig
-from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.encoder_client import EncoderClient
 from ranker_service.errors import (
     EncoderUnavailable,
     NotReady,
@@ -485,7 +486,7 @@ def _point(record: ProductRecord, style, attention_key, version: str) -> Product
         product_id=record.product_id,
         category=record.category,
         style=np.asarray(style, dtype=np.float32),
-        attention=np.asarray(attention_key, dtype=np.float32),  # the store's name for it
+        attention_key=np.asarray(attention_key, dtype=np.float32),
         metadata=record.metadata,
         model_version=version,
     )

@@ -6,14 +6,14 @@ UNAVAILABLE); INVALID_ARGUMENT about an image becomes InvalidRequest with the en
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ctl.encoding import ProductResult
+from ctl.encoding import ModelInfo, ProductResult, model_info_from_proto
 from ctl.security import Tokens, aio_channel
 from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
@@ -31,19 +31,6 @@ _UNAVAILABLE = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_version: str
-    input_size: int
-    grid: int
-    regions: int
-    dim: int
-    backend: str
-    max_batch_images: int
-    max_image_bytes: int = 0  # 0: the encoder did not say (an older one)
-    max_request_bytes: int = 0
 
 
 def _check_servable(msg: encoder_pb2.ModelInfo, address: str) -> None:
@@ -116,17 +103,9 @@ class EncoderClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "did not give its model info") from exc
         _check_servable(msg, self.address)
-        self.info = ModelInfo(
-            model_version=msg.model_version,
-            input_size=msg.input_size,
-            grid=msg.grid,
-            regions=msg.regions,
-            dim=msg.embedding_dim,
-            backend=msg.backend,
-            max_batch_images=msg.max_batch_images or 32,
-            max_image_bytes=msg.max_image_bytes,
-            max_request_bytes=msg.max_request_bytes,
-        )
+        info = model_info_from_proto(msg)
+        # an encoder that does not say how many images a call may carry: its default
+        self.info = dataclasses.replace(info, max_batch_images=info.max_batch_images or 32)
         return self.info
 
     async def serving(self, timeout: float = 1.0) -> bool:
@@ -148,7 +127,7 @@ class EncoderClient:
         info = self._require_info()
         try:  # unit length by construction, like a precomputed embedding (ctl.tensors.unit_rows)
             scene = unit_scene(
-                scene_from_proto(reply.embedding, info.regions, info.dim), "the scene's embedding"
+                scene_from_proto(reply.embedding, info.regions, info.embedding_dim), "the scene's embedding"
             )
         except TensorError as exc:
             raise EncoderUnavailable(
@@ -171,7 +150,7 @@ class EncoderClient:
         for r in reply.results:
             if r.WhichOneof("result") == "embedding":
                 try:
-                    style, attention_key = product_from_proto(r.embedding, info.dim)
+                    style, attention_key = product_from_proto(r.embedding, info.embedding_dim)
                     style = unit_rows(style, "style")
                     attention_key = unit_rows(attention_key, "attention key")
                 except TensorError as exc:  # the model broke its contract for this image

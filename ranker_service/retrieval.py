@@ -3,8 +3,8 @@
 Three modes (DESIGN.md §2):
 - pooled: one filtered query with the attention-pooled scene vector, `pool` candidates, exact rerank. The
   query is exact (the store scans the category) when the category has at most `exact_below` products, and
-  uses the store's HNSW index above: HNSW's recall depends on the data (docs/BENCHMARKS.md), a scan of
-  100k products costs ~20 ms;
+  uses the store's HNSW index above: HNSW's recall depends on the data, and what a scan costs is measured
+  in docs/BENCHMARKS.md;
 - exhaustive: every product of the category (that passes the filters) scored exactly;
 - certify: the pooled query plus the R bound queries f_s + f_i, all exact, batched in calls of at most
   HITS_PER_CALL hits; the bound queries' limit doubles until the K-th best exact distance beats every
@@ -48,7 +48,6 @@ class RetrievalMode(Enum):
     CERTIFY = "certify"
 
 
-Mode = RetrievalMode  # the old name, still used by bench/ (not yet moved over): use RetrievalMode
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ class Retriever:
     async def _compute_mean_key(self, category: str) -> NDArray[np.float32] | None:
         changes = self._changes.get(category, 0)
         points, _ = await self.store.scroll(Query(category), MEAN_KEY_SAMPLE)
-        mean = np.mean([p.attention for p in points], axis=0).astype(np.float32) if points else None
+        mean = np.mean([p.attention_key for p in points], axis=0).astype(np.float32) if points else None
         # changed while the sample was read: keep the key, but as changed (recomputed again)
         self._mean_keys[category] = _MeanKey(
             mean, time.monotonic(), self._changes.get(category, 0) != changes
@@ -219,7 +218,9 @@ class Retriever:
             size = max(len(hits), min(size, await self.store.count(ask.query, exact=False)))
         elif ask.query.exclude_ids:  # at least the category less the exclusions (some may be elsewhere)
             size = max(len(hits), size - len(set(ask.query.exclude_ids)))
-        return _result(scene, ask, hits.ids, hits.points, hits.styles, hits.keys, size, everything, 1)
+        return _result(
+            scene, ask, hits.ids, hits.points, hits.styles, hits.attention_keys, size, everything, 1
+        )
 
     async def _exhaustive(self, scene: Scene, ask: Ask) -> Result:
         points: list[ProductPoint] = []
@@ -231,7 +232,7 @@ class Retriever:
             if offset is None:
                 break
         styles = np.stack([p.style for p in points]) if points else _empty(scene)
-        attention_keys = np.stack([p.attention for p in points]) if points else _empty(scene)
+        attention_keys = np.stack([p.attention_key for p in points]) if points else _empty(scene)
         ids = [p.product_id for p in points]
         return _result(scene, ask, ids, points, styles, attention_keys, len(points), certified=True, rounds=1)
 
@@ -293,7 +294,7 @@ class _Seen:
         self.order.extend(hits.ids[i] for i in new)
         self.sources.extend((hits.points, i) for i in new)
         self.styles.append(hits.styles[new])
-        self.attention_keys.append(hits.keys[new])
+        self.attention_keys.append(hits.attention_keys[new])
 
     def candidates(
         self, scene: Scene

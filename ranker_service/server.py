@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from ctl.encoding import ModelInfo
 from ctl.lifecycle import Service, build_service_server
 from ctl.retry import backoff
 from ctl.security import (
@@ -35,7 +36,7 @@ from ctl.serving import Metrics
 from ctl.settings import named
 from ctl.v1 import ranker_pb2_grpc
 from ranker_service.config import ENV_PREFIX, RankerConfig
-from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.encoder_client import EncoderClient
 from ranker_service.errors import EncoderUnavailable, RankerError, StoreError, VersionMismatch
 from ranker_service.service import SERVICE_NAME, RankerApp, RankerServicer
 from ranker_service.store import ProductStore, open_client_store, open_edge_store
@@ -81,7 +82,7 @@ async def open_store(
         return await open_client_store(
             config.qdrant_url,
             info.model_version,
-            info.dim,
+            info.embedding_dim,
             collection=location,
             api_key=api_key,
             verify=tls_ca,
@@ -89,7 +90,7 @@ async def open_store(
             shards=config.qdrant_shards or None,
             replication_factor=config.qdrant_replication_factor or None,
         )
-    return await open_edge_store(location, info.model_version, info.dim)
+    return await open_edge_store(location, info.model_version, info.embedding_dim)
 
 
 class ProbeErrorLog:
@@ -205,7 +206,7 @@ class Ranker(Service):
             "model %s (%d regions, %d-d) from the encoder at %s; store: %s",
             info.model_version,
             info.regions,
-            info.dim,
+            info.embedding_dim,
             self.config.encoder,
             self.store.description,
         )
@@ -222,13 +223,17 @@ class Ranker(Service):
             now = await self.encoder.model_info(timeout)
         except RankerError as exc:
             return f"the encoder at {self.config.encoder} did not give its model info: {exc}"
-        if (now.model_version, now.regions, now.dim) != (info.model_version, info.regions, info.dim):
+
+        def served(i: ModelInfo) -> tuple[str, int, int]:
+            return i.model_version, i.regions, i.embedding_dim
+
+        if served(now) != served(info):
             return (
                 f"the encoder at {self.config.encoder} now serves model {now.model_version} ({now.regions} "
-                f"regions, {now.dim}-d), but this ranker's catalog ({store.description}) holds model "
-                f"{info.model_version} ({info.regions} regions, {info.dim}-d); calls are refused "
-                "(FAILED_PRECONDITION): restart the ranker to serve the new model with its own catalog, "
-                "or bring back the encoder of the old one"
+                f"regions, {now.embedding_dim}-d), but this ranker's catalog ({store.description}) holds "
+                f"model {info.model_version} ({info.regions} regions, {info.embedding_dim}-d); calls are "
+                "refused (FAILED_PRECONDITION): restart the ranker to serve the new model with its own "
+                "catalog, or bring back the encoder of the old one"
             )
         try:
             await asyncio.wait_for(store.check(), timeout=max(2.0, self.config.qdrant_timeout_s))

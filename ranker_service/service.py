@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from ctl.encoding import ModelInfo
 from ctl.serving import error_mapper
 from ctl.tensors import F32, Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import embeddings_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service.app import CatalogStats, Deleted, Lookup, RankerApp
 from ranker_service.bounds import MAX_METADATA_KEY_BYTES, fitting, metadata_value, record_metadata, text
 from ranker_service.config import RankerConfig
-from ranker_service.encoder_client import ModelInfo
 from ranker_service.errors import ERROR_CODES, InvalidRequest, VersionMismatch
 from ranker_service.records import ProductRecord, RefusedRecord, StreamRecord, Upserted
 from ranker_service.retrieval import (
@@ -150,7 +150,7 @@ def _scene(req: ranker_pb2.RecommendRequest, info: ModelInfo) -> bytes | Scene:
         raise VersionMismatch(
             f"scene_embedding was made by model {emb.model_version}; this ranker serves {info.model_version}"
         )
-    return unit_scene(scene_from_proto(emb, info.regions, info.dim))
+    return unit_scene(scene_from_proto(emb, info.regions, info.embedding_dim))
 
 
 def recommend_response(answer: Recommendations, explain: bool) -> ranker_pb2.RecommendResponse:
@@ -233,7 +233,7 @@ def _embedding(emb: embeddings_pb2.ProductEmbedding, info: ModelInfo) -> tuple[F
         raise VersionMismatch(
             f"embedding made by model {emb.model_version}; this catalog holds {info.model_version}"
         )
-    style, attention_key = product_from_proto(emb, info.dim)
+    style, attention_key = product_from_proto(emb, info.embedding_dim)
     return unit_rows(style, "embedding.style"), unit_rows(attention_key, "embedding.attention_key")
 
 

@@ -396,7 +396,9 @@ def test_a_ranker_on_a_qdrant_alias_moved_to_another_model_refuses_until_it_is_m
     path = tmp_path / "qdrant"
 
     async def local_store(config, info, qdrant=(None, None)):
-        return await open_client_store(None, info.model_version, info.dim, path=path, collection="products")
+        return await open_client_store(
+            None, info.model_version, info.embedding_dim, path=path, collection="products"
+        )
 
     monkeypatch.setattr(ranker_server, "open_store", local_store)
     encoder = Encoder(loop, encoder_config(exported_repo)).wait_serving()

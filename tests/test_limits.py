@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctl.encoding import ModelInfo
 from ctl.serving import Metrics
 from ctl.tensors import Scene, product_to_proto, scene_to_proto
 from ctl.v1 import ranker_pb2
 from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
-from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.encoder_client import EncoderClient
 from ranker_service.errors import ERROR_CODES, DeadlineExceeded, InvalidRequest, TooManyStreams
 from ranker_service.service import RankerServicer
 from ranker_service.store import open_edge_store
@@ -75,9 +76,11 @@ async def _with_app(config: RankerConfig, scenario, encoder: str = "", real_enco
             encoder or "127.0.0.1:9", 10.0, config.max_message_bytes, products_timeout=30.0
         )
         info = (
-            await client.model_info() if real_encoder else ModelInfo(VERSION, 64, 2, REGIONS, DIM, "test", 32)
+            await client.model_info()
+            if real_encoder
+            else ModelInfo(VERSION, 64, 2, REGIONS, DIM, "test", max_batch_images=32)
         )
-        store = await open_edge_store(tmp, info.model_version, info.dim)
+        store = await open_edge_store(tmp, info.model_version, info.embedding_dim)
         app = RankerApp(config, client, Metrics("test"))
         await app.attach(info, store)
         try:

@@ -1,6 +1,6 @@
 """The ranking invariants over everything the API accepts (issue 14 #2, #5, #8), as property tests.
 
-Random catalogs go in through the ranker's own acceptance path (`RankerApp.upsert` with precomputed
+Random catalogs go in through the ranker's own acceptance path (`RankerServicer.upsert` with precomputed
 embeddings, norms anywhere within the accepted 1e-3 of unit length, many exact duplicates under other ids),
 into a real embedded Qdrant store, and come out through `RankerApp.recommend` (precomputed scene
 embeddings, also near-unit). No gRPC here: the servers' own tests cover the transport; this covers the
@@ -25,12 +25,13 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ctl.encoding import ModelInfo
 from ctl.serving import Metrics
 from ctl.tensors import Scene, product_to_proto, scene_to_proto
 from ctl.v1 import ranker_pb2
 from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
-from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.encoder_client import EncoderClient
 from ranker_service.service import RankerServicer
 from ranker_service.store import open_edge_store
 from style_model.distances import hybrid_distances
@@ -160,7 +161,7 @@ def test_certify_is_the_exact_top_k_for_everything_the_api_accepts(
             info = ModelInfo(VERSION, 64, 1, regions, dim, "test", 32)
             await app.attach(info, store)
             try:
-                reply = await app.upsert(_requests(catalog, "c"), None)
+                reply = await RankerServicer(app).upsert(_requests(catalog, "c"), None)
                 assert reply.upserted == n and not reply.failures, reply.failures[:3]
                 results = {}
                 for mode in (CERTIFY, EXHAUSTIVE, POOLED):

@@ -32,10 +32,10 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ctl.encoding import ModelInfo
 from ctl.security import bearer, channel_credentials
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc, ranker_pb2, ranker_pb2_grpc
 from ranker_service.config import RankerConfig
-from ranker_service.encoder_client import ModelInfo
 from ranker_service.errors import StoreError
 from ranker_service.server import open_store, qdrant_credentials
 from tests.certs import PKI, make_pki
@@ -281,7 +281,9 @@ def _https_listener(pki: PKI) -> Iterator[tuple[str, list[dict[str, str]]]]:
 def test_the_qdrant_connection_verifies_tls_with_the_given_ca_and_sends_the_api_key(pki, tmp_path):
     key_file = tmp_path / "qdrant-api-key"
     key_file.write_text("qdrant-key-from-a-secret\n")
-    info = ModelInfo("v1", input_size=64, grid=2, regions=4, dim=32, backend="test", max_batch_images=32)
+    info = ModelInfo(
+        "v1", input_size=64, grid=2, regions=4, embedding_dim=32, backend="test", max_batch_images=32
+    )
 
     def open_with(config: RankerConfig) -> None:
         asyncio.run(open_store(config, info, qdrant_credentials(config)))

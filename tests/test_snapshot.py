@@ -78,7 +78,7 @@ def test_snapshot_and_restore_bring_back_the_same_catalog(tmp_path):
     for pid, point in want.items():
         assert got[pid].category == point.category and dict(got[pid].metadata) == dict(point.metadata)
         assert np.array_equal(got[pid].style, point.style) and np.array_equal(
-            got[pid].attention, point.attention
+            got[pid].attention_key, point.attention_key
         )
 
     again = run_ctl("restore", str(archive), str(tmp_path / "elsewhere" / "{model_version}"))
@@ -617,7 +617,7 @@ def test_snapshot_warns_when_restore_needs_more_than_its_default_limits(tmp_path
     """Item 14's sibling: a manifest over restore's default --max-manifest-bytes (1 MiB: here 2,100
     categories of 512 bytes, which the ranker takes) made, without a word, an archive restore refuses."""
     points = [
-        ProductPoint(p.product_id, f"{i:05d}".ljust(512, "c"), p.style, p.attention, {}, VERSION)
+        ProductPoint(p.product_id, f"{i:05d}".ljust(512, "c"), p.style, p.attention_key, {}, VERSION)
         for i, p in enumerate(products(2100))
     ]
     store = tmp_path / "store"
@@ -639,7 +639,7 @@ def test_snapshot_refuses_a_store_whose_manifest_restore_would_refuse(tmp_path):
     archive no restore accepts, at any limit."""
     store = tmp_path / "store"
     point = products(1)[0]
-    long = ProductPoint("p9", "c" * 1100, point.style, point.attention, {}, VERSION)
+    long = ProductPoint("p9", "c" * 1100, point.style, point.attention_key, {}, VERSION)
     asyncio.run(_fill(store, [long]))
     with pytest.raises(snap.SnapshotError, match=r"manifest ctl restore refuses: category 'ccc.* 1 to 1024"):
         snap.snapshot(store, tmp_path / "x.tar.gz")

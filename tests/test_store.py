@@ -90,7 +90,7 @@ def catalog(n: int = 500, seed: int = 0) -> list[ProductPoint]:
                 product_id=f"p{i:04d}",
                 category=CATEGORIES[i % len(CATEGORIES)],
                 style=styles[i],
-                attention=attention_keys[i],
+                attention_key=attention_keys[i],
                 metadata=metadata,
                 model_version=VERSION,
             )
@@ -123,9 +123,9 @@ def brute_force(points: Sequence[ProductPoint], vector: np.ndarray, query: Query
 def assert_same_point(got: ProductPoint, want: ProductPoint) -> None:
     assert got.product_id == want.product_id
     assert got.category == want.category
-    assert got.style.dtype == np.float32 and got.attention.dtype == np.float32
+    assert got.style.dtype == np.float32 and got.attention_key.dtype == np.float32
     assert np.array_equal(got.style, want.style)
-    assert np.array_equal(got.attention, want.attention)
+    assert np.array_equal(got.attention_key, want.attention_key)
     assert dict(got.metadata) == dict(want.metadata)
     assert got.model_version == VERSION
 
@@ -140,7 +140,7 @@ def test_adapter_types(backend: Backend) -> None:
     async def scenario() -> None:
         store = await backend.open()
         assert isinstance(store, EdgeStore if backend.name == "edge" else QdrantClientStore)
-        assert store.model_version == VERSION and store.dim == DIM and store.description
+        assert store.model_version == VERSION and store.embedding_dim == DIM and store.description
         await store.close()
 
     run(scenario())
@@ -169,7 +169,7 @@ def test_upsert_is_idempotent_and_replaces(backend: Backend) -> None:
         first,
         category="bags",
         style=unit_rows(rng, 1)[0],
-        attention=unit_rows(rng, 1)[0],
+        attention_key=unit_rows(rng, 1)[0],
         metadata={"color": "green"},
     )
 
@@ -207,14 +207,14 @@ def test_search_category_order_scores_and_round_trip(backend: Backend) -> None:
                 assert all(p.category == category for p in hits.points)
                 scores = hits.scores.tolist()
                 assert scores == sorted(scores, reverse=True)
-                assert hits.styles.shape == hits.keys.shape == (25, DIM)
+                assert hits.styles.shape == hits.attention_keys.shape == (25, DIM)
                 assert hits.ids == [p.product_id for p in hits.points]
                 for i, (score, point) in enumerate(zip(hits.scores, hits.points)):
                     want = by_id[point.product_id]
                     assert abs(score - float(want.style @ vector)) < 1e-5
                     assert_same_point(point, want)
                     assert np.array_equal(hits.styles[i], want.style)  # row i is points[i]'s vectors
-                    assert np.array_equal(hits.keys[i], want.attention)
+                    assert np.array_equal(hits.attention_keys[i], want.attention_key)
         await store.close()
 
     run(scenario())
@@ -425,7 +425,8 @@ def test_vectors_stored_off_unit_length_are_normalised_when_the_store_opens(
     Qdrant collection records that it was checked (its metadata), so that is done once, not at every start."""
     points = catalog(300)
     shrunk = [
-        dataclasses.replace(p, style=p.style * 0.9991, attention=p.attention * 1.001) for p in points[:40]
+        dataclasses.replace(p, style=p.style * 0.9991, attention_key=p.attention_key * 1.001)
+        for p in points[:40]
     ]
     query = unit_rows(np.random.default_rng(9), 1)
 
@@ -440,7 +441,7 @@ def test_vectors_stored_off_unit_length_are_normalised_when_the_store_opens(
         store = await backend.open()
         for p, want in zip(await store.retrieve([p.product_id for p in points]), points):
             np.testing.assert_allclose(p.style, want.style, atol=1e-6)
-            np.testing.assert_allclose(p.attention, want.attention, atol=1e-6)
+            np.testing.assert_allclose(p.attention_key, want.attention_key, atol=1e-6)
             assert dict(p.metadata) == dict(want.metadata) and p.category == want.category
         for category in CATEGORIES:
             (hits,) = await store.search(query, Query(category), 60, exact=True)
@@ -744,7 +745,7 @@ def test_bad_inputs_are_refused(backend: Backend) -> None:
         with pytest.raises(InvalidRequest):
             await store.upsert([replace(point, style=np.zeros(DIM + 1, np.float32))])
         with pytest.raises(InvalidRequest):
-            await store.upsert([replace(point, attention=np.full(DIM, np.nan, np.float32))])
+            await store.upsert([replace(point, attention_key=np.full(DIM, np.nan, np.float32))])
         with pytest.raises(InvalidRequest, match="zero vector"):
             await store.upsert([replace(point, style=np.zeros(DIM, np.float32))])
         await store.upsert([replace(point, product_id="long", style=point.style * 3)])  # stored unit length

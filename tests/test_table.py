@@ -51,8 +51,8 @@ def test_table_matches_a_dict_after_random_puts_and_removes() -> None:
             expected.category, dict(expected.metadata), "m-1",
         )  # fmt: skip
         assert np.array_equal(got.style, expected.style) and np.array_equal(hits.styles[row], expected.style)
-        assert np.array_equal(got.attention, expected.attention) and np.array_equal(
-            hits.keys[row], got.attention
+        assert np.array_equal(got.attention_key, expected.attention_key) and np.array_equal(
+            hits.attention_keys[row], got.attention_key
         )
     assert table._styles.shape[0] < 2 * 400  # deleted rows were reused: capacity follows the live count
 

@@ -87,7 +87,7 @@ def stored_fields(
         )
     vectors: dict[str, Any] = {
         STYLE: vector(point.style, embedding_dim, f"style vector of {point.product_id!r}"),
-        ATTENTION: vector(point.attention, embedding_dim, f"attention vector of {point.product_id!r}"),
+        ATTENTION: vector(point.attention_key, embedding_dim, f"attention vector of {point.product_id!r}"),
     }
     payload = {
         "product_id": point.product_id,
@@ -129,7 +129,7 @@ def hits(scores: Sequence[float], records: Sequence[tuple[Any, Any]], engine: st
             product_id=payload["product_id"],
             category=payload["category"],
             style=styles[i],
-            attention=attention_keys[i],
+            attention_key=attention_keys[i],
             metadata=dict(payload.get("metadata") or {}),
             model_version=payload.get("model_version", ""),
         )

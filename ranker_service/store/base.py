@@ -34,7 +34,7 @@ class ProductPoint:
     product_id: str
     category: str
     style: NDArray[np.float32]
-    attention: NDArray[np.float32]
+    attention_key: NDArray[np.float32]
     metadata: Mapping[str, str] = field(default_factory=dict)
     model_version: str = ""
 
@@ -69,14 +69,14 @@ class Query:
 @dataclass(frozen=True)
 class Hits:
     """What one vector query returned, best first: product ids, `scores` [n] (dot product of the query with
-    `style`), the vectors stacked, `styles` and `keys` [n, D], and the products (row i of each = the i-th
-    hit). The ranker scores the stacked vectors and builds ProductPoints for the few it keeps, so `points`
-    may make them on access (the embedded store's do)."""
+    `style`), the vectors stacked, `styles` and `attention_keys` [n, D], and the products (row i of each =
+    the i-th hit). The ranker scores the stacked vectors and builds ProductPoints for the few it keeps, so
+    `points` may make them on access (the embedded store's do)."""
 
     ids: list[str]
     scores: NDArray[np.float32]
     styles: NDArray[np.float32]
-    keys: NDArray[np.float32]
+    attention_keys: NDArray[np.float32]
     points: Sequence[ProductPoint]
 
     def __len__(self) -> int:
@@ -92,7 +92,7 @@ class ProductStore(ABC):
     """
 
     model_version: str
-    dim: int
+    embedding_dim: int
     description: str  # for logs and GetCatalogStats, e.g. "embedded qdrant-edge at /var/lib/ctl/store"
     # Calls run on the caller's thread and never wait (an embedded engine): running several at once gains
     # nothing, and only delays everything else the event loop has to do (health checks) by all of them.

@@ -147,7 +147,7 @@ class QdrantClientStore(ProductStore):
         self._where = where
         self._local = local
         self.model_version = model_version
-        self.dim = embedding_dim  # ProductStore's name (the glossary's embedding_dim)
+        self.embedding_dim = embedding_dim
         self._refusal = ""  # why calls are refused (another model's collection behind the name), or ""
         self.description = ""
         self._describe()
@@ -175,7 +175,7 @@ class QdrantClientStore(ProductStore):
         client = self._live()
         structs = [
             qm.PointStruct(id=pid, vector=vectors, payload=payload)
-            for pid, vectors, payload in stored_points(points, self.model_version, self.dim)
+            for pid, vectors, payload in stored_points(points, self.model_version, self.embedding_dim)
         ]
         if not structs:
             return
@@ -187,7 +187,7 @@ class QdrantClientStore(ProductStore):
     ) -> list[Hits]:
         """All rows in one `query_batch_points` request."""
         client = self._live()
-        rows = query_rows(vectors, self.dim, limit)
+        rows = query_rows(vectors, self.embedding_dim, limit)
         if len(rows) == 0:
             return []
         flt = _filter(query)
@@ -302,7 +302,7 @@ class QdrantClientStore(ProductStore):
             )
         try:
             info = await _check_collection(
-                client, target, self.name, self._where, self.model_version, self.dim
+                client, target, self.name, self._where, self.model_version, self.embedding_dim
             )
         except VersionMismatch as exc:
             if str(exc) != self._refusal:
@@ -524,7 +524,7 @@ async def _check_collection(
 async def open_client_store(
     url: str | None,
     model_version: str,
-    dim: int,
+    embedding_dim: int,
     *,
     collection: str = "ctl_products",
     api_key: str | None = None,
@@ -556,7 +556,7 @@ async def open_client_store(
         raise ValueError(
             f"location must be ':memory:' (use url= for a server, path= for a folder), not {location!r}"
         )
-    check_model(model_version, dim)
+    check_model(model_version, embedding_dim)
     local = url is None
     where = (
         url if url is not None else ("local mode in memory" if path is None else f"local mode path {path}")
@@ -584,7 +584,7 @@ async def open_client_store(
             collection,
             where,
             model_version,
-            dim,
+            embedding_dim,
             local=local,
             shards=shards,
             replication_factor=replication_factor,
@@ -592,4 +592,6 @@ async def open_client_store(
     except BaseException:
         await client.close()
         raise
-    return QdrantClientStore(client, target, where, model_version, dim, local=local, name=collection)
+    return QdrantClientStore(
+        client, target, where, model_version, embedding_dim, local=local, name=collection
+    )

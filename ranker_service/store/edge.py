@@ -197,7 +197,7 @@ class EdgeStore(ProductStore):
         self._shard: qe.EdgeShard | None = shard
         self.path = path
         self.model_version = model_version
-        self.dim = embedding_dim  # ProductStore's name (the glossary's embedding_dim)
+        self.embedding_dim = embedding_dim
         self.description = f"embedded qdrant-edge at {path}"
         self.inline = True
         # Every product as this process stored it (ranker_service/store/table.py says why): searches ask the
@@ -206,7 +206,7 @@ class EdgeStore(ProductStore):
         self._table = self._load(shard)
 
     def _load(self, shard: qe.EdgeShard) -> ProductTable:
-        table = ProductTable(self.dim, self.model_version, capacity=shard.info().points_count)
+        table = ProductTable(self.embedding_dim, self.model_version, capacity=shard.info().points_count)
         offset = None
         while True:
             request = qe.ScrollRequest(offset=offset, limit=4096, with_payload=True, with_vector=True)
@@ -225,7 +225,9 @@ class EdgeStore(ProductStore):
             points = list(self._table.hits([uuid.UUID(int=i) for i in off[start : start + 4096]]).points)
             await self.upsert(
                 [
-                    dataclasses.replace(p, style=l2_normalize(p.style), attention=l2_normalize(p.attention))
+                    dataclasses.replace(
+                        p, style=l2_normalize(p.style), attention_key=l2_normalize(p.attention_key)
+                    )
                     for p in points
                 ]
             )
@@ -274,7 +276,7 @@ class EdgeStore(ProductStore):
     async def upsert(self, points: Sequence[ProductPoint]) -> None:
         """One engine update for the whole batch; a product listed twice keeps its last version."""
         shard = self._live()
-        stored = stored_points(points, self.model_version, self.dim)
+        stored = stored_points(points, self.model_version, self.embedding_dim)
         if not stored:
             return
         engine_points = [
@@ -291,7 +293,7 @@ class EdgeStore(ProductStore):
         """All rows in one `query_batch` call (the engine plans them together and holds the GIL once); the
         engine returns ids and scores, the products come from this store's own copy."""
         shard = self._live()
-        rows = query_rows(vectors, self.dim, limit)
+        rows = query_rows(vectors, self.embedding_dim, limit)
         if len(rows) == 0:
             return []
         flt = _filter(query)
@@ -387,7 +389,7 @@ class EdgeStore(ProductStore):
         shard, self._shard = self._shard, None
         if shard is None:
             return
-        self._table = ProductTable(self.dim, self.model_version)
+        self._table = ProductTable(self.embedding_dim, self.model_version)
         with _map_errors("close", self.path):
             try:
                 shard.flush()
@@ -396,7 +398,7 @@ class EdgeStore(ProductStore):
 
 
 async def open_edge_store(
-    path: str | Path, model_version: str, dim: int, *, indexing_threshold_kb: int | None = None
+    path: str | Path, model_version: str, embedding_dim: int, *, indexing_threshold_kb: int | None = None
 ) -> EdgeStore:
     """Open the embedded store at `path`, creating it (directory, shard, `category` index) if missing.
 
@@ -405,15 +407,15 @@ async def open_edge_store(
     with more vector data than this get an HNSW index on `optimize()` (None keeps the shard's setting;
     qdrant's default is 10 000 KB, below which brute force is as fast).
     """
-    check_model(model_version, dim)
+    check_model(model_version, embedding_dim)
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise StoreError(f"the embedded store path {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
-    known = _check_meta(root, model_version, dim)
+    known = _check_meta(root, model_version, embedding_dim)
     if not known:
-        _write_meta(root, model_version, dim)
-    config = _engine_config(dim, indexing_threshold_kb)
+        _write_meta(root, model_version, embedding_dim)
+    config = _engine_config(embedding_dim, indexing_threshold_kb)
     with _map_errors("open the shard", root):
         if (root / _ENGINE_CONFIG_FILE).exists():
             shard = qe.EdgeShard.load(str(root), config)  # with a config, the engine checks compatibility
@@ -428,7 +430,7 @@ async def open_edge_store(
     except BaseException:
         shard.close()
         raise
-    store = EdgeStore(shard, root, model_version, dim)
+    store = EdgeStore(shard, root, model_version, embedding_dim)
     try:
         await store.normalise_stored()
         await store.add_missing_terms()

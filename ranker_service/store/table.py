@@ -62,7 +62,7 @@ class ProductTable:
             self._counts[self._info[row][1]] -= 1  # type: ignore[index]
         category = sys.intern(point.category)
         self._styles[row] = point.style
-        self._attention_keys[row] = point.attention
+        self._attention_keys[row] = point.attention_key
         self._info[row] = (point.product_id, category, dict(point.metadata) or _NO_METADATA)
         self._counts[category] += 1
 
