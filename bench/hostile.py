@@ -39,7 +39,8 @@ from bench.soak import Service
 from ctl.encoder_contract import MODEL_INFO_FILE
 from ctl.tensors import product_to_proto, scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
-from ranker_service.store import ProductPoint, open_edge_store
+from ranker_service.store.base import ProductPoint
+from ranker_service.store.edge import open_edge_store
 
 MiB = 1024 * 1024
 SAME = "identical"  # the category of identical products

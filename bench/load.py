@@ -36,7 +36,7 @@ from bench.recommend import fill, model_of
 from ctl.encoder_contract import MODEL_INFO_FILE
 from ctl.tensors import scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
-from ranker_service.store import open_edge_store
+from ranker_service.store.edge import open_edge_store
 
 
 async def run_clients(address: str, requests: list, clients: int, seconds: float, ranker_pid: int) -> dict:

@@ -48,7 +48,9 @@ from ctl.tensors import Scene, scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service.rerank import rank
 from ranker_service.retrieval import Ask, RetrievalMode, Retriever
-from ranker_service.store import ProductPoint, Query, open_client_store, open_edge_store
+from ranker_service.store.base import ProductPoint, Query
+from ranker_service.store.client import open_client_store
+from ranker_service.store.edge import open_edge_store
 
 K = 10
 POOLS = (50, 100, 200, 500)  # 200 = the default for limit 10: max(100, 20 × limit)

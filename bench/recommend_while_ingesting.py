@@ -21,7 +21,8 @@ import numpy as np
 
 from bench.common import machine, percentiles, synthetic_catalog, synthetic_scenes, table
 from ranker_service.retrieval import Ask, RetrievalMode, Retriever
-from ranker_service.store import ProductPoint, Query, open_edge_store
+from ranker_service.store.base import ProductPoint, Query
+from ranker_service.store.edge import open_edge_store
 
 DIM, REGIONS, VERSION, LOAD_BATCH = 128, 16, "bench", 5000
 

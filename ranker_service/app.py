@@ -37,7 +37,7 @@ from ranker_service.errors import (
 )
 from ranker_service.records import ProductRecord, RefusedRecord, StreamRecord, Upserted
 from ranker_service.retrieval import Recommendations, RetrievalMode, Retriever, SceneQuery
-from ranker_service.store import Listing, ProductPoint, ProductStore
+from ranker_service.store.base import Listing, ProductPoint, ProductStore
 
 log = logging.getLogger(__name__)
 

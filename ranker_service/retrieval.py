@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from ctl.tensors import Scene
 from ranker_service.errors import DeadlineExceeded, UnknownCategory
 from ranker_service.rerank import Ranked, bound_queries, certified, pooled_query, rank
-from ranker_service.store import Hits, ProductPoint, ProductStore, Query
+from ranker_service.store.base import Hits, ProductPoint, ProductStore, Query
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ class RetrievalMode(Enum):
     POOLED = "pooled"
     EXHAUSTIVE = "exhaustive"
     CERTIFY = "certify"
-
-
 
 
 @dataclass(frozen=True)

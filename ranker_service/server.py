@@ -39,7 +39,9 @@ from ranker_service.config import ENV_PREFIX, RankerConfig
 from ranker_service.encoder_client import EncoderClient
 from ranker_service.errors import EncoderUnavailable, RankerError, StoreError, VersionMismatch
 from ranker_service.service import SERVICE_NAME, RankerApp, RankerServicer
-from ranker_service.store import ProductStore, open_client_store, open_edge_store
+from ranker_service.store.base import ProductStore
+from ranker_service.store.client import open_client_store
+from ranker_service.store.edge import open_edge_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -30,7 +30,7 @@ from ranker_service.retrieval import (
     RetrievalMode,
     SceneQuery,
 )
-from ranker_service.store import Condition, Query
+from ranker_service.store.base import Condition, Query
 
 SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["RankerService"].full_name  # "ctl.v1.RankerService"
 MAX_DELETE = 10_000  # ids per DeleteProducts

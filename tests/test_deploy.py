@@ -96,6 +96,7 @@ def test_every_setting_is_one_the_code_reads(rendered, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     job = by_kind(docs, "Job")["ctl-ingest"]["spec"]["template"]["spec"]["containers"][0]
+    from ctl_app.ingest.cli import config_from_args as ingest_config
     from encoder_service.config import from_args as encoder_config
     from ranker_service.config import from_args as ranker_config
 
@@ -103,7 +104,7 @@ def test_every_setting_is_one_the_code_reads(rendered, monkeypatch):
     read = {  # what each program ends up with
         "ENCODER": encoder_config(parser.parse_args(["serve-encoder"])),
         "RANKER": ranker_config(parser.parse_args(["serve-ranker"])),
-        "INGEST": parser.parse_args(["ingest", *job["args"]]),
+        "INGEST": ingest_config(parser.parse_args(["ingest", *job["args"]])),
         "": parser.parse_args(["health", "x"]),  # ctl's own: CTL_LOG_LEVEL, a client's CTL_TOKEN, CTL_TLS_*
     }
     for name, value in env.items():
@@ -219,7 +220,10 @@ def test_the_manifests_ports_are_the_codes_defaults(rendered, monkeypatch):
     assert (ranker.encoder, ranker.store_path) == (defaults.ENCODER_ADDRESS, defaults.STORE_PATH)
     assert encoder.triton_url == defaults.TRITON_ADDRESS
     monkeypatch.delenv("CTL_INGEST_RANKER", raising=False)
-    assert build_parser().parse_args(["ingest", "c.jsonl"]).ranker == defaults.RANKER_ADDRESS
+    from ctl_app.ingest.cli import config_from_args
+
+    ingest = config_from_args(build_parser().parse_args(["ingest", "c.jsonl"]))
+    assert ingest.ranker == defaults.RANKER_ADDRESS
 
 
 def dockerfile(part: str) -> str:
@@ -665,9 +669,12 @@ def test_each_pod_that_sends_a_token_passes_its_programs_own_check(rendered, mon
     with monkeypatch.context() as patched:
         for variable, value in env.items():
             patched.setenv(variable, value)
+        from ctl_app.ingest.cli import config_from_args
+
         parsed = build_parser().parse_args(["ingest", *args])
         try:
-            routes["ctl-ingest"] = (parsed.ranker, *client_security(parsed))
+            ranker = config_from_args(parsed).ranker
+            routes["ctl-ingest"] = (ranker, *client_security(parsed, ranker))
         except SecurityConfigError as exc:
             pytest.fail(f"{overlay}/ctl-ingest: ctl ingest refuses to run: {exc}")
         allowed = allow_insecure_token(parsed)

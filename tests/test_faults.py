@@ -32,7 +32,7 @@ from ctl.v1 import encoder_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service import server as ranker_server
 from ranker_service.config import RankerConfig
 from ranker_service.server import Ranker
-from ranker_service.store import open_client_store
+from ranker_service.store.client import open_client_store
 from tests.servers import (
     REPO,
     Encoder,

@@ -259,7 +259,7 @@ def test_csv_catalog_into_the_embedded_store(exported_repo, synth_dir, tmp_path)
 
     import asyncio
 
-    from ranker_service.store import open_edge_store
+    from ranker_service.store.edge import open_edge_store
 
     version = json.loads((exported_repo / "model_info.json").read_text())["model_version"]
     dim = json.loads((exported_repo / "model_info.json").read_text())["config"]["embed_dim"]

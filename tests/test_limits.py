@@ -30,7 +30,7 @@ from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient
 from ranker_service.errors import ERROR_CODES, DeadlineExceeded, InvalidRequest, TooManyStreams
 from ranker_service.service import RankerServicer
-from ranker_service.store import open_edge_store
+from ranker_service.store.edge import open_edge_store
 from tests.servers import Encoder, encoder_config, wait_until
 
 VERSION, DIM, REGIONS = "m-1", 16, 4

@@ -33,7 +33,7 @@ from ctl.v1 import embeddings_pb2, encoder_pb2, encoder_pb2_grpc, ranker_pb2, ra
 from ranker_service.config import RankerConfig
 from ranker_service.errors import StoreError, StoreLocked, UnsupportedModel
 from ranker_service.server import Ranker
-from ranker_service.store import open_edge_store
+from ranker_service.store.edge import open_edge_store
 from style_model.distances import hybrid_distances
 from tests.servers import LoopThread, Process, health, wait_serving, wait_until
 

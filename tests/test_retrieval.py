@@ -17,7 +17,8 @@ import numpy as np
 from ctl.tensors import Scene
 from ranker_service.rerank import pooled_query
 from ranker_service.retrieval import Ask, RetrievalMode, Retriever
-from ranker_service.store import ProductPoint, Query, open_edge_store
+from ranker_service.store.base import ProductPoint, Query
+from ranker_service.store.edge import open_edge_store
 
 DIM, REGIONS, N, POOL = 256, 4, 12_000, 200
 

@@ -22,8 +22,9 @@ import pytest
 import qdrant_edge as qe
 
 import ctl_app.snapshot as snap  # the module, so that a test of a name the old code lacks fails alone
-from ranker_service.store import ProductPoint, open_edge_store
 from ranker_service.store._points import METADATA_TERMS, stored_points
+from ranker_service.store.base import ProductPoint
+from ranker_service.store.edge import open_edge_store
 from tests.cli import ctl_command, run_ctl
 from tests.servers import REPO
 

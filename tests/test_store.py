@@ -24,18 +24,10 @@ import numpy as np
 import pytest
 
 from ranker_service.errors import InvalidRequest, StoreClosed, StoreError, StoreLocked, VersionMismatch
-from ranker_service.store import (
-    Condition,
-    EdgeStore,
-    ProductPoint,
-    ProductStore,
-    QdrantClientStore,
-    Query,
-    _points,
-    open_client_store,
-    open_edge_store,
-    point_id,
-)
+from ranker_service.store import _points
+from ranker_service.store.base import Condition, ProductPoint, ProductStore, Query, point_id
+from ranker_service.store.client import QdrantClientStore, open_client_store
+from ranker_service.store.edge import EdgeStore, open_edge_store
 
 DIM = 16
 VERSION = "m-test-1"
@@ -803,7 +795,7 @@ def test_edge_store_refuses_a_foreign_shard(tmp_path: Path) -> None:
 LOCK_PROBE = """
 import asyncio, sys
 from ranker_service.errors import StoreLocked
-from ranker_service.store import open_edge_store
+from ranker_service.store.edge import open_edge_store
 try:
     asyncio.run(open_edge_store(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 except StoreLocked as exc:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ranker_service.store import ProductPoint, open_edge_store
+from ranker_service.store.base import ProductPoint
+from ranker_service.store.edge import open_edge_store
 from ranker_service.store.record import META_FILE, StoreFileError, read_record
 from ranker_service.store.snapshot import inspect_store, store_files
 

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ranker_service.store import ProductPoint, point_id
+from ranker_service.store.base import ProductPoint, point_id
 from ranker_service.store.table import ProductTable
 
 DIM = 8

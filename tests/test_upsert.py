@@ -21,7 +21,7 @@ from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
 from ranker_service.encoder_client import EncoderClient, ModelInfo
 from ranker_service.service import RankerServicer
-from ranker_service.store import open_edge_store
+from ranker_service.store.edge import open_edge_store
 
 VERSION, DIM = "m-1", 16
 
