@@ -42,7 +42,8 @@ from pathlib import Path
 
 import grpc
 
-from ctl.serving import parse_bool, rewrap
+from ctl.serving import rewrap
+from ctl.settings import parse_bool
 
 log = logging.getLogger(__name__)
 

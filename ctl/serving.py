@@ -7,7 +7,6 @@ process, as they do in tests and in `ctl demo`).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import errno
 import logging
@@ -113,18 +112,6 @@ def _bind(
     if port == 0:  # older grpc versions answered 0 instead of raising
         raise ListenError(address, setting, _GRPC_BIND_FAILED)
     return port
-
-
-def parse_bool(text: str | bool) -> bool:
-    """true/false, yes/no, on/off, 1/0 (any case)."""
-    if isinstance(text, bool):
-        return text
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 class Metrics:

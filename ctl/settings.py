@@ -36,7 +36,18 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ctl.serving import parse_bool
+
+def parse_bool(text: str | bool) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case)."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
 
 Check = Callable[[Any], str | None]
 

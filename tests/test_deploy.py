@@ -19,7 +19,7 @@ import yaml
 
 from ctl import defaults
 from ctl.security import ALLOW_INSECURE_TOKEN_ENV, allow_insecure_token
-from ctl.serving import parse_bool
+from ctl.settings import parse_bool
 from ctl_app.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
