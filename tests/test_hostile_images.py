@@ -141,7 +141,7 @@ def _mutations():
     return mutated()
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=_mutations())
 def test_mutated_images_decode_or_raise_image_error(data):
     try:
