@@ -8,6 +8,7 @@ program makes before it connects (no token in plaintext unless allowed, TLS in t
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
 import subprocess
@@ -249,6 +250,53 @@ def test_images_are_the_dockerfiles_of_this_version(rendered):
     # the ranker's and the ingestion job's images install no torch (no extras)
     for part in ("ranker", "ingest"):
         assert "pip install .\n" in dockerfile(part) and "torch==" not in dockerfile(part)
+
+
+def _in_build_context(path: str, rules: list[str]) -> bool:
+    """Docker's .dockerignore rules for `path` (relative, '/'-separated): the last pattern matching the path
+    or one of its parent folders decides; `!` re-includes; `**/` matches any depth."""
+    included = True
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for rule in rules:
+        negate = rule.startswith("!")
+        pattern = rule.removeprefix("!").rstrip("/")
+        alternatives = [pattern, pattern.removeprefix("**/")] if pattern.startswith("**/") else [pattern]
+        hit = any(
+            fnmatch.fnmatchcase(candidate, alt)
+            for candidate in prefixes + [p.rsplit("/", 1)[-1] for p in prefixes if pattern.startswith("**/")]
+            for alt in alternatives
+        )
+        if hit:
+            included = negate
+    return included
+
+
+def test_the_images_get_every_package_the_project_installs():
+    """Each image copies every top-level package pyproject.toml installs (the `ctl` console script needs
+    the application package too), and .dockerignore lets each COPY source into the build context: a
+    package added to pyproject but not to both broke every image build (ctl_app, issue 16 review)."""
+    includes = re.search(r"^include = \[(.+)\]$", (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    packages = {name.strip(' "').split(".")[0].rstrip("*") for name in includes.split(",")}
+    rules = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    for part in ("encoder", "ranker", "ingest"):
+        sources = {
+            src
+            for args in re.findall(r"^COPY (?!--from)(.+)$", dockerfile(part), re.M)
+            for src in args.split()[:-1]
+        }
+        assert packages <= sources, (part, packages - sources)
+        for src in sources:
+            assert (REPO / src).exists(), (part, src)
+            assert _in_build_context(src, rules), (
+                f"{part}.Dockerfile copies {src}, which .dockerignore leaves out"
+            )
+            if (REPO / src).is_dir():
+                assert _in_build_context(f"{src}/__init__.py", rules), (part, src)
 
 
 def test_qdrant_values_match_the_ranker(rendered):
