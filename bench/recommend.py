@@ -47,7 +47,8 @@ from ctl.encoder_contract import MODEL_INFO_FILE, PRODUCT_ENCODER, model_file
 from ctl.tensors import Scene, scene_to_proto
 from ctl.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_service.rerank import rank
-from ranker_service.retrieval import Ask, RetrievalMode, Retriever
+from ranker_service.retrieval import Ask, Retriever
+from ranker_service.retrieval_mode import RetrievalMode
 from ranker_service.store.base import ProductPoint, Query
 from ranker_service.store.client import open_client_store
 from ranker_service.store.edge import open_edge_store

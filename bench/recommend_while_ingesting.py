@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine, percentiles, synthetic_catalog, synthetic_scenes, table
-from ranker_service.retrieval import Ask, RetrievalMode, Retriever
+from ranker_service.retrieval import Ask, Retriever
+from ranker_service.retrieval_mode import RetrievalMode
 from ranker_service.store.base import ProductPoint, Query
 from ranker_service.store.edge import open_edge_store
 

@@ -11,13 +11,10 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from ctl.errors import TensorError
 from ctl.v1 import embeddings_pb2
 
 F32 = NDArray[np.float32]
-
-
-class TensorError(ValueError):
-    """A Tensor message is malformed or does not have the expected shape."""
 
 
 class Scene(NamedTuple):

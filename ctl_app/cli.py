@@ -195,7 +195,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """Archive an embedded store no ranker holds: 0, or 1 with the reason."""
-    from ctl_app.snapshot import SnapshotError, snapshot
+    from ctl_app.snapshot import snapshot
+    from ctl_app.snapshot_settings import SnapshotError
 
     try:
         manifest = snapshot(args.store, args.out)
@@ -209,7 +210,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     """Unpack a snapshot into a new store folder, checked before it is moved into place: 0, 1 refused (one
     line: why), 2 a bad setting."""
-    from ctl_app.snapshot import RestoreConfigError, SnapshotError, restore, restore_limits
+    from ctl_app.snapshot import restore
+    from ctl_app.snapshot_settings import RestoreConfigError, SnapshotError, restore_limits
 
     target = restore_target(args)
     if not target.strip():
@@ -361,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("triton_repo"))
     p.set_defaults(func=cmd_export)
 
-    from ranker_service.retrieval import RetrievalMode
+    from ranker_service.retrieval_mode import RetrievalMode
 
     p = sub.add_parser("recommend", help="ask a running ranker; print a table, optionally write HTML")
     p.add_argument("--scene", type=Path, required=True, help="scene photo")
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the folder to create; {model_version} is replaced "
         f"(default: {defaults.STORE_PATH_ENV} or {defaults.STORE_PATH})",
     )
-    from ctl_app.snapshot import add_restore_arguments
+    from ctl_app.snapshot_settings import add_restore_arguments
 
     add_restore_arguments(p)
     p.set_defaults(func=cmd_restore)

@@ -10,7 +10,7 @@ from ctl.terminal import printable
 from ctl.v1 import ranker_pb2
 from ctl_app.ingest.catalog import ImageFileError, read_catalog, read_image
 from ctl_app.report import SceneSection, ShownProduct
-from ranker_service.retrieval import RetrievalMode
+from ranker_service.retrieval_mode import RetrievalMode
 from ranker_service.service import mode_from_proto, mode_to_proto
 
 log = logging.getLogger(__name__)

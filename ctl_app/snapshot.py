@@ -36,7 +36,6 @@ a snapshot volume), which these commands do not replace.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gzip
@@ -52,13 +51,17 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ctl import settings
-from ctl.settings import at_least, setting
+from ctl_app.snapshot_settings import (
+    ENV_PREFIX,
+    MANIFEST,
+    KiB,
+    RestoreLimits,
+    SnapshotError,
+)
 from ranker_service.store.record import (
     MAX_EMBEDDING_DIM,
     RecordError,
@@ -74,19 +77,16 @@ from ranker_service.store.snapshot import StoreContents, inspect_store, store_fi
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "ctl_snapshot.json"
 STORE = "store"
 FORMAT = 1
 PLACEHOLDER = "{model_version}"
 
-KiB, MiB, GiB = 1024, 1024**2, 1024**3
 HEADER_BYTES = 8 * KiB  # tar header material per member (ustar block, pax records, GNU long name)
 NAME_BYTES = 1024  # a member's name, UTF-8
 PART_BYTES = 255  # one part of it (NAME_MAX)
 CATEGORY_BYTES = 1024  # a category in the manifest (the ranker takes 512)
 CHUNK = 256 * KiB  # bytes copied per read
 BLOCK = 4096  # what a file or folder takes on disk at least, for the free-space estimate
-ENV_PREFIX = "CTL_RESTORE_"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # and lone surrogates: bytes not UTF-8
 _LONG_NUMBER = re.compile(rb"[0-9]{33}")
@@ -94,50 +94,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class SnapshotError(Exception):
-    """A snapshot cannot be taken or restored; the message says why and what to do."""
-
-
-class RestoreConfigError(SnapshotError):
-    """A restore limit (flag or CTL_RESTORE_* variable) is malformed; the message names it."""
-
-
 class _Refused(Exception):
     """The archive is not restored; `restore` prefixes the archive's name to the reason."""
-
-
-@dataclass(frozen=True)
-class RestoreLimits:
-    """What `ctl restore` accepts from an archive, checked before anything is written; a genuine snapshot
-    of a larger store needs larger values (the refusal names the flag and the variable)."""
-
-    max_bytes: int = field(
-        default=16 * GiB,
-        metadata=setting(
-            "the most bytes an archive may unpack to (its tar stream: files, headers, padding)",
-            check=at_least(1),
-        ),
-    )
-    max_members: int = field(
-        default=10_000, metadata=setting("the most files and folders an archive may hold", check=at_least(2))
-    )
-    max_manifest_bytes: int = field(
-        default=1 * MiB, metadata=setting(f"the largest {MANIFEST} accepted", check=at_least(64))
-    )
-
-    def __post_init__(self) -> None:
-        settings.check_fields(self, RestoreConfigError)
-
-
-def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
-    """`ctl restore`'s limit flags (`--max-bytes`, ...), each also read from CTL_RESTORE_* when it runs."""
-    settings.add_arguments(parser, RestoreLimits, ENV_PREFIX)
-
-
-def restore_limits(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RestoreLimits:
-    """The limits from flags, then CTL_RESTORE_* variables, then defaults; RestoreConfigError names a
-    malformed one."""
-    return settings.from_args(RestoreLimits, args, environ, ENV_PREFIX, RestoreConfigError)
 
 
 def _named(name: str) -> str:

@@ -36,7 +36,8 @@ from ranker_service.errors import (
     VersionMismatch,
 )
 from ranker_service.records import ProductRecord, RefusedRecord, StreamRecord, Upserted
-from ranker_service.retrieval import Recommendations, RetrievalMode, Retriever, SceneQuery
+from ranker_service.retrieval import Recommendations, Retriever, SceneQuery
+from ranker_service.retrieval_mode import RetrievalMode
 from ranker_service.store.base import Listing, ProductPoint, ProductStore
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctl.encoding import ModelInfo, ProductResult, model_info_from_proto
+from ctl.errors import TensorError
 from ctl.security import Tokens, aio_channel
-from ctl.tensors import Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
+from ctl.tensors import Scene, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import encoder_pb2, encoder_pb2_grpc
 from ranker_service.errors import (
     EncoderUnavailable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from ctl.tensors import TensorError
+from ctl.errors import TensorError
 
 
 class RankerError(Exception):

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,6 +28,7 @@ from numpy.typing import NDArray
 from ctl.tensors import Scene
 from ranker_service.errors import DeadlineExceeded, UnknownCategory
 from ranker_service.rerank import Ranked, bound_queries, certified, pooled_query, rank
+from ranker_service.retrieval_mode import RetrievalMode
 from ranker_service.store.base import Hits, ProductPoint, ProductStore, Query
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,6 @@ SCROLL_PAGE = 2048
 DEFAULT_LIMIT = 10  # products per category when the caller does not say
 HITS_PER_CALL = 8192  # certify's queries per store call: at most this many hits (vectors copied) a call
 MEAN_KEY_SAMPLE = 2048
-
-
-class RetrievalMode(Enum):
-    """How candidates are found before the exact rerank; the values are the names callers use (`ctl
-    recommend --mode`). The one list of modes: the API's enum is mapped to it by name (service.py)."""
-
-    POOLED = "pooled"
-    EXHAUSTIVE = "exhaustive"
-    CERTIFY = "certify"
 
 
 @dataclass(frozen=True)

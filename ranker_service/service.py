@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from ctl.encoding import ModelInfo
+from ctl.errors import TensorError
 from ctl.serving import error_mapper
-from ctl.tensors import F32, Scene, TensorError, product_from_proto, scene_from_proto, unit_rows, unit_scene
+from ctl.tensors import F32, Scene, product_from_proto, scene_from_proto, unit_rows, unit_scene
 from ctl.v1 import embeddings_pb2, ranker_pb2, ranker_pb2_grpc
 from ranker_service.app import CatalogStats, Deleted, Lookup, RankerApp
 from ranker_service.bounds import MAX_METADATA_KEY_BYTES, fitting, metadata_value, record_metadata, text

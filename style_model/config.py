@@ -13,13 +13,14 @@ from typing import Any
 
 from ctl import settings
 from ctl.settings import at_least, in_range, more_than, setting
-from style_model.distances import ATTENTIONS
 from style_model.errors import ConfigError
 
 # The backbones, written once (the CLI's choices, the checks, style_model.backbones' builders); the fixed
 # ones have nothing to learn: always used frozen, through the feature cache.
 BACKBONES = ("resnet50", "resnet18", "small", "colorhist")
 FIXED_BACKBONES = ("colorhist",)
+# The attention kinds (style_model.distances): the paper's, and the seed tutorial's variant.
+ATTENTIONS = ("paper", "seed")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -20,9 +20,10 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from style_model.config import ATTENTIONS
+
 Array = NDArray[np.floating]
 
-ATTENTIONS = ("paper", "seed")
 # What serving ranks with (the ranker's rerank and certificate): export refuses models trained otherwise,
 # and the ranker refuses an encoder whose model says otherwise.
 SERVED_ATTENTION = "paper"

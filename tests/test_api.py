@@ -37,7 +37,7 @@ def test_every_retrieval_mode_has_its_api_value_and_back():
     """One list of modes (RetrievalMode), mapped to the API's enum by name: a mode added to one and not the
     other fails here, not in a caller's request."""
     from ctl.v1 import ranker_pb2
-    from ranker_service.retrieval import RetrievalMode
+    from ranker_service.retrieval_mode import RetrievalMode
     from ranker_service.service import mode_from_proto, mode_to_proto
 
     for mode in RetrievalMode:

@@ -142,8 +142,7 @@ def test_the_backbone_names_are_written_once():
     """style_model.config.BACKBONES is the CLI's choices and ModelConfig's check: every name builds, and
     every builder is named there; the fixed ones are among them."""
     from style_model.backbones import _BUILDERS
-    from style_model.config import BACKBONES, FIXED_BACKBONES
-    from style_model.distances import ATTENTIONS
+    from style_model.config import ATTENTIONS, BACKBONES, FIXED_BACKBONES
 
     assert tuple(_BUILDERS) == BACKBONES and set(FIXED_BACKBONES) <= set(BACKBONES)
     from ctl_app.cli import build_parser

@@ -16,7 +16,8 @@ import numpy as np
 
 from ctl.tensors import Scene
 from ranker_service.rerank import pooled_query
-from ranker_service.retrieval import Ask, RetrievalMode, Retriever
+from ranker_service.retrieval import Ask, Retriever
+from ranker_service.retrieval_mode import RetrievalMode
 from ranker_service.store.base import ProductPoint, Query
 from ranker_service.store.edge import open_edge_store
 

@@ -22,6 +22,7 @@ import pytest
 import qdrant_edge as qe
 
 import ctl_app.snapshot as snap  # the module, so that a test of a name the old code lacks fails alone
+import ctl_app.snapshot_settings as snap_settings
 from ranker_service.store._points import METADATA_TERMS, stored_points
 from ranker_service.store.base import ProductPoint
 from ranker_service.store.edge import open_edge_store
@@ -344,14 +345,14 @@ def test_a_gzip_bomb_stops_at_the_cap(tmp_path):
     ]
     archive = craft(tmp_path / "bomb.tar.gz", zeros, level=9)
     assert archive.stat().st_size < 100_000
-    limits = snap.RestoreLimits(max_bytes=1 << 20)
+    limits = snap_settings.RestoreLimits(max_bytes=1 << 20)
     assert "--max-bytes / CTL_RESTORE_MAX_BYTES" in refused(
         archive, tmp_path / "s" / "{model_version}", limits
     )
     empties = [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()]
     empties += [entry(f"store/e{i}", b"") for i in range(400)]
     archive = craft(tmp_path / "headers.tar.gz", empties)
-    limits = snap.RestoreLimits(max_bytes=64 << 10)
+    limits = snap_settings.RestoreLimits(max_bytes=64 << 10)
     assert "more than 64.0 KiB" in refused(archive, tmp_path / "s" / "{model_version}", limits)
 
 
@@ -360,7 +361,7 @@ def test_too_many_members_and_too_little_space_are_refused_before_writing(tmp_pa
     many = [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()]
     many += [entry(f"store/f{i}", b"x") for i in range(20)]
     archive = craft(tmp_path / "many.tar.gz", many)
-    limits = snap.RestoreLimits(max_members=10)
+    limits = snap_settings.RestoreLimits(max_members=10)
     assert "more than 10 members (--max-members" in refused(
         archive, tmp_path / "s" / "{model_version}", limits
     )
@@ -370,7 +371,7 @@ def test_too_many_members_and_too_little_space_are_refused_before_writing(tmp_pa
     stream = snapshot_start() + huge.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
     archive = tmp_path / "huge.tar.gz"
     archive.write_bytes(gzip.compress(stream))
-    limits = snap.RestoreLimits(max_bytes=1 << 60)
+    limits = snap_settings.RestoreLimits(max_bytes=1 << 60)
     assert "free" in refused(archive, tmp_path / "s" / "{model_version}", limits)
 
 
@@ -454,7 +455,7 @@ def test_a_huge_manifest_is_refused_before_it_is_read(tmp_path):
     archive = craft(tmp_path / "big.tar.gz", [entry("ctl_snapshot.json", padded), *fake_store()], level=9)
     message = refused(archive, tmp_path / "new" / "{model_version}")
     assert "larger than 1.0 MiB (--max-manifest-bytes / CTL_RESTORE_MAX_MANIFEST_BYTES)" in message
-    small = snap.RestoreLimits(max_manifest_bytes=100)
+    small = snap_settings.RestoreLimits(max_manifest_bytes=100)
     archive = craft(tmp_path / "ok.tar.gz", [entry("ctl_snapshot.json", manifest_bytes()), *fake_store()])
     assert "larger than 100 bytes" in refused(archive, tmp_path / "new" / "{model_version}", small)
 
@@ -462,14 +463,14 @@ def test_a_huge_manifest_is_refused_before_it_is_read(tmp_path):
 def test_restore_limits_come_from_flags_then_variables():
     """The limits follow ctl/settings.py: a flag wins over CTL_RESTORE_*, a malformed value is named."""
     parser = argparse.ArgumentParser()
-    snap.add_restore_arguments(parser)
+    snap_settings.add_restore_arguments(parser)
     env = {"CTL_RESTORE_MAX_BYTES": "4096", "CTL_RESTORE_MAX_MEMBERS": "9"}
-    limits = snap.restore_limits(parser.parse_args(["--max-members", "7"]), env)
+    limits = snap_settings.restore_limits(parser.parse_args(["--max-members", "7"]), env)
     assert (limits.max_bytes, limits.max_members, limits.max_manifest_bytes) == (4096, 7, 1 << 20)
-    with pytest.raises(snap.RestoreConfigError, match=r"CTL_RESTORE_MAX_BYTES='10GB': expected int"):
-        snap.restore_limits(parser.parse_args([]), {"CTL_RESTORE_MAX_BYTES": "10GB"})
-    with pytest.raises(snap.RestoreConfigError, match=r"--max-members=1: expected 2 or more"):
-        snap.restore_limits(parser.parse_args(["--max-members", "1"]), {})
+    with pytest.raises(snap_settings.RestoreConfigError, match=r"CTL_RESTORE_MAX_BYTES='10GB': expected int"):
+        snap_settings.restore_limits(parser.parse_args([]), {"CTL_RESTORE_MAX_BYTES": "10GB"})
+    with pytest.raises(snap_settings.RestoreConfigError, match=r"--max-members=1: expected 2 or more"):
+        snap_settings.restore_limits(parser.parse_args(["--max-members", "1"]), {})
 
 
 def test_ctl_restore_takes_its_limits_from_flags_and_variables(tmp_path):
@@ -630,7 +631,7 @@ def test_snapshot_warns_when_restore_needs_more_than_its_default_limits(tmp_path
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("--max-manifest-bytes / CTL_RESTORE_MAX_MANIFEST_BYTES" in w for w in warned), warned
     assert "--max-manifest-bytes" in refused(archive, tmp_path / "new" / "{model_version}")
-    bigger = snap.RestoreLimits(max_manifest_bytes=4 << 20)
+    bigger = snap_settings.RestoreLimits(max_manifest_bytes=4 << 20)
     assert snap.restore(archive, str(tmp_path / "new" / "{model_version}"), bigger)[1] == manifest
 
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from ctl.tensors import TensorError, from_tensor, to_tensor
+from ctl.errors import TensorError
+from ctl.tensors import from_tensor, to_tensor
 from ctl.v1 import embeddings_pb2
 
 FLOATS = st.floats(width=32, allow_nan=False, allow_infinity=False)

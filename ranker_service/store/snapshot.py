@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ranker_service.store.edge import open_edge_store
 from ranker_service.store.record import StoreFileError, read_record, shown
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -56,6 +55,8 @@ async def inspect_store(store_dir: Path, shown_as: str) -> StoreContents:
     record = read_record(store_dir, shown_as)
     try:
         with _engine_report():
+            from ranker_service.store.edge import open_edge_store  # the engine, only when a store is opened
+
             store = await open_edge_store(store_dir, record.model_version, record.embedding_dim)
             try:
                 counts = await store.counts_by_category()
