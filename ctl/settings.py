@@ -22,6 +22,10 @@ Numbers are read strictly: an int is ASCII digits with an optional sign, a float
 point and an exponent (or nan/inf, which the finite check then refuses by name). Python's int() and
 float() also take underscores (`5_6099`), surrounding blanks and other scripts' digits, which turned a
 typo or a quoting slip into a value.
+
+An optional setting (`int | None`: None means "the preset's" or "not given") whose variable is set but
+empty (or blank) is unset, as manifests and shells often leave a variable; elsewhere an empty variable is
+read as the value it spells (false, no names, an empty string).
 """
 
 from __future__ import annotations
@@ -261,7 +265,8 @@ def from_args(
         var = env_var(prefix, f.name)
         if given is not None:
             value, source = given, f"{flag(f.name)}={_shown(given)}"
-        elif var in environ:
+        elif var in environ and not (f.name in optional and not environ[var].strip()):
+            # an optional setting's empty variable is no value (the preset's or the default's, as unset)
             text = environ[var]
             source = f"{var}={_quoted(text)}"
             try:

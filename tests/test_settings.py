@@ -126,3 +126,19 @@ def test_a_long_variable_is_cut_in_the_message():
 def test_an_integer_range_reads_as_integers():
     assert in_range(1, 1 << 40)(0) == "expected 1..1099511627776"
     assert in_range(0, 3_600_000.0)(-1) == "expected 0..3.6e+06"
+
+
+@pytest.mark.parametrize("name", ["STEPS", "RATE", "KIND", "TRAINABLE"])
+def test_an_empty_variable_of_an_optional_setting_leaves_it_unset(name):
+    """`CTL_TRAIN_TRAIN_BACKBONE=` (set but empty, as a manifest or a shell often leaves it) is no value:
+    the preset decides, as when the variable is absent. It read as False before (parse_bool("") is False),
+    freezing a backbone the preset trains; an empty path became '.' (issue 16 review)."""
+    assert _config([], {PREFIX + name: ""}) == _config([])
+    assert _config([], {PREFIX + name: "   "}) == _config([])
+
+
+def test_an_empty_variable_of_a_required_setting_is_still_read():
+    """Where a setting has no 'unset' (a plain bool, a list), an empty variable is a value, as before:
+    false, no names."""
+    assert _config([], {PREFIX + "VERBOSE": ""}).verbose is False
+    assert _config([], {PREFIX + "NAMES": ""}).names == ()
