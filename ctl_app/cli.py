@@ -88,9 +88,10 @@ def _train_config(args: argparse.Namespace, environ: Mapping[str, str] | None = 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = _train_config(args)  # a bad setting: exit 2 before torch is even imported
     from style_model.train import train
 
-    summary = train(_train_config(args), args.data, args.out, fresh=args.fresh)
+    summary = train(config, args.data, args.out, fresh=args.fresh)
     keys = ("status", "stopped", "best_val_fitb", "at_chance", "steps_run", "attempts", "train_seconds")
     print(json.dumps({k: summary.get(k) for k in keys}))
     return 0

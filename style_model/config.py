@@ -21,6 +21,15 @@ BACKBONES = ("resnet50", "resnet18", "small", "colorhist")
 FIXED_BACKBONES = ("colorhist",)
 # The attention kinds (style_model.distances): the paper's, and the seed tutorial's variant.
 ATTENTIONS = ("paper", "seed")
+# The architecture's ranges, written once: ModelConfig's checks and `ctl train`'s (named by flag or variable).
+GRID_RANGE = in_range(1, 16)
+EMBED_DIM_RANGE = in_range(2, 4096)
+
+
+def input_size_range(value: int) -> str | None:
+    return None if 32 <= value <= 1024 and value % 16 == 0 else "expected a multiple of 16 in [32, 1024]"
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -48,17 +57,18 @@ class ModelConfig:
             raise ConfigError(f"backbone={self.backbone!r}: expected one of {', '.join(BACKBONES)}")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"attention={self.attention!r}: expected one of {', '.join(ATTENTIONS)}")
-        if not 32 <= self.input_size <= 1024 or self.input_size % 16:
-            raise ConfigError(f"input_size={self.input_size}: expected a multiple of 16 in [32, 1024]")
-        if not 1 <= self.grid <= 16:
-            raise ConfigError(f"grid={self.grid}: expected 1..16")
+        for name, check in (("input_size", input_size_range), ("grid", GRID_RANGE)):
+            problem = check(getattr(self, name))
+            if problem:
+                raise ConfigError(f"{name}={getattr(self, name)}: {problem}")
         if self.input_size // 16 < self.grid:
             raise ConfigError(
                 f"grid={self.grid} needs a stage-4 map of at least {self.grid}x{self.grid}: "
                 f"input_size={self.input_size} gives {self.input_size // 16}x{self.input_size // 16}"
             )
-        if not 2 <= self.embed_dim <= 4096:
-            raise ConfigError(f"embed_dim={self.embed_dim}: expected 2..4096")
+        problem = EMBED_DIM_RANGE(self.embed_dim)
+        if problem:
+            raise ConfigError(f"embed_dim={self.embed_dim}: {problem}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout}: expected [0, 1)")
 
@@ -128,7 +138,10 @@ class TrainConfig:
         ),
     )
     input_size: int | None = dataclasses.field(
-        default=None, metadata=setting(f"image side in pixels, a multiple of 16 ({_PRESETS_DECIDE})")
+        default=None,
+        metadata=setting(
+            f"image side in pixels, a multiple of 16 ({_PRESETS_DECIDE})", check=input_size_range
+        ),
     )
     train_backbone: bool | None = dataclasses.field(
         default=None, metadata=setting(f"train the backbone too ({_PRESETS_DECIDE})", switch=True)
@@ -179,8 +192,12 @@ class TrainConfig:
     margin: float = dataclasses.field(
         default=0.2, metadata=setting("margin of the triplet loss", check=more_than(0))
     )
-    grid: int = dataclasses.field(default=4, metadata=setting("regions per side of the scene (R = grid²)"))
-    embed_dim: int = dataclasses.field(default=128, metadata=setting("embedding dimension"))
+    grid: int = dataclasses.field(
+        default=4, metadata=setting("regions per side of the scene (R = grid²)", check=GRID_RANGE)
+    )
+    embed_dim: int = dataclasses.field(
+        default=128, metadata=setting("embedding dimension", check=EMBED_DIM_RANGE)
+    )
     attention: str = dataclasses.field(
         default="paper",
         metadata=setting("paper (closer regions weigh more) or seed (the tutorial's)", choices=ATTENTIONS),

@@ -365,6 +365,10 @@ def test_a_preset_fills_only_the_settings_not_given(monkeypatch):
         (["--lr", "0"], {}, "--lr=0.0: expected a number above 0"),
         (["--min-crop", "1.5"], {}, "--min-crop=1.5: expected 0..1"),
         (["--patience", "-1"], {"CTL_TRAIN_PATIENCE": "2"}, "--patience=-1: expected 0 or more"),
+        # the architecture's ranges (ModelConfig's), named by flag or variable before anything is made
+        ([], {"CTL_TRAIN_GRID": "0"}, "CTL_TRAIN_GRID='0': expected 1..16"),
+        (["--embed-dim", "1"], {}, "--embed-dim=1: expected 2..4096"),
+        (["--input-size", "100"], {}, "--input-size=100: expected a multiple of 16 in [32, 1024]"),
     ],
 )
 def test_ctl_train_refuses_a_bad_setting_with_exit_2_naming_it(
