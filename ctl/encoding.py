@@ -10,7 +10,7 @@ does not know the service's limits).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ class ModelInfo:
     regions: int
     embedding_dim: int
     backend: str  # "torchscript" or "triton"
+    _: KW_ONLY  # the rest by name: a limit passed by position landed in model_config
     model_config: dict[str, Any] = field(default_factory=dict, compare=False)
     max_batch_images: int = 0  # images per EncodeProducts call
     max_image_bytes: int = 0

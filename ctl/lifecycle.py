@@ -23,33 +23,18 @@ import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from ctl.security import Tokens, server_credentials, token_auth, warn_unauthenticated
-from ctl.serving import Metrics, Server, build_server, host_port
+from ctl.server_settings import ServerSettings
+from ctl.serving import ListenError, Metrics, Server, build_server, host_port
+from ctl.settings import named
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class ServerSettings(Protocol):
-    """The settings both services' configs have (EncoderConfig, RankerConfig): where they listen, their
-    limits, TLS, tokens on the open services, and the drain's grace."""
-
-    host: str
-    port: int
-    health_port: int  # -1: off
-    metrics_port: int  # -1: off
-    max_message_bytes: int
-    max_concurrent_calls: int
-    tls_cert: str
-    tls_key: str
-    tls_client_ca: str
-    protect_health: bool
-    grace_s: float
 
 
 def build_service_server(
@@ -167,6 +152,41 @@ class Service(abc.ABC):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
             await asyncio.to_thread(self.metrics.stop_http)  # joins the HTTP thread (up to 0.5 s)
+
+
+def serve_command(
+    what: str,
+    make_config: Callable[[], Any],
+    run: Callable[[Any], Awaitable[None]],
+    *,
+    config_error: type[Exception],
+    service_error: type[Exception],
+    env_prefix: str,
+    logger: logging.Logger = log,
+) -> int:
+    """`ctl serve-*`: builds the config and runs the service until SIGTERM/SIGINT. Exit 0 after a clean
+    stop; 2 for a bad setting (one line naming the flag or variable) or an unusable TLS file or token
+    setting; 1 when it cannot start or stops on an error (a port taken, a dependency that never came).
+    `logger`: the command's, so that its lines keep the name log filters know."""
+    from ctl.security import SecurityConfigError
+
+    try:
+        config = make_config()
+    except config_error as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
+        asyncio.run(run(config))
+    except SecurityConfigError as exc:
+        logger.error("%s cannot start: %s", what, exc)
+        return 2
+    except ListenError as exc:  # a port in use, or a host not this machine's
+        logger.error("%s cannot start: %s", what, exc.naming(named(env_prefix, exc.setting)))
+        return 1
+    except (service_error, OSError) as exc:
+        logger.error("%s stopped: %s", what, exc)
+        return 1
+    return 0
 
 
 async def _unless_stopped(start: Awaitable[None], stop: asyncio.Event) -> bool:

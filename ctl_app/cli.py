@@ -216,19 +216,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     target = restore_target(args)
     if not target.strip():
-        logging.getLogger("ctl.restore").error(
+        logging.getLogger("ctl_app.restore").error(
             "%s is empty: give the folder to create", defaults.STORE_PATH_ENV
         )
         return 2
     try:
         limits = restore_limits(args)
     except RestoreConfigError as exc:
-        logging.getLogger("ctl.restore").error("%s", exc)
+        logging.getLogger("ctl_app.restore").error("%s", exc)
         return 2
     try:
         folder, manifest = restore(args.archive, target, limits)
     except SnapshotError as exc:
-        logging.getLogger("ctl.restore").error("%s", exc)
+        logging.getLogger("ctl_app.restore").error("%s", exc)
         return 1
     print(f"{folder}: {manifest['products']} products of model {manifest['model_version']} restored")
     return 0

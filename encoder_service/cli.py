@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
-from ctl.serving import ListenError
-from ctl.settings import named
 from encoder_service.config import ENV_PREFIX, add_arguments, from_args
 from encoder_service.errors import ConfigError, EncoderError
 
@@ -30,23 +27,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def main(args: argparse.Namespace) -> int:
     """Runs the service until SIGTERM/SIGINT; 0 after a clean stop, 2 for a bad setting, 1 if the model
     cannot be served or a port cannot be bound. Logging is set up by the caller (`ctl`)."""
-    from ctl.security import SecurityConfigError
+    from ctl.lifecycle import serve_command
     from encoder_service.server import run
 
-    try:
-        config = from_args(args)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    try:
-        asyncio.run(run(config))
-    except SecurityConfigError as exc:
-        log.error("encoder service cannot start: %s", exc)
-        return 2
-    except ListenError as exc:  # a port in use, or a host not this machine's
-        log.error("encoder service cannot start: %s", exc.naming(named(ENV_PREFIX, exc.setting)))
-        return 1
-    except (EncoderError, OSError) as exc:
-        log.error("encoder service stopped: %s", exc)
-        return 1
-    return 0
+    return serve_command(
+        "encoder service",
+        lambda: from_args(args),
+        run,
+        config_error=ConfigError,
+        service_error=EncoderError,
+        env_prefix=ENV_PREFIX,
+        logger=log,
+    )

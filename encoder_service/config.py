@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctl import defaults, settings
+from ctl import server_settings as server
 from ctl.serving import host_port
-from ctl.settings import at_least, in_range, message_size, more_than, not_empty, setting, tcp_port
+from ctl.settings import at_least, in_range, more_than, not_empty, setting
 from encoder_service.errors import ConfigError
 
 ENV_PREFIX = "CTL_ENCODER_"
@@ -50,19 +51,10 @@ class EncoderConfig:
     triton_timeout_s: float = field(
         default=5.0, metadata=setting("timeout of every call to Triton, in seconds", check=more_than(0))
     )
-    host: str = field(default="[::]", metadata=setting("address the gRPC server listens on", check=not_empty))
-    port: int = field(
-        default=defaults.ENCODER_PORT, metadata=setting("gRPC port (0 picks a free one)", check=tcp_port())
-    )
-    metrics_port: int = field(
-        default=defaults.ENCODER_METRICS_PORT,
-        metadata=setting(
-            "Prometheus /metrics port (0 picks a free one, -1 turns it off)", check=tcp_port(off=True)
-        ),
-    )
-    max_message_bytes: int = field(
-        default=64 * MiB, metadata=setting("largest gRPC message, in bytes", check=message_size)
-    )
+    host: str = server.host("[::]")
+    port: int = server.port(defaults.ENCODER_PORT)
+    metrics_port: int = server.metrics_port(defaults.ENCODER_METRICS_PORT)
+    max_message_bytes: int = server.max_message_bytes(64 * MiB)
     max_image_bytes: int = field(
         default=20 * MiB, metadata=setting("largest encoded image, in bytes", check=at_least(1))
     )
@@ -85,13 +77,7 @@ class EncoderConfig:
             check=in_range(0, MAX_WAIT_MS_LIMIT),
         ),
     )
-    max_concurrent_calls: int = field(
-        default=256,
-        metadata=setting(
-            "EncoderService calls in flight; one more gets RESOURCE_EXHAUSTED at once (0: no limit)",
-            check=at_least(0),
-        ),
-    )
+    max_concurrent_calls: int = server.max_concurrent_calls(256, "EncoderService")
     max_queue: int = field(
         default=256,
         metadata=setting(
@@ -104,10 +90,7 @@ class EncoderConfig:
             "forward passes in flight per encoder (0: 1 for torchscript, 4 for triton)", check=at_least(0)
         ),
     )
-    grace_s: float = field(
-        default=10.0,
-        metadata=setting("on SIGTERM, how long in-flight calls may take to finish", check=at_least(0)),
-    )
+    grace_s: float = server.grace_s()
     decode_threads: int = field(default=2, metadata=setting("threads decoding images", check=at_least(1)))
     torch_threads: int = field(
         default=0,
@@ -116,27 +99,14 @@ class EncoderConfig:
         ),
     )
     # Security (ctl/security.py)
-    tls_cert: str = field(
-        default="", metadata=setting("PEM certificate of this server (with --tls-key: TLS)")
-    )
-    tls_key: str = field(default="", metadata=setting("PEM private key of this server"))
-    tls_client_ca: str = field(
-        default="", metadata=setting("PEM CA that client certificates must be signed by (mutual TLS)")
-    )
+    tls_cert: str = server.tls_cert()
+    tls_key: str = server.tls_key()
+    tls_client_ca: str = server.tls_client_ca()
     tokens: str = field(
         default="", metadata=setting("tokens that may call the encoder: 'a,b' or '@FILE' (one per line)")
     )
-    health_port: int = field(
-        default=-1,
-        metadata=setting(
-            "also answer health checks (only them) in plaintext on this port, for probes of a TLS server "
-            "(-1: off, 0: any free port)",
-            check=tcp_port(off=True),
-        ),
-    )
-    protect_health: bool = field(
-        default=False, metadata=setting("require a token for health checks and reflection too (true/false)")
-    )
+    health_port: int = server.health_port()
+    protect_health: bool = server.protect_health()
 
     def __post_init__(self) -> None:
         settings.check_fields(self, ConfigError)

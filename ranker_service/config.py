@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ctl import defaults, settings
-from ctl.settings import at_least, message_size, more_than, not_empty, setting, tcp_port
+from ctl import server_settings as server
+from ctl.settings import at_least, more_than, not_empty, setting
 from ranker_service.errors import ConfigError
 
 ENV_PREFIX = "CTL_RANKER_"
@@ -24,14 +25,9 @@ MiB = 1024 * 1024
 class RankerConfig:
     """How the ranker service runs; passed down to the server, the servicer and the store."""
 
-    host: str = field(default="0.0.0.0", metadata=setting("address to listen on", check=not_empty))
-    port: int = field(
-        default=defaults.RANKER_PORT, metadata=setting("gRPC port (0: any free port)", check=tcp_port())
-    )
-    metrics_port: int = field(
-        default=defaults.RANKER_METRICS_PORT,
-        metadata=setting("Prometheus /metrics port (0: any free port, -1: off)", check=tcp_port(off=True)),
-    )
+    host: str = server.host("0.0.0.0")
+    port: int = server.port(defaults.RANKER_PORT)
+    metrics_port: int = server.metrics_port(defaults.RANKER_METRICS_PORT)
     encoder: str = field(
         default=defaults.ENCODER_ADDRESS,
         metadata=setting("the encoder service, host:port", check=not_empty),
@@ -91,10 +87,7 @@ class RankerConfig:
             "copies of each shard of a new collection (0: the server's default)", check=at_least(0)
         ),
     )
-    max_message_bytes: int = field(
-        default=64 * MiB,
-        metadata=setting("largest gRPC message received or sent", check=message_size),
-    )
+    max_message_bytes: int = server.max_message_bytes(64 * MiB)
     max_limit: int = field(default=1000, metadata=setting("largest Recommend limit", check=at_least(1)))
     max_categories: int = field(
         default=32, metadata=setting("most categories in one Recommend", check=at_least(1))
@@ -164,13 +157,7 @@ class RankerConfig:
             check=at_least(1),
         ),
     )
-    max_concurrent_calls: int = field(
-        default=64,
-        metadata=setting(
-            "RankerService calls in flight; one more gets RESOURCE_EXHAUSTED at once (0: no limit)",
-            check=at_least(0),
-        ),
-    )
+    max_concurrent_calls: int = server.max_concurrent_calls(64, "RankerService")
     exact_below: int = field(
         default=200_000,
         metadata=setting(
@@ -229,17 +216,11 @@ class RankerConfig:
             check=at_least(0),
         ),
     )
-    grace_s: float = field(
-        default=10.0, metadata=setting("seconds in-flight calls get at shutdown", check=at_least(0))
-    )
+    grace_s: float = server.grace_s()
     # Security (ctl/security.py): TLS for this server, tokens per scope, and how to reach the encoder.
-    tls_cert: str = field(
-        default="", metadata=setting("PEM certificate of this server (with --tls-key: TLS)")
-    )
-    tls_key: str = field(default="", metadata=setting("PEM private key of this server"))
-    tls_client_ca: str = field(
-        default="", metadata=setting("PEM CA that client certificates must be signed by (mutual TLS)")
-    )
+    tls_cert: str = server.tls_cert()
+    tls_key: str = server.tls_key()
+    tls_client_ca: str = server.tls_client_ca()
     read_tokens: str = field(
         default="",
         metadata=setting(
@@ -250,17 +231,8 @@ class RankerConfig:
         default="",
         metadata=setting("tokens that may call UpsertProducts and DeleteProducts: 'a,b' or '@FILE'"),
     )
-    protect_health: bool = field(
-        default=False, metadata=setting("require a token for health checks and reflection too (true/false)")
-    )
-    health_port: int = field(
-        default=-1,
-        metadata=setting(
-            "also answer health checks (only them) in plaintext on this port, for probes of a TLS server "
-            "(-1: off, 0: any free port)",
-            check=tcp_port(off=True),
-        ),
-    )
+    protect_health: bool = server.protect_health()
+    health_port: int = server.health_port()
     encoder_token: str = field(
         default="", metadata=setting("token sent to the encoder service, or @FILE holding it")
     )

@@ -158,7 +158,7 @@ def test_certify_is_the_exact_top_k_for_everything_the_api_accepts(
         with tempfile.TemporaryDirectory() as tmp:
             store = await open_edge_store(tmp, VERSION, dim)
             app = RankerApp(RankerConfig(), EncoderClient("127.0.0.1:9", 1.0, 1 << 20), Metrics("test"))
-            info = ModelInfo(VERSION, 64, 1, regions, dim, "test", 32)
+            info = ModelInfo(VERSION, 64, 1, regions, dim, "test", max_batch_images=32)
             await app.attach(info, store)
             try:
                 reply = await RankerServicer(app).upsert(_requests(catalog, "c"), None)

@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from ctl.encoding import ModelInfo
 from ctl.serving import Metrics
 from ctl.tensors import product_to_proto
 from ctl.v1 import ranker_pb2
 from ranker_service.app import RankerApp
 from ranker_service.config import RankerConfig
-from ranker_service.encoder_client import EncoderClient, ModelInfo
+from ranker_service.encoder_client import EncoderClient
 from ranker_service.service import RankerServicer
 from ranker_service.store.edge import open_edge_store
 
@@ -65,7 +66,7 @@ def test_a_stream_has_at_most_upsert_concurrency_batches_in_flight(concurrency: 
             store.upsert = slow_upsert
             config = RankerConfig(upsert_concurrency=concurrency, upsert_batch=batch)
             app = RankerApp(config, EncoderClient("127.0.0.1:9", 1.0, 1 << 20), Metrics("test"))
-            await app.attach(ModelInfo(VERSION, 64, 1, 4, DIM, "test", 32), store)
+            await app.attach(ModelInfo(VERSION, 64, 1, 4, DIM, "test", max_batch_images=32), store)
             try:
                 reply = await RankerServicer(app).upsert(requests(), None)
                 assert await store.count() == reply.upserted

@@ -71,7 +71,7 @@ def _ignore_in_git(home: Path) -> None:
     the home is - `make test` lints the whole checkout, and the server ships Python files."""
     ignore = home / ".gitignore"
     if not ignore.exists():
-        ignore.write_text("# made by tools/triton_cpu.py: nothing here belongs in git\n*\n")
+        ignore.write_text("# made by tools/triton_cpu: nothing here belongs in git\n*\n")
 
 
 @contextlib.contextmanager
