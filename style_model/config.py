@@ -30,6 +30,17 @@ def input_size_range(value: int) -> str | None:
     return None if 32 <= value <= 1024 and value % 16 == 0 else "expected a multiple of 16 in [32, 1024]"
 
 
+def grid_fits(grid: int, input_size: int) -> str | None:
+    """Why `grid` regions per side do not fit images of `input_size` (the stage-4 map is 1/16), or None."""
+    side = input_size // 16
+    if side >= grid:
+        return None
+    return (
+        f"grid={grid} needs a stage-4 map of at least {grid}x{grid}: input_size={input_size} gives "
+        f"{side}x{side}"
+    )
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -61,11 +72,9 @@ class ModelConfig:
             problem = check(getattr(self, name))
             if problem:
                 raise ConfigError(f"{name}={getattr(self, name)}: {problem}")
-        if self.input_size // 16 < self.grid:
-            raise ConfigError(
-                f"grid={self.grid} needs a stage-4 map of at least {self.grid}x{self.grid}: "
-                f"input_size={self.input_size} gives {self.input_size // 16}x{self.input_size // 16}"
-            )
+        problem = grid_fits(self.grid, self.input_size)
+        if problem:
+            raise ConfigError(problem)
         problem = EMBED_DIM_RANGE(self.embed_dim)
         if problem:
             raise ConfigError(f"embed_dim={self.embed_dim}: {problem}")
@@ -228,6 +237,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         settings.check_fields(self, ConfigError)
+        # an input size given (flag, variable or code) must hold the grid; a preset's size is checked when
+        # it is applied (ModelConfig)
+        problem = None if self.input_size is None else grid_fits(self.grid, self.input_size)
+        if problem:
+            raise ConfigError(f"{problem} (--grid / --input-size)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

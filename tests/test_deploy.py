@@ -8,7 +8,6 @@ program makes before it connects (no token in plaintext unless allowed, TLS in t
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 import re
 import subprocess
@@ -252,24 +251,50 @@ def test_images_are_the_dockerfiles_of_this_version(rendered):
         assert "pip install .\n" in dockerfile(part) and "torch==" not in dockerfile(part)
 
 
-def _in_build_context(path: str, rules: list[str]) -> bool:
-    """Docker's .dockerignore rules for `path` (relative, '/'-separated): the last pattern matching the path
-    or one of its parent folders decides; `!` re-includes; `**/` matches any depth."""
-    included = True
+def _dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore as Docker reads it: a line starting with # is a comment; `!` re-includes (blanks after
+    it dropped); a leading / or ./ is dropped; `*` and `?` stay within one path element, `**` crosses any
+    number of them."""
+    rules = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or raw.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.removeprefix("!").strip().removeprefix("./").removeprefix("/").rstrip("/")
+        regex = ""
+        for part in re.split(r"(\*\*/?|\*|\?)", pattern):
+            if part in ("**", "**/"):
+                regex += "(?:.*/)?" if part == "**/" else ".*"
+            elif part == "*":
+                regex += "[^/]*"
+            elif part == "?":
+                regex += "[^/]"
+            else:
+                regex += re.escape(part)
+        rules.append((negate, re.compile(regex + r"\Z")))
+    return rules
+
+
+def _in_build_context(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether `path` (relative, '/'-separated) goes into the build context: the last rule that matches it
+    or one of its parent folders decides."""
     parts = path.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    for rule in rules:
-        negate = rule.startswith("!")
-        pattern = rule.removeprefix("!").rstrip("/")
-        alternatives = [pattern, pattern.removeprefix("**/")] if pattern.startswith("**/") else [pattern]
-        hit = any(
-            fnmatch.fnmatchcase(candidate, alt)
-            for candidate in prefixes + [p.rsplit("/", 1)[-1] for p in prefixes if pattern.startswith("**/")]
-            for alt in alternatives
-        )
-        if hit:
+    included = True
+    for negate, regex in rules:
+        if any(regex.match(p) for p in prefixes):
             included = negate
     return included
+
+
+def test_the_dockerignore_emulation_reads_rules_as_docker_does():
+    rules = _dockerignore_rules("# c\n*\n!ctl/\n! /ctl_app\n!*.toml\n**/__pycache__\nctl/**/*.pyc\n")
+    assert _in_build_context("ctl/serving.py", rules) and _in_build_context("ctl_app/cli.py", rules)
+    assert _in_build_context("pyproject.toml", rules) and not _in_build_context("deploy/x.toml", rules)
+    assert not _in_build_context("tests/test_deploy.py", rules)
+    assert not _in_build_context("ctl/__pycache__/x.pyc", rules) and not _in_build_context("ctl/x.pyc", rules)
+    assert not _in_build_context("ctl/v1/y.pyc", rules)
 
 
 def test_the_images_get_every_package_the_project_installs():
@@ -278,16 +303,12 @@ def test_the_images_get_every_package_the_project_installs():
     package added to pyproject but not to both broke every image build (ctl_app, issue 16 review)."""
     includes = re.search(r"^include = \[(.+)\]$", (REPO / "pyproject.toml").read_text(), re.M).group(1)
     packages = {name.strip(' "').split(".")[0].rstrip("*") for name in includes.split(",")}
-    rules = [
-        line.strip()
-        for line in (REPO / ".dockerignore").read_text().splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    rules = _dockerignore_rules((REPO / ".dockerignore").read_text())
     for part in ("encoder", "ranker", "ingest"):
         sources = {
             src
             for args in re.findall(r"^COPY (?!--from)(.+)$", dockerfile(part), re.M)
-            for src in args.split()[:-1]
+            for src in [a for a in args.split() if not a.startswith("--")][:-1]
         }
         assert packages <= sources, (part, packages - sources)
         for src in sources:

@@ -369,6 +369,11 @@ def test_a_preset_fills_only_the_settings_not_given(monkeypatch):
         ([], {"CTL_TRAIN_GRID": "0"}, "CTL_TRAIN_GRID='0': expected 1..16"),
         (["--embed-dim", "1"], {}, "--embed-dim=1: expected 2..4096"),
         (["--input-size", "100"], {}, "--input-size=100: expected a multiple of 16 in [32, 1024]"),
+        (
+            ["--input-size", "32"],
+            {},
+            "grid=4 needs a stage-4 map of at least 4x4: input_size=32 gives 2x2 (--grid / --input-size)",
+        ),
     ],
 )
 def test_ctl_train_refuses_a_bad_setting_with_exit_2_naming_it(
