@@ -99,8 +99,8 @@ class RankerConfig:
     max_filters: int = field(
         default=16,
         metadata=setting(
-            "most metadata filters in one Recommend (each costs ~1 µs per product of the category on "
-            "unindexed metadata, per engine call)",
+            "most metadata filters in one Recommend (each costs a pass over the category's products on "
+            "unindexed metadata, per engine call: docs/BENCHMARKS.md)",
             check=at_least(0),
         ),
     )

@@ -53,7 +53,7 @@ def _check_servable(msg: encoder_pb2.ModelInfo, address: str) -> None:
 class EncoderClient:
     """Async client of ctl.v1.EncoderService; `timeout` caps every call (a caller's deadline may lower it),
     `products_timeout` the EncodeProducts calls of ingestion: batch work that may queue behind a slow model
-    (a CPU ResNet-50 encodes ~10 images/s, and a few streams put hundreds of images in its queue)."""
+    (a CPU ResNet-50 is slow, docs/BENCHMARKS.md, and a few streams put hundreds of images in its queue)."""
 
     def __init__(
         self,

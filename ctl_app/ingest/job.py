@@ -21,8 +21,8 @@ vectors), is not trusted: its record is sent again (upserts are idempotent), wit
 how many and why. Products the store holds besides (other sources, products since taken out of the
 catalog) do not matter. At the end the same check runs over what the job ingested or trusted (the
 store may have changed during the job): if the store lacks any of them, or holds one otherwise, the job
-says so and exits non-zero, and a rerun sends them. Each check takes about 3 s per 100,000 products
-with the embedded store (measured with the ranker in the job's process, as with `--embedded`).
+says so and exits non-zero, and a rerun sends them. Each check costs one GetProducts call per 10,000
+journaled products (its time at scale: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
