@@ -707,9 +707,11 @@ def _two_good(synth_dir: Path, images: Path) -> list[dict]:
 
 
 def _limited_memory() -> None:
-    """The job runs in 2 GiB of address space: reading /dev/zero to its end (as it did) fails, fast. (Runs
-    in the forked child before exec: nothing to import there.)"""
-    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    """The job runs in 4 GiB of address space: reading /dev/zero to its end (as it did) fails, fast. (Runs
+    in the forked child before exec: nothing to import there.) Not 2 GiB: a gRPC client with numpy already
+    reserves ~1 GiB of address space (thread stacks, malloc arenas, more with more cores), and at 2 GiB the
+    job itself aborted once in a clean-clone CI run (gRPC's poller: epoll_wait EBADF, then SIGABRT)."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
 
 def _hostile(kind: str, root: Path, images: Path) -> tuple[str, str, str]:
