@@ -214,21 +214,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from ctl_app.snapshot import restore
     from ctl_app.snapshot_settings import RestoreConfigError, SnapshotError, restore_limits
 
+    log = logging.getLogger("ctl_app.restore")
     target = restore_target(args)
     if not target.strip():
-        logging.getLogger("ctl_app.restore").error(
-            "%s is empty: give the folder to create", defaults.STORE_PATH_ENV
-        )
+        log.error("%s is empty: give the folder to create", defaults.STORE_PATH_ENV)
         return 2
     try:
         limits = restore_limits(args)
     except RestoreConfigError as exc:
-        logging.getLogger("ctl_app.restore").error("%s", exc)
+        log.error("%s", exc)
         return 2
     try:
         folder, manifest = restore(args.archive, target, limits)
     except SnapshotError as exc:
-        logging.getLogger("ctl_app.restore").error("%s", exc)
+        log.error("%s", exc)
         return 1
     print(f"{folder}: {manifest['products']} products of model {manifest['model_version']} restored")
     return 0

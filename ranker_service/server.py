@@ -35,10 +35,11 @@ from ctl.security import (
 from ctl.serving import Metrics
 from ctl.settings import named
 from ctl.v1 import ranker_pb2_grpc
+from ranker_service.app import RankerApp
 from ranker_service.config import ENV_PREFIX, RankerConfig
 from ranker_service.encoder_client import EncoderClient
 from ranker_service.errors import EncoderUnavailable, RankerError, StoreError, VersionMismatch
-from ranker_service.service import SERVICE_NAME, RankerApp, RankerServicer
+from ranker_service.service import SERVICE_NAME, RankerServicer
 from ranker_service.store.base import ProductStore
 from ranker_service.store.client import open_client_store
 from ranker_service.store.edge import open_edge_store

@@ -354,6 +354,3 @@ class RankerServicer(ranker_pb2_grpc.RankerServiceServicer):
     @error_mapper(ERROR_CODES)
     async def GetCatalogStats(self, request, context: grpc.aio.ServicerContext):
         return await self.stats()
-
-
-__all__ = ["ERROR_CODES", "SERVICE_NAME", "RankerApp", "RankerServicer", "mode_from_proto", "mode_to_proto"]
